@@ -1,0 +1,66 @@
+# The front door. `make run` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BACKEND ?= onnx
+MODEL_REPOSITORY ?= model_repository
+DEFAULT_MODEL := efficientnet_lite0
+MODEL_CONFIG := $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)/config.json
+
+ifeq ($(BACKEND),onnx)
+SERVICE := fastapi_onnx
+else ifeq ($(BACKEND),torch)
+SERVICE := fastapi_pt
+else
+$(error BACKEND must be onnx or torch, got '$(BACKEND)')
+endif
+
+.PHONY: run test lint format typecheck bench export clean help
+
+help:
+	@echo "make run        export the default model once, serve it on http://127.0.0.1:8000 (BACKEND=onnx|torch)"
+	@echo "make test       run the whole test suite"
+	@echo "make bench      in-process vs served latency for both runtimes -> docs/benchmarks.md figures"
+	@echo "make lint       ruff + mypy"
+	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# One stamp per requirements set; pip runs again only when a requirements file changes.
+$(VENV)/.installed-export: $(BIN)/python requirements/serve.txt requirements/onnx.txt requirements/torch.txt requirements/export.txt
+	$(BIN)/pip install --quiet -r requirements/export.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-export requirements/dev.txt
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+# Exported once, then cached; re-exported when the export code changes.
+$(MODEL_CONFIG): $(VENV)/.installed-export $(wildcard export/*.py)
+	$(BIN)/python -m export --model $(DEFAULT_MODEL) --repository $(MODEL_REPOSITORY) --force
+
+export: $(MODEL_CONFIG)
+
+run: $(VENV)/.installed-export $(MODEL_CONFIG)
+	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m $(SERVICE)
+
+test: $(VENV)/.installed-dev $(MODEL_CONFIG)
+	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
+	$(BIN)/python -m visionserve.bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy visionserve
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(MODEL_REPOSITORY) .pytest_cache .mypy_cache .ruff_cache

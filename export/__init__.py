@@ -1,0 +1,1 @@
+"""The export step: a PyTorch model -> a verified model repository entry (`python -m export`)."""

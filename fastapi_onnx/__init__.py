@@ -1,0 +1,1 @@
+"""Deployable: the HTTP inference service on ONNX Runtime (no torch installed)."""

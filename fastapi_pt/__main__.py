@@ -1,0 +1,5 @@
+import sys
+
+from fastapi_pt.main import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""`create_app(settings, runtime)`: the FastAPI app every HTTP deployable serves."""
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visionserve import __version__
+from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
+from visionserve.http.limits import BodySizeLimit
+from visionserve.payloads import decode_base64
+from visionserve.runtimes.base import ModelRuntime
+from visionserve.schemas import (
+    B64PredictRequest,
+    ErrorResponse,
+    HealthStatus,
+    ModelInfo,
+    ModelsResponse,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+)
+from visionserve.service import InferenceResult, InferenceService
+from visionserve.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Bad input: invalid base64, not an image, corrupt image, topk out of range",
+        404: "Unknown model",
+        413: "Body or image over the configured limits (the message names the setting)",
+        422: "The request does not match the schema",
+        503: "The model is not loaded yet (see Retry-After)",
+    }.items()
+}
+
+
+def _example_image_base64() -> str:
+    """A small real photo (a crop of scikit-image's chelsea.png) for the /docs examples."""
+    data = resources.files("visionserve.data").joinpath("example.jpg").read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def _error_json(error: VisionError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
+    return JSONResponse(error.to_dict(), status_code=error.status.http, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        location = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request does not match the schema"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(VisionError)
+    async def vision_error(_: Request, exc: VisionError) -> JSONResponse:
+        return _error_json(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"code": ErrorCode.INVALID_ARGUMENT.value, "message": _validation_message(exc)}},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_ARGUMENT)
+        if exc.status_code >= 500:
+            code = ErrorCode.INTERNAL
+        return JSONResponse(
+            {"error": {"code": code.value, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"error": {"code": ErrorCode.INTERNAL.value, "message": GENERIC_INTERNAL_MESSAGE}},
+            status_code=500,
+        )
+
+
+def _response(result: InferenceResult, started: float) -> JSONResponse:
+    top = result.predictions[0]
+    body = PredictResponse(
+        prediction=top.label,
+        probability=top.prob,
+        topk=[Prediction(label=p.label, prob=p.prob, index=p.index) for p in result.predictions],
+        model=result.model,
+        latency_ms=round((time.perf_counter() - started) * 1e3, 3),
+    )
+    timing = f"preprocess;dur={result.preprocess_ms:.3f}, inference;dur={result.inference_ms:.3f}"
+    return JSONResponse(body.model_dump(mode="json"), headers={"Server-Timing": timing})
+
+
+def create_app(
+    settings: ServerSettings,
+    runtime: ModelRuntime,
+    *,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the FastAPI app serving `runtime`'s model with `settings`.
+
+    The model loads and warms up in the background once the app starts, so `/health/live`
+    answers at once and `/health/ready` turns 200 when the model can serve. If loading fails,
+    `on_fatal` is called with the error (the entrypoint exits); readiness stays 503.
+    """
+    service = InferenceService(
+        runtime,
+        max_image_pixels=settings.max_image_pixels,
+        preprocess_workers=settings.resolved_preprocess_workers(),
+        default_topk=settings.default_topk,
+    )
+
+    async def load_model() -> None:
+        try:
+            await service.start()
+        except ConfigurationError as exc:
+            logger.error("cannot serve model %s: %s", service.model.name, exc)
+            if on_fatal:
+                on_fatal(exc)
+        except Exception as exc:
+            logger.exception("loading model %s failed", service.model.name)
+            if on_fatal:
+                on_fatal(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load_model())
+        try:
+            yield
+        finally:
+            if not loading.done():
+                logger.info("shutting down while the model is still loading; waiting for it")
+            await service.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+
+    app = FastAPI(
+        title="visionserve",
+        version=__version__,
+        summary=f"Image classification with {runtime.model.name} on {runtime.backend} ({runtime.device})",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    _install_error_handlers(app)
+
+    example = _example_image_base64()
+
+    @app.post("/predict", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
+    async def predict(
+        request: Annotated[
+            PredictRequest,
+            Body(
+                openapi_examples={
+                    "cat": {"summary": "A photo of a cat", "value": {"image": example, "topk": 5}}
+                }
+            ),
+        ],
+    ) -> JSONResponse:
+        """Classify a base64-encoded image (JSON body)."""
+        started = time.perf_counter()
+        image = decode_base64(request.image, field="image")
+        result = await service.predict(image, topk=request.topk, model=request.model)
+        return _response(result, started)
+
+    @app.post("/predict/b64", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
+    async def predict_b64(
+        request: Annotated[
+            B64PredictRequest,
+            Body(
+                openapi_examples={
+                    "cat": {"summary": "A photo of a cat", "value": {"image_base64": example, "topk": 5}}
+                }
+            ),
+        ],
+    ) -> JSONResponse:
+        """Classify a base64-encoded image (the `image_base64` field name)."""
+        started = time.perf_counter()
+        image = decode_base64(request.image_base64, field="image_base64")
+        result = await service.predict(image, topk=request.topk, model=request.model)
+        return _response(result, started)
+
+    @app.post("/predict/file", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
+    async def predict_file(
+        file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
+        topk: Annotated[int | None, Query(ge=1, description="How many classes to return.")] = None,
+        model: Annotated[str | None, Query(description="Model to use; default: the served model.")] = None,
+    ) -> JSONResponse:
+        """Classify an uploaded image file (multipart/form-data, field `file`)."""
+        started = time.perf_counter()
+        image = await file.read()
+        result = await service.predict(image, topk=topk, model=model)
+        return _response(result, started)
+
+    @app.get("/health/live", response_model=HealthStatus, tags=["health"])
+    async def live() -> HealthStatus:
+        """200 while the process is up."""
+        return HealthStatus(status="live")
+
+    @app.get(
+        "/health/ready",
+        response_model=HealthStatus,
+        responses={503: {"model": HealthStatus, "description": "Not ready yet, or shutting down"}},
+        tags=["health"],
+    )
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and warmed up; 503 before that and during shutdown."""
+        if service.ready:
+            return JSONResponse({"status": "ready"})
+        detail = service.failure or f"model {service.model.name!r} is {service.state.value}"
+        return JSONResponse({"status": service.state.value, "detail": detail}, status_code=503)
+
+    @app.get("/models", response_model=ModelsResponse, tags=["models"])
+    async def models() -> ModelsResponse:
+        """The served model: name, task, input size, labels count, runtime and device."""
+        return ModelsResponse(models=[ModelInfo.model_validate(service.describe())])
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict[str, str]:
+        return {"name": "visionserve", "version": __version__, "docs": "/docs", "models": "/models"}
+
+    return app

@@ -1,0 +1,106 @@
+"""Run the HTTP service: the one entrypoint behind `fastapi_onnx` and `fastapi_pt`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from visionserve.errors import ConfigurationError
+from visionserve.http.app import create_app
+from visionserve.repository import ModelRepository
+from visionserve.runtimes import create_runtime
+from visionserve.settings import ModelSettings, ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr with timestamps; uvicorn's loggers go through the same handler."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _banner(host: str, port: int, backend: str, model: str) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}"
+    return (
+        f"\nvisionserve HTTP API ({backend}, model {model}) on {base}\n"
+        f"  docs:   {base}/docs\n"
+        f"  ready:  curl {base}/health/ready\n"
+        f"  try:    curl -F file=@photo.jpg '{base}/predict/file?topk=5'\n"
+        "  stop:   Ctrl-C\n"
+    )
+
+
+def serve(backend: str) -> int:
+    """Start the HTTP service for `backend` with settings from the environment; return an exit code."""
+    try:
+        server_settings = ServerSettings()
+        model_settings = ModelSettings(backend=backend)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(server_settings.log_level)
+    try:
+        entry = ModelRepository(model_settings.model_repository).get(model_settings.model_name)
+        runtime = create_runtime(entry, model_settings)
+        sock = _bind(server_settings.host, server_settings.port)
+    except (ConfigurationError, OSError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
+
+    failed: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(server_settings, runtime, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=server_settings.log_level,
+        access_log=server_settings.access_log,
+        timeout_graceful_shutdown=int(server_settings.graceful_shutdown_s),
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    port = sock.getsockname()[1]
+    print(_banner(server_settings.host, port, backend, entry.name), flush=True)
+    # NOTE: uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal so that the
+    # previous handler runs; these handlers turn that into a clean exit (status 0, no traceback).
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.run(sockets=[sock])
+    except (KeyboardInterrupt, _StopSignal):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    logger.info("stopped")
+    return 1 if failed else 0
+
+
+class _StopSignal(Exception):  # noqa: N818 - a signal, not an error
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _StopSignal

@@ -1,0 +1,182 @@
+"""The model repository: one folder per model, as the export step writes it.
+
+```
+<repository>/<name>/config.json   what the model expects and how it was made (ModelConfig)
+<repository>/<name>/labels.txt    one class name per line
+<repository>/<name>/1/model.onnx  ONNX graph, dynamic batch axis
+<repository>/<name>/1/model.pt2   torch.export program (loads without unpickling code)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visionserve.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+Backend = Literal["onnx", "torch"]
+
+
+class InputSpec(BaseModel):
+    """The model's image input and the preprocessing it was trained with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "input"
+    size: tuple[int, int] = (224, 224)
+    """Height and width fed to the model (the center crop)."""
+    resize: int = 256
+    """The shorter side is resized to this before the center crop."""
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean, in units of pixel/255."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation, in units of pixel/255."""
+    layout: Literal["NCHW"] = "NCHW"
+    color: Literal["RGB"] = "RGB"
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        height, width = self.size
+        if height < 1 or width < 1:
+            raise ValueError(f"input.size must be positive, got {self.size}")
+        if self.resize < max(height, width):
+            raise ValueError(
+                f"input.resize ({self.resize}) must be at least the crop size {self.size}: "
+                "the center crop is taken from the resized image"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"input.std must be positive, got {self.std}")
+        return self
+
+
+class OutputSpec(BaseModel):
+    """The model's output: one row of scores per image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "logits"
+    kind: Literal["logits", "probabilities"] = "logits"
+    """`logits` get a softmax in postprocessing; `probabilities` are used as they are."""
+    classes: int = Field(ge=1)
+
+
+class Artefact(BaseModel):
+    """One runtime's file, relative to the model folder, with its checksum."""
+
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    sha256: str | None = None
+
+
+class ModelConfig(BaseModel):
+    """`config.json`: everything a runtime and the pre/postprocessing need to serve a model."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    version: int = 1
+    task: Literal["classification"] = "classification"
+    input: InputSpec
+    output: OutputSpec
+    labels: str = "labels.txt"
+    max_batch_size: int = Field(default=32, ge=1)
+    artefacts: dict[Backend, Artefact]
+    provenance: dict[str, object] = Field(default_factory=dict)
+    parity: dict[str, object] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model found in the repository: its folder, config and labels."""
+
+    root: Path
+    config: ModelConfig
+    labels: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The model's name (its folder name)."""
+        return self.config.name
+
+    def artefact_path(self, backend: Backend) -> Path:
+        """The file a runtime loads, verified against the checksum in config.json."""
+        artefact = self.config.artefacts.get(backend)
+        if artefact is None:
+            raise ConfigurationError(
+                f"model {self.name!r} has no {backend} artefact (it has: "
+                f"{', '.join(self.config.artefacts) or 'none'}); re-run the export step",
+            )
+        path = (self.root / artefact.path).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ConfigurationError(
+                f"{self.root / CONFIG_FILE}: artefact path {artefact.path!r} leaves the model folder",
+            )
+        if not path.is_file():
+            raise ConfigurationError(
+                f"{path} is missing; re-run the export step for model {self.name!r}",
+            )
+        if artefact.sha256 and file_sha256(path) != artefact.sha256:
+            raise ConfigurationError(
+                f"{path} does not match the sha256 recorded in {self.root / CONFIG_FILE}; "
+                "the file changed after export: re-run the export step",
+            )
+        return path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRepository:
+    """Reads model folders under one root; every service and the export step share it."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        """Models present (folders with a config.json), sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{CONFIG_FILE}"))
+
+    def get(self, name: str) -> ModelEntry:
+        """Load one model's config and labels; a clear error says what is wrong and how to fix it."""
+        folder = self.root / name
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            present = ", ".join(self.names()) or "none"
+            raise ConfigurationError(
+                f"no model {name!r} in repository {self.root} (models present: {present}); "
+                "export one with `python -m export` or set VISION_MODEL_REPOSITORY",
+            )
+        try:
+            config = ModelConfig.model_validate(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ConfigurationError(f"{config_path} is not valid: {exc}") from exc
+        labels_path = folder / config.labels
+        if not labels_path.is_file():
+            raise ConfigurationError(f"{labels_path} is missing (named by {config_path})")
+        labels = tuple(line.strip() for line in labels_path.read_text().splitlines() if line.strip())
+        if len(labels) != config.output.classes:
+            raise ConfigurationError(
+                f"{labels_path} has {len(labels)} labels but {config_path} declares "
+                f"{config.output.classes} classes",
+            )
+        return ModelEntry(root=folder, config=config, labels=labels)

@@ -1,0 +1,23 @@
+"""Runtimes behind one interface. Each backend's module imports its framework; import lazily."""
+
+from __future__ import annotations
+
+from visionserve.repository import ModelEntry
+from visionserve.runtimes.base import ModelRuntime
+from visionserve.settings import ModelSettings
+
+__all__ = ["ModelRuntime", "create_runtime"]
+
+
+def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
+    """Build (not load) the runtime that `settings.backend` names for `model`."""
+    threads = settings.resolved_threads()
+    if settings.backend == "onnx":
+        from visionserve.runtimes.onnx import OnnxRuntime
+
+        return OnnxRuntime(
+            model, device=settings.device, threads=threads, allow_spinning=settings.onnx_allow_spinning
+        )
+    from visionserve.runtimes.torch import TorchRuntime
+
+    return TorchRuntime(model, device=settings.device, threads=threads, compile=settings.torch_compile)

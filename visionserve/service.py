@@ -1,0 +1,196 @@
+"""`InferenceService`: the one inference path that every protocol calls.
+
+bytes -> decode + preprocess (thread pool) -> runtime.predict_batch (runtime thread) ->
+postprocess -> `InferenceResult`. Protocol layers only translate to and from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from visionserve.errors import ErrorCode, VisionError
+from visionserve.postprocessing import ClassScore, postprocess
+from visionserve.preprocessing import ImagePreprocessor
+from visionserve.runtimes.base import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceState(enum.StrEnum):
+    """Where the service is in its life."""
+
+    CREATED = "created"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """One image's answer, with where the time went."""
+
+    model: str
+    predictions: list[ClassScore]
+    preprocess_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class InferenceService:
+    """Serves one model: validates requests, runs the pipeline off the event loop, reports state.
+
+    Coroutines must be awaited on one event loop. The runtime is driven by a single worker thread,
+    so `predict_batch` is never called concurrently; decode and preprocess run in their own pool,
+    sized to the cores, so that they overlap with inference.
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_image_pixels: int,
+        preprocess_workers: int,
+        default_topk: int = 5,
+    ):
+        self.runtime = runtime
+        self.model = runtime.model
+        self.preprocessor = ImagePreprocessor(self.model.config.input, max_image_pixels=max_image_pixels)
+        self.default_topk = default_topk
+        self.state = ServiceState.CREATED
+        self.failure: str | None = None
+        self._preprocess_pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
+        self._runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="runtime")
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed, until shutdown begins."""
+        return self.state is ServiceState.READY
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the model outputs."""
+        return self.model.config.output.classes
+
+    async def start(self) -> None:
+        """Load and warm up the runtime in its worker thread; raise if that fails."""
+        self.state = ServiceState.LOADING
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._runtime_thread, self.runtime.load)
+            await loop.run_in_executor(self._runtime_thread, self.runtime.warmup)
+        except BaseException as exc:
+            self.state = ServiceState.FAILED
+            self.failure = str(exc) or type(exc).__name__
+            raise
+        self.state = ServiceState.READY
+        logger.info(
+            "model %s ready on %s/%s in %.1f s",
+            self.model.name,
+            self.runtime.backend,
+            self.runtime.device,
+            time.perf_counter() - started,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight work finish, release the runtime."""
+        if self.state is ServiceState.STOPPED:
+            return
+        self.state = ServiceState.STOPPING
+        await asyncio.to_thread(self._shutdown_pools)
+        self.runtime.close()
+        self.state = ServiceState.STOPPED
+
+    def _shutdown_pools(self) -> None:
+        self._preprocess_pool.shutdown(wait=True, cancel_futures=False)
+        self._runtime_thread.shutdown(wait=True, cancel_futures=False)
+
+    def check_ready(self) -> None:
+        """Raise NOT_READY unless the service takes requests."""
+        if self.state is ServiceState.READY:
+            return
+        if self.state is ServiceState.FAILED:
+            raise VisionError(ErrorCode.NOT_READY, "the model failed to load; the server log says why")
+        retry = 5 if self.state in (ServiceState.CREATED, ServiceState.LOADING) else None
+        raise VisionError(
+            ErrorCode.NOT_READY,
+            f"the model {self.model.name!r} is not ready ({self.state.value}); retry shortly",
+            retry_after_s=retry,
+        )
+
+    def resolve_topk(self, topk: int | None) -> int:
+        """The top-k to use: the request's if valid, else the default; an error names the bounds."""
+        k = self.default_topk if topk is None else topk
+        if not 1 <= k <= self.num_classes:
+            raise VisionError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"topk must be between 1 and {self.num_classes} (the classes of model "
+                f"{self.model.name!r}); got {k}",
+            )
+        return k
+
+    def check_model(self, name: str | None) -> None:
+        """Raise MODEL_NOT_FOUND if a request names a model this service does not serve."""
+        if name and name != self.model.name:
+            raise VisionError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model {name!r} is not served here; this server serves {self.model.name!r}",
+            )
+
+    async def predict(
+        self, image: bytes, *, topk: int | None = None, model: str | None = None
+    ) -> InferenceResult:
+        """Classify one encoded image. Raises `VisionError` for anything the client must fix."""
+        started = time.perf_counter()
+        self.check_model(model)
+        k = self.resolve_topk(topk)
+        self.check_ready()
+        loop = asyncio.get_running_loop()
+        tensor = await loop.run_in_executor(self._preprocess_pool, self.preprocessor, image)
+        preprocessed = time.perf_counter()
+        scores = await loop.run_in_executor(self._runtime_thread, self._run, tensor[np.newaxis])
+        inferred = time.perf_counter()
+        (predictions,) = postprocess(scores, k, self.model.labels, kind=self.model.config.output.kind)
+        finished = time.perf_counter()
+        return InferenceResult(
+            model=self.model.name,
+            predictions=predictions,
+            preprocess_ms=(preprocessed - started) * 1e3,
+            inference_ms=(inferred - preprocessed) * 1e3,
+            total_ms=(finished - started) * 1e3,
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            scores = self.runtime.predict_batch(batch)
+        except Exception as exc:
+            logger.exception("runtime %s failed on a batch of %d", self.runtime.backend, len(batch))
+            raise VisionError(ErrorCode.INTERNAL, "inference failed; the server log has the details") from exc
+        if scores.ndim != 2 or scores.shape[0] != batch.shape[0] or scores.shape[1] != self.num_classes:
+            logger.error("runtime returned shape %s for a batch of %d", scores.shape, len(batch))
+            raise VisionError(ErrorCode.INTERNAL, "inference returned a malformed result")
+        return scores
+
+    def describe(self) -> dict[str, object]:
+        """Facts for GET /models."""
+        config = self.model.config
+        return {
+            "name": config.name,
+            "version": config.version,
+            "task": config.task,
+            "input_size": config.input.size,
+            "labels_count": len(self.model.labels),
+            "max_batch_size": config.max_batch_size,
+            "runtime": self.runtime.backend,
+            "device": self.runtime.device,
+            "ready": self.ready,
+        }

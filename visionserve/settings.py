@@ -1,0 +1,105 @@
+"""Settings, read from the environment (prefix `VISION_`) by entrypoints and passed in.
+
+Nothing here is instantiated at import time: entrypoints build the settings they need, so a test
+can build an app with other settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from visionserve.cpu import available_cpus
+
+MiB = 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """The HTTP front door: where it listens and what it accepts."""
+
+    model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Interface to bind (`0.0.0.0` in a container)."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """HTTP port; 0 picks a free one (tests)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the service's own loggers and uvicorn's."""
+
+    max_request_bytes: int = Field(default=20 * MiB, ge=1024)
+    """Largest request body accepted (bytes); larger bodies get 413 naming this setting."""
+
+    max_image_pixels: int = Field(default=40_000_000, ge=1, le=89_478_485)
+    """Largest image (width x height) decoded; checked from the header, before decoding, so a
+    small file that declares a huge image (a decompression bomb) costs nothing. At most Pillow's
+    own limit (89,478,485 pixels)."""
+
+    default_topk: int = Field(default=5, ge=1)
+    """Classes returned when a request does not say `topk`."""
+
+    preprocess_workers: int | None = Field(default=None, ge=1)
+    """Threads that decode and preprocess images; default: the cores this process may use."""
+
+    access_log: bool = False
+    """Log one line per HTTP request (uvicorn's access log)."""
+
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
+
+    def resolved_preprocess_workers(self) -> int:
+        """Preprocessing threads to use: the setting, or the usable cores."""
+        return self.preprocess_workers or available_cpus()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class ModelSettings(BaseSettings):
+    """Which model is served, by which runtime, on which device, with how many threads."""
+
+    model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore", protected_namespaces=())
+
+    model_repository: Path = Path("model_repository")
+    """Folder holding one sub-folder per model (`<name>/config.json`), as written by `export`."""
+
+    model_name: str = "efficientnet_lite0"
+    """The model (a sub-folder of the repository) to serve."""
+
+    backend: Literal["onnx", "torch"] = "onnx"
+    """Runtime: ONNX Runtime or PyTorch. The `fastapi_onnx` / `fastapi_pt` deployables fix it."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where inference runs. `cuda` fails at start, saying what is missing, when it cannot."""
+
+    threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of the runtime; default: the cores this process may use (affinity and
+    cgroup quota)."""
+
+    torch_compile: bool = True
+    """PyTorch runtime only: compile the model with `torch.compile` (inductor, frozen weights)
+    during warm-up. About 2x faster on CPU here; warm-up takes tens of seconds longer."""
+
+    onnx_allow_spinning: bool = False
+    """ONNX Runtime only: let idle intra-op threads spin. Spinning burns a core while idle and
+    hurts under concurrency on small machines; turn on for lowest single-client latency."""
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(
+                f"model_name must be a plain folder name inside the model repository, got {value!r}; "
+                "set VISION_MODEL_NAME to e.g. 'efficientnet_lite0'"
+            )
+        return value
+
+    def resolved_threads(self) -> int:
+        """Intra-op threads to use: the setting, or the usable cores."""
+        return self.threads or available_cpus()
