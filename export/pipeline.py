@@ -140,7 +140,10 @@ def _parity(entry_root: Path, photos: list[Path]) -> dict[str, object]:
         whole = runtime.predict_batch(batch)  # the dynamic batch axis at N
         single = runtime.predict_batch(batch[:1])  # and at 1
         if not np.allclose(whole[:1], single, atol=1e-4):
-            raise ExportError(f"{runtime.backend}: batch of 1 and batch of {len(batch)} disagree")
+            raise ExportError(
+                f"parity check failed: {runtime.backend} answers the same photo differently at batch 1 "
+                f"and at batch {len(batch)} (is the model deterministic?); nothing was written"
+            )
         results[runtime.backend] = softmax(whole)
         runtime.close()
     onnx_probs, torch_probs = results["onnx"], results["torch"]

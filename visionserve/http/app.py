@@ -218,7 +218,7 @@ def create_app(
         result = await service.predict(image, topk=topk, model=model)
         return _response(result, started)
 
-    @app.get("/health/live", response_model=HealthStatus, tags=["health"])
+    @app.get("/health/live", response_model=HealthStatus, response_model_exclude_none=True, tags=["health"])
     async def live() -> HealthStatus:
         """200 while the process is up."""
         return HealthStatus(status="live")

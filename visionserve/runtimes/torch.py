@@ -47,6 +47,13 @@ def check_pickle_free(path: Path) -> None:
         raise ConfigurationError(f"{path} is not a torch.export archive: {exc}") from exc
 
 
+def _canonical_strides(array: np.ndarray) -> tuple[int, ...]:
+    strides = [array.itemsize]
+    for size in reversed(array.shape[1:]):
+        strides.insert(0, strides[0] * size)
+    return tuple(strides)
+
+
 class TorchRuntime(ModelRuntime):
     """Runs the exported program's module under `torch.inference_mode`.
 
@@ -100,6 +107,10 @@ class TorchRuntime(ModelRuntime):
         """float32 (N, 3, H, W) -> float32 (N, classes)."""
         if self._module is None:
             raise RuntimeError("TorchRuntime.predict_batch called before load()")
+        if batch.strides != _canonical_strides(batch):
+            # NOTE: `x[np.newaxis]` has stride 0 on the batch axis; the compiled graph guards on
+            # strides and would recompile (seconds) for such an input.
+            batch = np.ascontiguousarray(batch).copy()
         with torch.inference_mode():
             inputs = torch.from_numpy(batch).to(self._torch_device, non_blocking=True)
             outputs = self._module(inputs)

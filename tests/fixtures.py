@@ -1,0 +1,104 @@
+"""Fakes for logic tests (MLServer-style): runtimes that answer, fail or dawdle on purpose.
+
+The real exported model is used by the tests marked `real_model`; these fakes make the logic
+tests fast and let them provoke failures that the real model never has.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.runtimes.base import ModelRuntime
+
+FAKE_CLASSES = 10
+
+
+def write_fake_entry(
+    repository: Path, name: str = "fake", classes: int = FAKE_CLASSES, size: int = 32, **overrides: object
+) -> ModelEntry:
+    """A model repository entry with config and labels, and no artefact (fakes need none)."""
+    folder = repository / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {
+        "name": name,
+        "input": {"size": [size, size], "resize": size + size // 7},
+        "output": {"classes": classes},
+        "artefacts": {"onnx": {"path": "1/model.onnx"}},
+        "max_batch_size": 8,
+    }
+    config.update(overrides)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "labels.txt").write_text("\n".join(f"class_{i}" for i in range(classes)) + "\n")
+    return ModelRepository(repository).get(name)
+
+
+class FakeRuntime(ModelRuntime):
+    """Answers at once. Class j scores j * mean(image) + j, so the top class is the last one and
+    the probabilities depend on the input. Records every batch shape it ran."""
+
+    backend = "fake"
+
+    def __init__(self, model: ModelEntry, **kwargs: object):
+        super().__init__(model, device="cpu", threads=1)
+        self.loaded = False
+        self.batches: list[tuple[int, ...]] = []
+        self.threads_seen: set[str] = set()
+        self.closed = False
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.shape)
+        self.threads_seen.add(threading.current_thread().name)
+        classes = self.model.config.output.classes
+        means = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+        ramp = np.arange(classes, dtype=np.float32)[np.newaxis, :]
+        return (ramp * (1.0 + 0.1 * means)).astype(np.float32)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FailingRuntime(FakeRuntime):
+    """Raises in `predict_batch` (or in `load`, with `fail_on_load=True`)."""
+
+    def __init__(self, model: ModelEntry, *, fail_on_load: bool = False, failures: int | None = None):
+        super().__init__(model)
+        self.fail_on_load = fail_on_load
+        self.failures_left = failures  # None: fail forever
+
+    def load(self) -> None:
+        if self.fail_on_load:
+            raise RuntimeError("secret internal detail: CUDA out of memory at 0xdeadbeef")
+        super().load()
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.failures_left is None or self.failures_left > 0:
+            if self.failures_left is not None:
+                self.failures_left -= 1
+            raise RuntimeError("secret internal detail: kernel launch failed at 0xdeadbeef")
+        return super().predict_batch(batch)
+
+
+class SlowRuntime(FakeRuntime):
+    """Takes `load_s` to load and `batch_s` per batch."""
+
+    def __init__(self, model: ModelEntry, *, load_s: float = 0.0, batch_s: float = 0.0):
+        super().__init__(model)
+        self.load_s = load_s
+        self.batch_s = batch_s
+
+    def load(self) -> None:
+        time.sleep(self.load_s)
+        super().load()
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.batch_s)
+        return super().predict_batch(batch)

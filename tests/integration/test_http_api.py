@@ -1,0 +1,162 @@
+"""The HTTP API's endpoints and lifecycle, over the fake runtimes (in-process, lifespan running)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.conftest import encode, wait_ready
+from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime
+from visionserve.repository import ModelEntry
+
+RED = encode(Image.new("RGB", (48, 40), (200, 30, 30)))
+
+
+def _check_prediction(body: dict[str, object], k: int) -> None:
+    topk = body["topk"]
+    assert isinstance(topk, list) and len(topk) == k
+    assert topk[0]["label"] == body["prediction"] == f"class_{FAKE_CLASSES - 1}"
+    assert body["probability"] == topk[0]["prob"]
+    probs = [p["prob"] for p in topk]
+    assert probs == sorted(probs, reverse=True)
+    assert all(0.0 < p <= 1.0 for p in probs)
+    assert [p["index"] for p in topk] == list(range(FAKE_CLASSES - 1, FAKE_CLASSES - 1 - k, -1))
+    assert body["model"] == "fake"
+    assert body["latency_ms"] > 0
+
+
+def test_predict_json(fake_client: TestClient) -> None:
+    response = fake_client.post("/predict", json={"image": base64.b64encode(RED).decode(), "topk": 3})
+    assert response.status_code == 200, response.text
+    _check_prediction(response.json(), 3)
+    assert "preprocess;dur=" in response.headers["server-timing"]
+
+
+def test_predict_json_default_topk_is_five(fake_client: TestClient) -> None:
+    response = fake_client.post("/predict", json={"image": base64.b64encode(RED).decode()})
+    assert response.status_code == 200, response.text
+    _check_prediction(response.json(), 5)
+
+
+def test_predict_b64_seed_field_names(fake_client: TestClient) -> None:
+    response = fake_client.post(
+        "/predict/b64", json={"image_base64": base64.b64encode(RED).decode(), "topk": 2}
+    )
+    assert response.status_code == 200, response.text
+    _check_prediction(response.json(), 2)
+
+
+def test_predict_file_multipart(fake_client: TestClient) -> None:
+    response = fake_client.post("/predict/file?topk=4", files={"file": ("red.png", RED, "image/png")})
+    assert response.status_code == 200, response.text
+    _check_prediction(response.json(), 4)
+
+
+def test_predict_all_classes(fake_client: TestClient) -> None:
+    response = fake_client.post(
+        "/predict/file", params={"topk": FAKE_CLASSES}, files={"file": ("r.png", RED)}
+    )
+    assert response.status_code == 200
+    probs = [p["prob"] for p in response.json()["topk"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_names_the_served_model(fake_client: TestClient) -> None:
+    response = fake_client.post("/predict", json={"image": base64.b64encode(RED).decode(), "model": "fake"})
+    assert response.status_code == 200
+
+
+def test_answers_depend_on_the_image(fake_client: TestClient) -> None:
+    dark = encode(Image.new("RGB", (48, 40), (0, 0, 0)))
+    light = encode(Image.new("RGB", (48, 40), (255, 255, 255)))
+    p_dark = fake_client.post("/predict/file", files={"file": ("d.png", dark)}).json()["probability"]
+    p_light = fake_client.post("/predict/file", files={"file": ("l.png", light)}).json()["probability"]
+    assert p_dark != p_light
+
+
+def test_runtime_runs_off_the_event_loop(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    runtime = FakeRuntime(fake_entry)
+    client = app_client(runtime)
+    assert client.post("/predict/file", files={"file": ("r.png", RED)}).status_code == 200
+    assert runtime.threads_seen and all(name.startswith("runtime") for name in runtime.threads_seen)
+    assert runtime.batches[-1] == (1, 3, 32, 32)
+
+
+def test_health_and_models(fake_client: TestClient) -> None:
+    assert fake_client.get("/health/live").json() == {"status": "live"}
+    assert fake_client.get("/health/ready").status_code == 200
+    models = fake_client.get("/models").json()["models"]
+    assert models == [
+        {
+            "name": "fake",
+            "version": 1,
+            "task": "classification",
+            "input_size": [32, 32],
+            "labels_count": FAKE_CLASSES,
+            "max_batch_size": 8,
+            "runtime": "fake",
+            "device": "cpu",
+            "ready": True,
+        }
+    ]
+
+
+def test_readiness_follows_loading(fake_entry: ModelEntry, app_client: Callable[..., TestClient]) -> None:
+    client = app_client(SlowRuntime(fake_entry, load_s=0.5), ready=False)
+    assert client.get("/health/live").status_code == 200  # live while loading
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "loading"
+    busy = client.post("/predict/file", files={"file": ("r.png", RED)})
+    assert busy.status_code == 503
+    assert busy.json()["error"]["code"] == "not_ready"
+    assert int(busy.headers["retry-after"]) > 0
+    wait_ready(client, timeout_s=10)
+    assert client.post("/predict/file", files={"file": ("r.png", RED)}).status_code == 200
+
+
+def test_shutdown_closes_the_runtime(fake_entry: ModelEntry) -> None:
+    from visionserve.http.app import create_app
+    from visionserve.settings import ServerSettings
+
+    runtime = FakeRuntime(fake_entry)
+    with TestClient(create_app(ServerSettings(), runtime)) as client:
+        wait_ready(client)
+        service = client.app.state.service  # type: ignore[attr-defined]
+    assert runtime.closed
+    assert service.state.value == "stopped"
+
+
+def test_openapi_examples_work_when_executed(fake_client: TestClient) -> None:
+    """The /docs 'Try it out' examples are real images that the API accepts."""
+    spec = fake_client.get("/openapi.json").json()
+    assert fake_client.get("/docs").status_code == 200
+    for path in ("/predict", "/predict/b64"):
+        examples = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        for example in examples.values():
+            response = fake_client.post(path, json=example["value"])
+            assert response.status_code == 200, (path, response.text)
+
+
+def test_concurrent_requests_all_answered(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = app_client(SlowRuntime(fake_entry, batch_s=0.01))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(
+                lambda _: client.post("/predict/file", files={"file": ("r.png", RED)}).status_code, range(32)
+            )
+        )
+    assert codes == [200] * 32
+    assert time.perf_counter() - started < 30

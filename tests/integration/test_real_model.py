@@ -1,0 +1,203 @@
+"""The real exported EfficientNet-Lite0 on real photos, through both runtimes and the HTTP API."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from export.photos import packaged_photos
+from tests.conftest import photo_bytes, wait_ready
+from visionserve.cpu import available_cpus
+from visionserve.http.app import create_app
+from visionserve.postprocessing import postprocess, softmax
+from visionserve.preprocessing import ImagePreprocessor
+from visionserve.repository import InputSpec, ModelEntry
+from visionserve.runtimes.base import ModelRuntime
+from visionserve.runtimes.onnx import OnnxRuntime
+from visionserve.runtimes.torch import TorchRuntime
+from visionserve.settings import ServerSettings
+
+pytestmark = pytest.mark.real_model
+
+CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+COFFEE = {"espresso", "cup", "coffee mug"}
+THREADS = available_cpus()
+
+
+def _loaded(runtime: ModelRuntime) -> ModelRuntime:
+    runtime.load()
+    runtime.warmup(1)
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def onnx_runtime(real_entry: ModelEntry) -> Iterator[ModelRuntime]:
+    runtime = _loaded(OnnxRuntime(real_entry, threads=THREADS))
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def torch_eager(real_entry: ModelEntry) -> Iterator[ModelRuntime]:
+    runtime = _loaded(TorchRuntime(real_entry, threads=THREADS, compile=False))
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def torch_app(real_entry: ModelEntry) -> Iterator[TestClient]:
+    """The HTTP app on the PyTorch runtime as deployed: compiled with inductor (slow warm-up)."""
+    runtime = TorchRuntime(real_entry, threads=THREADS, compile=True)
+    with TestClient(create_app(ServerSettings(), runtime)) as client:
+        wait_ready(client, timeout_s=280)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def onnx_app(real_entry: ModelEntry) -> Iterator[TestClient]:
+    with TestClient(create_app(ServerSettings(), OnnxRuntime(real_entry, threads=THREADS))) as client:
+        wait_ready(client)
+        yield client
+
+
+def _classify(
+    runtime: ModelRuntime, entry: ModelEntry, name: str, spec: InputSpec | None = None
+) -> dict[str, float]:
+    preprocessor = ImagePreprocessor(spec or entry.config.input, max_image_pixels=50_000_000)
+    scores = runtime.predict_batch(preprocessor(photo_bytes(name))[np.newaxis])
+    (top,) = postprocess(scores, 5, entry.labels)
+    return {p.label: p.prob for p in top}
+
+
+@pytest.mark.parametrize("runtime_name", ["onnx_runtime", "torch_eager"])
+def test_real_photos_are_classified_confidently(
+    runtime_name: str, request: pytest.FixtureRequest, real_entry: ModelEntry
+) -> None:
+    runtime = request.getfixturevalue(runtime_name)
+    cat = _classify(runtime, real_entry, "chelsea.png")
+    assert next(iter(cat)) in CATS
+    assert sum(p for label, p in cat.items() if label in CATS) > 0.85  # measured 0.91
+    coffee = _classify(runtime, real_entry, "coffee.png")
+    assert next(iter(coffee)) == "espresso"
+    assert coffee["espresso"] > 0.9  # measured 0.96
+    flower = _classify(runtime, real_entry, "flower.jpg")
+    assert next(iter(flower)) == "daisy"
+    assert flower["daisy"] > 0.25  # measured 0.32
+
+
+def test_configured_preprocessing_is_the_one_the_model_was_trained_with(
+    onnx_runtime: ModelRuntime, real_entry: ModelEntry
+) -> None:
+    """EfficientNet-Lite wants (pixel - 127) / 128; torchvision's mean/std costs confidence."""
+    spec = real_entry.config.input
+    assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)
+    wrong = spec.model_copy(update={"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)})
+    right_daisy = _classify(onnx_runtime, real_entry, "flower.jpg")["daisy"]
+    wrong_daisy = _classify(onnx_runtime, real_entry, "flower.jpg", wrong).get("daisy", 0.0)
+    assert right_daisy > 2 * wrong_daisy  # measured 0.32 vs 0.11
+
+
+def _photo_batch(entry: ModelEntry) -> tuple[list[str], np.ndarray]:
+    photos = packaged_photos()
+    assert len(photos) >= 7, "scikit-image and scikit-learn photos are test requirements"
+    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=50_000_000)
+    return [p.name for p in photos], np.stack([preprocessor(p.read_bytes()) for p in photos])
+
+
+def _assert_parity(reference: np.ndarray, other: np.ndarray) -> None:
+    p_ref, p_other = softmax(reference), softmax(other)
+    assert np.abs(p_ref - p_other).max() < 1e-4
+    for row_ref, row_other in zip(p_ref, p_other, strict=True):
+        top_ref = np.argsort(-row_ref, kind="stable")[:5]
+        top_other = np.argsort(-row_other, kind="stable")[:5]
+        assert top_ref.tolist() == top_other.tolist()
+
+
+def test_parity_onnx_vs_torch_eager(
+    onnx_runtime: ModelRuntime, torch_eager: ModelRuntime, real_entry: ModelEntry
+) -> None:
+    _, batch = _photo_batch(real_entry)
+    _assert_parity(onnx_runtime.predict_batch(batch), torch_eager.predict_batch(batch))
+
+
+def test_export_recorded_its_parity(real_entry: ModelEntry) -> None:
+    parity = real_entry.config.parity
+    assert parity["passed"] is True and parity["topk_identical"] is True
+    assert isinstance(parity["max_abs_prob_diff"], float) and parity["max_abs_prob_diff"] < 1e-4
+
+
+def test_batch_axis_is_dynamic(
+    onnx_runtime: ModelRuntime, torch_eager: ModelRuntime, real_entry: ModelEntry
+) -> None:
+    _, batch = _photo_batch(real_entry)
+    for runtime in (onnx_runtime, torch_eager):
+        whole = runtime.predict_batch(batch[:3])
+        singles = np.concatenate([runtime.predict_batch(batch[i : i + 1]) for i in range(3)])
+        np.testing.assert_allclose(whole, singles, atol=1e-4)
+
+
+def _check_http(client: TestClient) -> None:
+    cat = client.post(
+        "/predict/file?topk=5", files={"file": ("chelsea.png", photo_bytes("chelsea.png"), "image/png")}
+    )
+    assert cat.status_code == 200, cat.text
+    assert cat.json()["prediction"] in CATS
+    coffee = client.post("/predict", json={"image": base64.b64encode(photo_bytes("coffee.png")).decode()})
+    assert coffee.status_code == 200 and coffee.json()["prediction"] == "espresso"
+    assert coffee.json()["probability"] > 0.9
+    flower = client.post(
+        "/predict/b64", json={"image_base64": base64.b64encode(photo_bytes("flower.jpg")).decode()}
+    )
+    assert flower.status_code == 200 and flower.json()["prediction"] == "daisy"
+
+
+def test_http_on_onnx(onnx_app: TestClient) -> None:
+    _check_http(onnx_app)
+    assert onnx_app.get("/models").json()["models"][0]["runtime"] == "onnx"
+
+
+@pytest.mark.slow
+def test_http_on_compiled_torch(torch_app: TestClient) -> None:
+    _check_http(torch_app)
+    assert torch_app.get("/models").json()["models"][0]["runtime"] == "torch"
+
+
+@pytest.mark.slow
+def test_parity_onnx_vs_compiled_torch(
+    onnx_runtime: ModelRuntime, torch_app: TestClient, real_entry: ModelEntry
+) -> None:
+    """Compiling (inductor, frozen weights) keeps the numbers: same top-5, probabilities within 1e-4."""
+    compiled = torch_app.app.state.service.runtime  # type: ignore[attr-defined]
+    assert compiled.compile
+    _, batch = _photo_batch(real_entry)
+    _assert_parity(onnx_runtime.predict_batch(batch), compiled.predict_batch(batch))
+    _assert_parity(onnx_runtime.predict_batch(batch[:1]), compiled.predict_batch(batch[:1]))
+
+
+def test_pickled_pt2_is_refused(real_entry: ModelEntry, tmp_path: Path) -> None:
+    """A .pt2 whose weights are stored pickled (arbitrary code on load) is refused before loading."""
+    import json
+    import zipfile
+
+    from visionserve.errors import ConfigurationError
+    from visionserve.runtimes.torch import check_pickle_free
+
+    source = real_entry.artefact_path("torch")
+    check_pickle_free(source)  # the exported one passes
+    tampered = tmp_path / "model.pt2"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"]))
+                config["config"][first]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    with pytest.raises(ConfigurationError, match="pickled"):
+        check_pickle_free(tampered)
