@@ -60,7 +60,8 @@ class FakeRuntime(ModelRuntime):
         classes = self.model.config.output.classes
         means = batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
         ramp = np.arange(classes, dtype=np.float32)[np.newaxis, :]
-        return (ramp * (1.0 + 0.1 * means)).astype(np.float32)
+        scores: np.ndarray = (ramp * (1.0 + 0.1 * means)).astype(np.float32)
+        return scores
 
     def close(self) -> None:
         self.closed = True
@@ -78,6 +79,11 @@ class FailingRuntime(FakeRuntime):
         if self.fail_on_load:
             raise RuntimeError("secret internal detail: CUDA out of memory at 0xdeadbeef")
         super().load()
+
+    def warmup(self, iterations: int = 3) -> None:
+        """Warm-up succeeds (the failures are for real batches)."""
+        for _ in range(iterations):
+            super().predict_batch(np.zeros((1, 3, *self.model.config.input.size), dtype=np.float32))
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         if self.failures_left is None or self.failures_left > 0:

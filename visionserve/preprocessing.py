@@ -77,7 +77,8 @@ class ImagePreprocessor:
         if width * height > self.max_image_pixels:
             raise self._too_large((width, height))
 
-        if image.format == "JPEG":
+        # NOTE: phone photos with a multi-picture index open as MPO, a JPEG subclass: same draft.
+        if image.format in ("JPEG", "MPO"):
             short = min(width, height)
             scale = self.spec.resize / short
             image.draft(image.mode, (int(width * scale), int(height * scale)))
@@ -131,7 +132,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float32)
         peak = float(values.max()) if values.size else 0.0
-        if peak > 255.0:
+        if mode.startswith("I;16"):
+            # NOTE: I;16 pixels are 16-bit by definition (0..65535), whatever the peak: guessing
+            # from the peak turned a dark image (every value <= 255) up to 257x brighter, white.
+            values = values * (255.0 / 65535.0)
+        elif peak > 255.0:
             values = values * (255.0 / (65535.0 if peak <= 65535.0 else peak))
         gray = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
         return gray.convert("RGB")

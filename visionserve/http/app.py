@@ -66,6 +66,9 @@ def _error_json(error: VisionError) -> JSONResponse:
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+            continue
         location = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "the request does not match the schema"
@@ -233,7 +236,12 @@ def create_app(
         """200 once the model is loaded and warmed up; 503 before that and during shutdown."""
         if service.ready:
             return JSONResponse({"status": "ready"})
-        detail = service.failure or f"model {service.model.name!r} is {service.state.value}"
+        # NOTE: the load error's text stays in the server log; it may hold internals.
+        detail = (
+            "the model failed to load; the server log says why"
+            if service.failure
+            else f"model {service.model.name!r} is {service.state.value}"
+        )
         return JSONResponse({"status": service.state.value, "detail": detail}, status_code=503)
 
     @app.get("/models", response_model=ModelsResponse, tags=["models"])

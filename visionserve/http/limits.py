@@ -44,7 +44,7 @@ class BodySizeLimit:
         self.setting = setting
 
     def _too_large(self, size: int | None) -> VisionError:
-        what = f"{size:,} bytes" if size is not None else "more"
+        what = f"{size:,} bytes" if size is not None else f"more than {self.max_bytes:,} bytes"
         return VisionError(
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"the request body is {what}; the limit is {self.max_bytes:,} bytes (setting {self.setting})",

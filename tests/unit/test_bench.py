@@ -1,0 +1,333 @@
+"""The benchmark harness: statistics, report, closed-loop senders (against a real socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from tests.conftest import encode, photo_bytes
+from tests.fixtures import FakeRuntime, write_fake_entry
+from visionserve.bench.__main__ import parse_args
+from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
+from visionserve.bench.http_load import (
+    HttpRequestSpec,
+    file_request,
+    json_request,
+    live_request,
+    measure_http,
+)
+from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline
+from visionserve.bench.machine import cpu_model, describe_machine
+from visionserve.bench.report import HTTP, IN_PROCESS, ONNX_TARGET_MS, BenchReport, ResultRow
+from visionserve.bench.runner import BenchConfig
+from visionserve.bench.servers import banner_url, model_env
+from visionserve.bench.stats import Measurement, percentile, summarize
+from visionserve.http.app import create_app
+from visionserve.preprocessing import ImagePreprocessor
+from visionserve.settings import ModelSettings, ServerSettings
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_percentiles_of_known_data_interpolate_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 95) == pytest.approx(95.05)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+
+
+@pytest.mark.parametrize("q", [1, 25, 50, 90, 95, 99, 99.9])
+def test_percentiles_agree_with_numpy(q: float) -> None:
+    values = sorted(np.random.default_rng(0).lognormal(size=257).tolist())
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_rejects_no_data_and_bad_q() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        percentile([1.0], 101)
+
+
+def test_summary_converts_seconds_to_milliseconds() -> None:
+    summary = summarize([0.003, 0.001, 0.002, 0.004])  # seconds, unsorted
+    assert summary.count == 4
+    assert summary.min_ms == pytest.approx(1.0)
+    assert summary.p50_ms == pytest.approx(2.5)
+    assert summary.mean_ms == pytest.approx(2.5)
+    assert summary.max_ms == pytest.approx(4.0)
+    assert summary.p99_ms == pytest.approx(3.97)
+
+
+def test_measurement_counts_failures_apart_from_latencies() -> None:
+    m = Measurement(latencies_s=(0.01, 0.02), wall_s=0.5, errors={"HTTP 503": 3})
+    assert (m.completed, m.failed, m.sent) == (2, 3, 5)
+    assert m.throughput_rps == pytest.approx(4.0)  # completed / wall time; failures do not count
+    summary = m.summary()
+    assert summary is not None and summary.count == 2
+    assert Measurement(latencies_s=(), wall_s=1.0, errors={"ConnectError": 1}).summary() is None
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _report() -> BenchReport:
+    pipeline = Measurement(latencies_s=(0.010, 0.011, 0.012), wall_s=0.033)
+    stages = {name: (0.0025, 0.00275, 0.003) for name in STAGES}
+    served = Measurement(latencies_s=(0.0115, 0.0125, 0.0135), wall_s=0.0375, errors={"HTTP 503": 1})
+    slow = Measurement(latencies_s=(0.020, 0.021, 0.022), wall_s=0.063)
+    return BenchReport(
+        machine={"date": "2030-01-01T00:00:00+00:00", "cpu": "Test CPU", "usable_cores": "2", "torch": "9.9"},
+        settings={"model": "fake", "torch_compile": True, "warmup_per_row": 30},
+        rows=[
+            ResultRow("onnx", IN_PROCESS, "pipeline", 1, pipeline, stages_s=stages),
+            ResultRow("onnx", HTTP, "POST /predict/file (multipart)", 1, served),
+            ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 1, slow),
+            ResultRow("onnx", HTTP, "GET /health/live (HTTP floor)", 1, served, model_work=False),
+            ResultRow("torch eager", HTTP, "POST /predict/file (multipart)", 1, slow),
+        ],
+    )
+
+
+def test_markdown_report_has_header_units_and_rows() -> None:
+    text = _report().to_markdown()
+    assert "- date: 2030-01-01T00:00:00+00:00" in text
+    assert "Test CPU, 2 usable cores" in text
+    assert "torch 9.9" in text
+    assert "- torch compile: on" in text
+    assert (
+        "| runtime | mode | measured | conc. | ok | failed | p50 ms | p95 ms | p99 ms | mean ms | req/s |"
+        in text
+    )
+    # in-process: p50 11 ms, p95 11.9, p99 11.98, mean 11, 3 / 0.033 s = 90.9 req/s
+    assert "| onnx | in-process | pipeline | 1 | 3 | 0 | 11.00 | 11.90 | 11.98 | 11.00 | 90.9 |" in text
+    assert "| onnx | 2.75 | 2.75 | 2.75 | 2.75 | 11.00 |" in text  # stage p50s
+    assert "- onnx POST /predict/file (multipart): HTTP 503 ×1" in text
+    # served p50 12.5 - in-process p50 11 = +1.5 ms: within the 2 ms goal; JSON +10 ms is not
+    assert "| onnx | POST /predict/file (multipart) | 12.50 | 11.00 | +1.50 | ≤ 2 ms: met |" in text
+    assert "| onnx | POST /predict (JSON base64) | 21.00 | 11.00 | +10.00 | ≤ 2 ms: missed |" in text
+    assert "health/live (HTTP floor) | 12.50" not in text  # the floor is not compared
+    assert "seconds" not in text.split("| runtime |")[1]  # every latency column is in ms
+
+
+def test_overheads_compare_only_served_model_work_with_its_own_runtime() -> None:
+    overheads = _report().overheads()
+    assert [(o.runtime, o.target) for o in overheads] == [
+        ("onnx", "POST /predict/file (multipart)"),
+        ("onnx", "POST /predict (JSON base64)"),
+    ]  # torch eager has no in-process row here, the floor runs no model
+    assert overheads[0].target_ms == ONNX_TARGET_MS
+    assert overheads[0].met is True and overheads[1].met is False
+
+
+def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
+    paths = _report().write(tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["bench.json", "bench.md"]
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["units"]["latency"] == "ms"
+    first = data["results"][0]
+    assert first["latency_ms"]["p50_ms"] == pytest.approx(11.0)
+    assert first["latencies_ms"] == pytest.approx([10.0, 11.0, 12.0])
+    assert first["stages_ms"]["decode"]["p50_ms"] == pytest.approx(2.75)
+    served = data["results"][1]
+    assert (served["sent"], served["completed"], served["failed"]) == (4, 3, 1)
+    assert served["errors"] == {"HTTP 503": 1}
+    assert data["overhead"][0]["difference_ms"] == pytest.approx(1.5)
+    assert (tmp_path / "out" / "bench.md").read_text().startswith("## visionserve benchmark")
+
+
+def test_a_row_where_every_request_failed_is_reported_without_latencies() -> None:
+    failed = Measurement(latencies_s=(), wall_s=0.1, errors={"ConnectError": 5})
+    report = BenchReport(machine={}, settings={}, rows=[ResultRow("onnx", HTTP, "x", 1, failed)])
+    assert "| onnx | HTTP | x | 1 | 0 | 5 | – | – | – | – | 0.0 |" in report.to_markdown()
+    assert report.to_dict()["results"][0]["latency_ms"] is None  # type: ignore[index]
+
+
+# --- machine, servers, command line ---------------------------------------------------------------
+
+
+def test_machine_facts_name_cpu_cores_and_versions(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 3.00GHz\n")
+    assert cpu_model(cpuinfo) == "Example CPU @ 3.00GHz"
+    facts = describe_machine()
+    for key in ("date", "cpu", "usable_cores", "python", "torch", "onnxruntime", "numpy", "pillow"):
+        assert facts[key], key
+
+
+def test_banner_url_is_read_from_the_service_banner() -> None:
+    banner = "\nvisionserve HTTP API (onnx, model m) on http://127.0.0.1:43211\n  docs:   http://x/docs\n"
+    assert banner_url("INFO starting\n" + banner) == "http://127.0.0.1:43211"
+    assert banner_url("INFO loading model\n") is None
+
+
+def test_served_process_gets_the_in_process_settings(tmp_path: Path) -> None:
+    settings = ModelSettings(backend="torch", model_repository=tmp_path, threads=3, torch_compile=False)
+    env = model_env(settings)
+    assert env["VISION_THREADS"] == "3"
+    assert env["VISION_TORCH_COMPILE"] == "false"
+    assert env["VISION_MODEL_REPOSITORY"] == str(tmp_path.resolve())
+
+
+def test_command_line_defaults_and_lists() -> None:
+    config = parse_args(["--backends", "onnx", "--requests", "50", "--warmup", "10"])
+    assert config.backends == ("onnx",)
+    assert (config.requests, config.warmup, config.concurrency) == (50, 10, 1)
+    assert config.endpoints == ("file", "json", "live")
+    assert config.output == Path("bench-results")
+    assert parse_args(["--requests", "0", "--duration", "5"]).requests is None
+    with pytest.raises(SystemExit):
+        parse_args(["--backends", "onnx,tensorflow"])
+    with pytest.raises(SystemExit):
+        parse_args(["--requests", "0"])  # unbounded
+    with pytest.raises(ValueError, match="concurrency"):
+        BenchConfig(concurrency=0)
+
+
+# --- in-process pipeline (fake runtime) ---------------------------------------------------------
+
+
+def test_pipeline_measurement_times_every_stage(tmp_path: Path) -> None:
+    entry = write_fake_entry(tmp_path)
+    runtime = FakeRuntime(entry)
+    runtime.load()
+    timer = PipelineTimer(runtime, ImagePreprocessor(entry.config.input, max_image_pixels=10**7))
+    result = measure_pipeline(timer, photo_bytes("chelsea.png"), requests=5, warmup=2)
+    assert result.total.completed == 5
+    assert len(runtime.batches) == 7 and runtime.batches[0] == (1, 3, 32, 32)  # warm-up + measured
+    assert set(result.stages_s) == set(STAGES)
+    for i, total in enumerate(result.total.latencies_s):
+        assert total == pytest.approx(sum(result.stages_s[s][i] for s in STAGES))
+        assert all(result.stages_s[s][i] > 0 for s in STAGES)
+
+
+# --- closed-loop senders ------------------------------------------------------------------------
+
+
+def test_closed_loop_sends_exactly_the_requests_asked_with_bounded_concurrency() -> None:
+    in_flight = 0
+    peak = 0
+    calls = 0
+
+    async def send() -> None:
+        nonlocal in_flight, peak, calls
+        calls += 1
+        number = calls
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        if number % 4 == 0:
+            raise RequestFailed("HTTP 503")
+        if number % 5 == 0:
+            raise ConnectionResetError
+
+    result = asyncio.run(run_closed_loop(send, concurrency=3, requests=40))
+    assert calls == 40 and peak == 3
+    assert result.sent == 40
+    assert result.errors == {"HTTP 503": 10, "ConnectionResetError": 6}
+    assert result.completed == 24 and all(latency > 0 for latency in result.latencies_s)
+
+
+def test_closed_loop_stops_at_the_duration() -> None:
+    async def send() -> None:
+        await asyncio.sleep(0.005)
+
+    result = asyncio.run(run_closed_loop(send, concurrency=2, duration_s=0.1))
+    assert 0.1 <= result.wall_s < 5.0
+    assert 2 <= result.completed <= 45  # each sender sends at least one; at most ~0.1 s / 5 ms each
+    assert result.failed == 0
+
+
+def test_closed_loop_needs_a_bound() -> None:
+    async def send() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="bound the run"):
+        asyncio.run(run_closed_loop(send, concurrency=1))
+
+
+# --- HTTP senders against a real server on a real socket ------------------------------------------
+
+
+READY = HttpRequestSpec(name="ready", method="GET", path="/health/ready")
+
+
+@contextlib.asynccontextmanager
+async def _served_fake_app(tmp_path: Path) -> AsyncIterator[str]:
+    """The real app over FakeRuntime, served by uvicorn on 127.0.0.1, port 0; yields its URL."""
+    app = create_app(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "uvicorn stopped while starting"
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        # readiness is a request like any other: measured with the same sender
+        for _ in range(500):
+            ready = await measure_http(url, READY, requests=1)
+            if ready.completed:
+                break
+            await asyncio.sleep(0.01)
+        yield url
+    finally:
+        server.should_exit = True
+        await task
+
+
+def test_http_senders_complete_every_request_over_keep_alive(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario() -> list[Measurement]:
+        async with _served_fake_app(tmp_path) as url:
+            return [
+                await measure_http(url, spec, concurrency=4, requests=40, warmup=4)
+                for spec in (file_request(image, "x.png"), json_request(image), live_request())
+            ]
+
+    for result in asyncio.run(scenario()):
+        assert result.sent == 40
+        assert (result.completed, result.failed) == (40, 0)
+        assert all(latency > 0 for latency in result.latencies_s)
+        assert result.throughput_rps > 0
+
+
+def test_http_failures_are_counted_not_timed(tmp_path: Path) -> None:
+    async def scenario() -> Measurement:
+        async with _served_fake_app(tmp_path) as url:
+            bad = file_request(b"this is not an image", "x.png")
+            return await measure_http(url, bad, concurrency=2, requests=10, warmup=2)
+
+    result = asyncio.run(scenario())
+    assert result.sent == 10
+    assert result.errors == {"HTTP 400": 10}
+    assert result.completed == 0 and result.latencies_s == ()
+
+
+def test_a_server_that_is_gone_counts_transport_errors() -> None:
+    async def scenario() -> Measurement:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+            port = sock.getsockname()[1]
+            return await measure_http(f"http://127.0.0.1:{port}", live_request(), requests=3, timeout_s=2)
+
+    result = asyncio.run(scenario())
+    assert result.sent == 3 and result.completed == 0
+    assert result.errors == {"ConnectError": 3}
+    assert math.isclose(result.throughput_rps, 0.0)
