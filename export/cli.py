@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from export.photos import packaged_photos, photos_in
 from export.pipeline import DEFAULT_OPSET, ExportOptions, export_model
 from export.sources import EMBEDDED, ExportError, ModelSource, embedded, factory, torchvision_arch
+from visionserve.photos import packaged_photos, photos_in
 from visionserve.repository import InputSpec
 
 

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from export.photos import packaged_photo
 from tests.fixtures import FakeRuntime, write_fake_entry
 from visionserve.http.app import create_app
+from visionserve.photos import packaged_photo
 from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ServerSettings

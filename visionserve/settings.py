@@ -48,6 +48,10 @@ class ServerSettings(BaseSettings):
     access_log: bool = False
     """Log one line per HTTP request (uvicorn's access log)."""
 
+    keep_alive_s: float = Field(default=75.0, gt=0)
+    """How long an idle keep-alive connection stays open. Longer than the idle timeout of the
+    load balancers usually in front (60 s), so that they, not the server, close idle connections."""
+
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from export.cli import main as export_main
-from export.photos import packaged_photo
 from tests.integration.tiny_models import TinyClassifier
+from visionserve.photos import packaged_photo
 from visionserve.preprocessing import ImagePreprocessor
 from visionserve.repository import ModelRepository, file_sha256
 from visionserve.runtimes.onnx import OnnxRuntime

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from export.photos import packaged_photos
 from tests.conftest import photo_bytes, wait_ready
 from visionserve.cpu import available_cpus
 from visionserve.http.app import create_app
+from visionserve.photos import packaged_photos
 from visionserve.postprocessing import postprocess, softmax
 from visionserve.preprocessing import ImagePreprocessor
 from visionserve.repository import InputSpec, ModelEntry

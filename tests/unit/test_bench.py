@@ -26,11 +26,12 @@ from visionserve.bench.http_load import (
     live_request,
     measure_http,
 )
-from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline
+from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
 from visionserve.bench.machine import cpu_model, describe_machine
+from visionserve.bench.raw_http import RawHttpClient
 from visionserve.bench.report import HTTP, IN_PROCESS, ONNX_TARGET_MS, BenchReport, ResultRow
-from visionserve.bench.runner import BenchConfig
-from visionserve.bench.servers import banner_url, model_env
+from visionserve.bench.runner import BenchConfig, split_requests
+from visionserve.bench.servers import ServerError, ServerProcess, banner_url, model_env
 from visionserve.bench.stats import Measurement, percentile, summarize
 from visionserve.http.app import create_app
 from visionserve.preprocessing import ImagePreprocessor
@@ -79,6 +80,23 @@ def test_measurement_counts_failures_apart_from_latencies() -> None:
     summary = m.summary()
     assert summary is not None and summary.count == 2
     assert Measurement(latencies_s=(), wall_s=1.0, errors={"ConnectError": 1}).summary() is None
+
+
+def test_parts_of_a_measurement_merge_into_one() -> None:
+    first = Measurement(latencies_s=(0.01,), wall_s=0.5, errors={"HTTP 503": 1})
+    second = Measurement(latencies_s=(0.02, 0.03), wall_s=1.5, errors={"HTTP 503": 2, "ReadTimeout": 1})
+    merged = Measurement.merged([first, second])
+    assert merged.latencies_s == (0.01, 0.02, 0.03)
+    assert merged.wall_s == 2.0
+    assert merged.errors == {"HTTP 503": 3, "ReadTimeout": 1}
+    assert merged.throughput_rps == pytest.approx(1.5)
+
+
+def test_requests_are_spread_evenly_over_rounds() -> None:
+    assert split_requests(300, 5) == [60] * 5
+    assert split_requests(52, 5) == [11, 11, 10, 10, 10]
+    assert split_requests(2, 3) == [1, 1, 0]
+    assert split_requests(None, 2) == [None, None]
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -182,10 +200,32 @@ def test_served_process_gets_the_in_process_settings(tmp_path: Path) -> None:
     assert env["VISION_MODEL_REPOSITORY"] == str(tmp_path.resolve())
 
 
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    server = ServerProcess(
+        "onnx", env={"VISION_MODEL_REPOSITORY": str(tmp_path / "empty")}, log_path=tmp_path / "server.log"
+    )
+    with pytest.raises(ServerError, match=r"exited with status 2 while starting(.|\n)*no model"):
+        server.start()
+
+
+@pytest.mark.real_model
+def test_the_real_service_starts_on_a_free_port_serves_and_stops(
+    real_repository: Path, tmp_path: Path
+) -> None:
+    settings = ModelSettings(backend="onnx", model_repository=real_repository)
+    server = ServerProcess("onnx", env=model_env(settings), log_path=tmp_path / "server.log")
+    with server:
+        assert server.base_url.startswith("http://127.0.0.1:")
+        spec = file_request(photo_bytes("chelsea.png"), "chelsea.png")
+        result = asyncio.run(measure_http(server.base_url, spec, requests=5, warmup=1))
+    assert (result.completed, result.failed) == (5, 0)
+    assert server.stop() == 0  # SIGTERM: a graceful, clean exit
+
+
 def test_command_line_defaults_and_lists() -> None:
     config = parse_args(["--backends", "onnx", "--requests", "50", "--warmup", "10"])
     assert config.backends == ("onnx",)
-    assert (config.requests, config.warmup, config.concurrency) == (50, 10, 1)
+    assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, 1, 5)
     assert config.endpoints == ("file", "json", "live")
     assert config.output == Path("bench-results")
     assert parse_args(["--requests", "0", "--duration", "5"]).requests is None
@@ -209,6 +249,8 @@ def test_pipeline_measurement_times_every_stage(tmp_path: Path) -> None:
     assert result.total.completed == 5
     assert len(runtime.batches) == 7 and runtime.batches[0] == (1, 3, 32, 32)  # warm-up + measured
     assert set(result.stages_s) == set(STAGES)
+    merged = merge_pipeline([result, result])
+    assert merged.total.completed == 10 and len(merged.stages_s["decode"]) == 10
     for i, total in enumerate(result.total.latencies_s):
         assert total == pytest.approx(sum(result.stages_s[s][i] for s in STAGES))
         assert all(result.stages_s[s][i] > 0 for s in STAGES)
@@ -267,10 +309,12 @@ READY = HttpRequestSpec(name="ready", method="GET", path="/health/ready")
 
 
 @contextlib.asynccontextmanager
-async def _served_fake_app(tmp_path: Path) -> AsyncIterator[str]:
+async def _served_fake_app(tmp_path: Path, keep_alive_s: int = 5) -> AsyncIterator[str]:
     """The real app over FakeRuntime, served by uvicorn on 127.0.0.1, port 0; yields its URL."""
     app = create_app(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_keep_alive=keep_alive_s
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -331,3 +375,44 @@ def test_a_server_that_is_gone_counts_transport_errors() -> None:
     assert result.sent == 3 and result.completed == 0
     assert result.errors == {"ConnectError": 3}
     assert math.isclose(result.throughput_rps, 0.0)
+
+
+def test_raw_client_completes_every_request_and_counts_failures(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario() -> list[Measurement]:
+        async with _served_fake_app(tmp_path) as url:
+            client = RawHttpClient(url, concurrency=3)
+            try:
+                return [
+                    await run_closed_loop(client.sender(spec), concurrency=3, requests=30)
+                    for spec in (
+                        file_request(image, "x.png"),
+                        json_request(image),
+                        live_request(),
+                        file_request(b"not an image", "x.png"),
+                    )
+                ]
+            finally:
+                await client.aclose()
+
+    *good, bad = asyncio.run(scenario())
+    for result in good:
+        assert (result.sent, result.completed, result.failed) == (30, 30, 0)
+        assert all(latency > 0 for latency in result.latencies_s)
+    assert bad.errors == {"HTTP 400": 30} and bad.completed == 0
+
+
+def test_raw_client_reconnects_when_the_server_closed_an_idle_connection(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Measurement, Measurement]:
+        async with _served_fake_app(tmp_path, keep_alive_s=1) as url:
+            client = RawHttpClient(url, concurrency=1)
+            send = client.sender(live_request())
+            first = await run_closed_loop(send, requests=2)
+            await asyncio.sleep(1.6)  # past the server's keep-alive timeout: it closes the connection
+            second = await run_closed_loop(send, requests=2)
+            await client.aclose()
+            return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.completed == 2 and second.completed == 2 and second.failed == 0

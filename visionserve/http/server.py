@@ -80,6 +80,7 @@ def serve(backend: str) -> int:
         log_level=server_settings.log_level,
         access_log=server_settings.access_log,
         timeout_graceful_shutdown=int(server_settings.graceful_shutdown_s),
+        timeout_keep_alive=int(server_settings.keep_alive_s),
         lifespan="on",
     )
     server = uvicorn.Server(config)

@@ -1,0 +1,178 @@
+"""The real service as a subprocess (`python -m fastapi_onnx` / `python -m fastapi_pt`).
+
+It listens on a free port (`VISION_PORT=0`), announces it in its start-up banner
+(`... on http://127.0.0.1:PORT`), and is used once `GET /health/ready` answers 200; it is stopped
+with SIGTERM, as a process manager stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import httpx2
+
+import visionserve
+from visionserve.settings import ModelSettings
+
+DEPLOYABLES = {"onnx": "fastapi_onnx", "torch": "fastapi_pt"}
+"""Backend -> the module that serves it."""
+
+_BANNER = re.compile(r"\bon (http://[\w.\-]+:\d+)\s*$", re.MULTILINE)
+_SOURCE_ROOT = Path(visionserve.__file__).resolve().parent.parent
+
+
+class ServerError(RuntimeError):
+    """The service did not start, did not get ready in time, or died; the message says which and
+    ends with the tail of its log."""
+
+
+def banner_url(text: str) -> str | None:
+    """The base URL announced in the service's start-up banner, if `text` holds it."""
+    match = _BANNER.search(text)
+    return match.group(1) if match else None
+
+
+def model_env(settings: ModelSettings) -> dict[str, str]:
+    """`VISION_*` variables that make a served process use exactly `settings` (threads resolved,
+    so the server and the in-process measurement agree even where the defaults would not)."""
+    return {
+        "VISION_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
+        "VISION_MODEL_NAME": settings.model_name,
+        "VISION_DEVICE": settings.device,
+        "VISION_THREADS": str(settings.resolved_threads()),
+        "VISION_TORCH_COMPILE": str(settings.torch_compile).lower(),
+        "VISION_ONNX_ALLOW_SPINNING": str(settings.onnx_allow_spinning).lower(),
+    }
+
+
+class ServerProcess:
+    """One served process: `start()` (or `with`) blocks until it is ready, `stop()` ends it.
+
+    Its stdout and stderr go to `log_path`; the banner is read from there, and the log's tail is
+    quoted when something goes wrong.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        *,
+        env: Mapping[str, str],
+        log_path: Path,
+        ready_timeout_s: float = 300.0,
+        stop_timeout_s: float = 60.0,
+    ):
+        if backend not in DEPLOYABLES:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(DEPLOYABLES)}")
+        self.backend = backend
+        self.env = dict(env)
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.base_url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        """Start the service, wait for its banner and then for readiness; return its base URL."""
+        env = {
+            **os.environ,
+            **self.env,
+            "VISION_HOST": "127.0.0.1",
+            "VISION_PORT": "0",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            # NOTE: a session of its own, so a Ctrl-C at the terminal reaches the harness only; the
+            # harness then stops the server with SIGTERM (in `stop`), the way it is measured.
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", DEPLOYABLES[self.backend]],
+                env=env,
+                cwd=_SOURCE_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + self.ready_timeout_s
+            self.base_url = self._wait_for_banner(deadline)
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.base_url
+
+    def _wait_for_banner(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            self._check_alive("while starting")
+            url = banner_url(self._read_log())
+            if url:
+                return url
+            time.sleep(0.05)
+        raise ServerError(f"{self._name()} printed no 'on http://HOST:PORT' banner in time{self._tail()}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        with httpx2.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                self._check_alive("while loading the model")
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        return
+                except httpx2.TransportError:
+                    pass  # not listening yet
+                time.sleep(0.2)
+        raise ServerError(
+            f"{self._name()} was not ready after {self.ready_timeout_s:.0f} s "
+            f"(raise --ready-timeout for a slow warm-up){self._tail()}"
+        )
+
+    def _check_alive(self, when: str) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            raise ServerError(
+                f"{self._name()} exited with status {self._process.returncode} {when}{self._tail()}"
+            )
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the graceful shutdown (SIGKILL after `stop_timeout_s`); the exit status."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def _name(self) -> str:
+        return f"python -m {DEPLOYABLES[self.backend]}"
+
+    def _read_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _tail(self, lines: int = 20) -> str:
+        tail = self._read_log().rstrip().splitlines()[-lines:]
+        return f"; last lines of {self.log_path}:\n" + "\n".join(tail) if tail else ""
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
