@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from visionserve.errors import ErrorCode, VisionError
+from visionserve.payloads import decode_base64
 from visionserve.postprocessing import ClassScore, postprocess
 from visionserve.preprocessing import ImagePreprocessor
 from visionserve.runtimes.base import ModelRuntime
@@ -147,15 +148,16 @@ class InferenceService:
             )
 
     async def predict(
-        self, image: bytes, *, topk: int | None = None, model: str | None = None
+        self, image: bytes | str, *, topk: int | None = None, model: str | None = None, field: str = "image"
     ) -> InferenceResult:
-        """Classify one encoded image. Raises `VisionError` for anything the client must fix."""
+        """Classify one encoded image: bytes, or base64 text (decoded off the event loop; errors
+        name `field`). Raises `VisionError` for anything the client must fix."""
         started = time.perf_counter()
         self.check_model(model)
         k = self.resolve_topk(topk)
         self.check_ready()
         loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self._preprocess_pool, self.preprocessor, image)
+        tensor = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image, field)
         preprocessed = time.perf_counter()
         scores = await loop.run_in_executor(self._runtime_thread, self._run, tensor[np.newaxis])
         inferred = time.perf_counter()
@@ -168,6 +170,10 @@ class InferenceService:
             inference_ms=(inferred - preprocessed) * 1e3,
             total_ms=(finished - started) * 1e3,
         )
+
+    def _preprocess(self, image: bytes | str, field: str) -> np.ndarray:
+        data = decode_base64(image, field=field) if isinstance(image, str) else image
+        return self.preprocessor(data)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         try:

@@ -605,8 +605,9 @@ def test_not_ready_then_ready(fake_entry: ModelEntry, app_client: ClientFactory)
             response = post_image(client, endpoint, GOOD_IMAGE)
             assert_error(response, 503, "not_ready", "not ready", "'fake'")
             assert response.headers["retry-after"] == "5"
-        # bad input is still answered as bad input while loading
-        assert_error(post_text(client, "/predict", "@@@"), 400, "invalid_base64")
+        # readiness is checked before the image is decoded: no work is spent on requests that
+        # cannot be served yet, even when their image is bad
+        assert_error(post_text(client, "/predict", "@@@"), 503, "not_ready")
     finally:
         runtime.gate.set()
     wait_ready(client, timeout_s=30)

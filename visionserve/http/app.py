@@ -7,17 +7,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionserve import __version__
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
 from visionserve.http.limits import BodySizeLimit
-from visionserve.payloads import decode_base64
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.schemas import (
     B64PredictRequest,
@@ -106,6 +106,32 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _json_body(model: type[BaseModel], example: dict[str, object]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a JSON endpoint that parses its own body."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": model.model_json_schema(),
+                    "examples": {"cat": {"summary": "A photo of a cat", "value": example}},
+                }
+            },
+        }
+    }
+
+
+def _parse_json(model: type[ModelT], body: bytes) -> ModelT:
+    """Parse and validate a JSON body; errors become the same 422 as FastAPI's own."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 def _response(result: InferenceResult, started: float) -> JSONResponse:
     top = result.predictions[0]
     body = PredictResponse(
@@ -175,38 +201,37 @@ def create_app(
 
     example = _example_image_base64()
 
-    @app.post("/predict", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
-    async def predict(
-        request: Annotated[
-            PredictRequest,
-            Body(
-                openapi_examples={
-                    "cat": {"summary": "A photo of a cat", "value": {"image": example, "topk": 5}}
-                }
-            ),
-        ],
-    ) -> JSONResponse:
-        """Classify a base64-encoded image (JSON body)."""
+    # NOTE: the JSON endpoints parse their body with pydantic's JSON parser (`model_validate_json`)
+    # instead of FastAPI's json.loads + validation: 0.05 ms instead of 0.6 ms, on the event loop,
+    # for a 240 KB image in base64. The OpenAPI body is declared by hand to match.
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=_ERROR_RESPONSES,
+        tags=["predict"],
+        openapi_extra=_json_body(PredictRequest, {"image": example, "topk": 5}),
+    )
+    async def predict(request: Request) -> JSONResponse:
+        """Classify a base64-encoded image (JSON body `{"image": "<base64>", "topk": 5}`)."""
         started = time.perf_counter()
-        image = decode_base64(request.image, field="image")
-        result = await service.predict(image, topk=request.topk, model=request.model)
+        body = _parse_json(PredictRequest, await request.body())
+        result = await service.predict(body.image, topk=body.topk, model=body.model, field="image")
         return _response(result, started)
 
-    @app.post("/predict/b64", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
-    async def predict_b64(
-        request: Annotated[
-            B64PredictRequest,
-            Body(
-                openapi_examples={
-                    "cat": {"summary": "A photo of a cat", "value": {"image_base64": example, "topk": 5}}
-                }
-            ),
-        ],
-    ) -> JSONResponse:
-        """Classify a base64-encoded image (the `image_base64` field name)."""
+    @app.post(
+        "/predict/b64",
+        response_model=PredictResponse,
+        responses=_ERROR_RESPONSES,
+        tags=["predict"],
+        openapi_extra=_json_body(B64PredictRequest, {"image_base64": example, "topk": 5}),
+    )
+    async def predict_b64(request: Request) -> JSONResponse:
+        """Classify a base64-encoded image (JSON body `{"image_base64": "<base64>", "topk": 5}`)."""
         started = time.perf_counter()
-        image = decode_base64(request.image_base64, field="image_base64")
-        result = await service.predict(image, topk=request.topk, model=request.model)
+        body = _parse_json(B64PredictRequest, await request.body())
+        result = await service.predict(
+            body.image_base64, topk=body.topk, model=body.model, field="image_base64"
+        )
         return _response(result, started)
 
     @app.post("/predict/file", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
