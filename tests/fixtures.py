@@ -7,8 +7,10 @@ tests fast and let them provoke failures that the real model never has.
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,19 @@ class SlowRuntime(FakeRuntime):
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.batch_s)
         return super().predict_batch(batch)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def crafted_png(width: int, height: int) -> bytes:
+    """A PNG of ~70 bytes whose header declares `width` x `height` (8-bit gray): a pixel bomb."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )

@@ -20,10 +20,8 @@ import base64
 import io
 import json
 import re
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -33,7 +31,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
 from tests.conftest import encode, wait_ready
-from tests.fixtures import FAKE_CLASSES, FailingRuntime, FakeRuntime
+from tests.fixtures import FAKE_CLASSES, FailingRuntime, FakeRuntime, crafted_png
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE
 from visionserve.repository import ModelEntry
 
@@ -113,21 +111,6 @@ def assert_rejected(client: TestClient, response: Response, status: int, code: s
     message = assert_error(response, status, code, *fragments)
     assert_serving(client, response.request.url.path)
     return message
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def crafted_png(width: int, height: int) -> bytes:
-    """A PNG of ~70 bytes whose header declares `width` x `height` pixels."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def truncated_jpeg() -> bytes:

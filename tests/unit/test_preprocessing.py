@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from tests.conftest import encode
+from tests.fixtures import crafted_png
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.preprocessing import ACCEPTED_FORMATS, ImagePreprocessor
 from visionserve.repository import InputSpec
@@ -37,21 +37,6 @@ def to_pixels(tensor: np.ndarray) -> np.ndarray:
 def rgb_array(image: Image.Image) -> np.ndarray:
     assert image.mode == "RGB"
     return np.asarray(image, dtype=np.int16)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def crafted_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares `width` x `height` (8-bit gray) and whose data is a few bytes."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", header)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 def crafted_bmp(width: int, height: int) -> bytes:

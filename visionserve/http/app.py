@@ -201,6 +201,14 @@ def create_app(
 
     example = _example_image_base64()
 
+    async def predict_json(
+        request: Request, schema: type[PredictRequest] | type[B64PredictRequest], field: str
+    ) -> JSONResponse:
+        started = time.perf_counter()
+        body = _parse_json(schema, await request.body())
+        result = await service.predict(getattr(body, field), topk=body.topk, model=body.model, field=field)
+        return _response(result, started)
+
     # NOTE: the JSON endpoints parse their body with pydantic's JSON parser (`model_validate_json`)
     # instead of FastAPI's json.loads + validation: 0.05 ms instead of 0.6 ms, on the event loop,
     # for a 240 KB image in base64. The OpenAPI body is declared by hand to match.
@@ -213,10 +221,7 @@ def create_app(
     )
     async def predict(request: Request) -> JSONResponse:
         """Classify a base64-encoded image (JSON body `{"image": "<base64>", "topk": 5}`)."""
-        started = time.perf_counter()
-        body = _parse_json(PredictRequest, await request.body())
-        result = await service.predict(body.image, topk=body.topk, model=body.model, field="image")
-        return _response(result, started)
+        return await predict_json(request, PredictRequest, "image")
 
     @app.post(
         "/predict/b64",
@@ -227,12 +232,7 @@ def create_app(
     )
     async def predict_b64(request: Request) -> JSONResponse:
         """Classify a base64-encoded image (JSON body `{"image_base64": "<base64>", "topk": 5}`)."""
-        started = time.perf_counter()
-        body = _parse_json(B64PredictRequest, await request.body())
-        result = await service.predict(
-            body.image_base64, topk=body.topk, model=body.model, field="image_base64"
-        )
-        return _response(result, started)
+        return await predict_json(request, B64PredictRequest, "image_base64")
 
     @app.post("/predict/file", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
     async def predict_file(
