@@ -7,11 +7,13 @@ postprocess -> `InferenceResult`. Protocol layers only translate to and from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -22,6 +24,11 @@ from visionserve.preprocessing import ImagePreprocessor
 from visionserve.runtimes.base import ModelRuntime
 
 logger = logging.getLogger(__name__)
+
+
+def _warmup_image() -> bytes:
+    """A small real JPEG shipped with the package, decoded once during warm-up."""
+    return resources.files("visionserve.data").joinpath("example.jpg").read_bytes()
 
 
 class ServiceState(enum.StrEnum):
@@ -89,6 +96,9 @@ class InferenceService:
         try:
             await loop.run_in_executor(self._runtime_thread, self.runtime.load)
             await loop.run_in_executor(self._runtime_thread, self.runtime.warmup)
+            # the first decode pays one-off costs too (Pillow plugins, pool threads): ~70 ms
+            with contextlib.suppress(VisionError):  # e.g. a pixel limit below the image's size
+                await loop.run_in_executor(self._preprocess_pool, self.preprocessor, _warmup_image())
         except BaseException as exc:
             self.state = ServiceState.FAILED
             self.failure = str(exc) or type(exc).__name__
