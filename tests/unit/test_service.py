@@ -1,0 +1,116 @@
+"""InferenceService directly: the two preprocessing paths, lifecycle, validation order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import encode
+from tests.fixtures import FakeRuntime, SlowRuntime
+from visionserve.errors import ErrorCode, VisionError
+from visionserve.preprocessing import ImagePreprocessor
+from visionserve.repository import ModelEntry
+from visionserve.service import InferenceService, ServiceState
+
+IMAGE = encode(Image.new("RGB", (40, 30), (10, 120, 200)))
+
+
+class RecordingPreprocessor:
+    """Wraps the real preprocessor and records the thread each call ran on."""
+
+    def __init__(self, inner: ImagePreprocessor):
+        self.inner = inner
+        self.threads: list[str] = []
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        return self.inner(data)
+
+
+def _service(runtime: FakeRuntime) -> tuple[InferenceService, RecordingPreprocessor]:
+    service = InferenceService(runtime, max_image_pixels=10**6, preprocess_workers=2)
+    recorder = RecordingPreprocessor(service.preprocessor)
+    service.preprocessor = recorder  # type: ignore[assignment]
+    return service, recorder
+
+
+def test_an_idle_service_decodes_on_the_runtime_thread(fake_entry: ModelEntry) -> None:
+    async def scenario() -> RecordingPreprocessor:
+        service, recorder = _service(FakeRuntime(fake_entry))
+        await service.start()
+        recorder.threads.clear()  # warm-up decodes in the pool
+        for _ in range(3):
+            result = await service.predict(IMAGE, topk=2)
+            assert [p.index for p in result.predictions] == [9, 8]
+        await service.stop()
+        return recorder
+
+    recorder = asyncio.run(scenario())
+    assert len(recorder.threads) == 3
+    assert all(name.startswith("runtime") for name in recorder.threads)
+
+
+def test_a_busy_service_decodes_in_the_pool_while_the_runtime_works(fake_entry: ModelEntry) -> None:
+    async def scenario() -> RecordingPreprocessor:
+        service, recorder = _service(SlowRuntime(fake_entry, batch_s=0.05))
+        await service.start()
+        recorder.threads.clear()
+        results = await asyncio.gather(*(service.predict(IMAGE) for _ in range(6)))
+        assert len(results) == 6 and all(r.predictions[0].index == 9 for r in results)
+        await service.stop()
+        return recorder
+
+    recorder = asyncio.run(scenario())
+    assert len(recorder.threads) == 6
+    assert sum(name.startswith("runtime") for name in recorder.threads) == 1  # the first one
+    assert sum(name.startswith("preprocess") for name in recorder.threads) == 5
+
+
+def test_bad_images_fail_alone_on_both_paths(fake_entry: ModelEntry) -> None:
+    async def scenario() -> list[object]:
+        service, _ = _service(SlowRuntime(fake_entry, batch_s=0.02))
+        await service.start()
+        outcomes = await asyncio.gather(
+            service.predict(b"not an image"),  # idle path
+            service.predict(IMAGE),
+            service.predict("@@not base64@@", field="image_base64"),  # pool path
+            service.predict(IMAGE),
+            return_exceptions=True,
+        )
+        await service.stop()
+        return outcomes
+
+    bad_bytes, good_1, bad_b64, good_2 = asyncio.run(scenario())
+    assert isinstance(bad_bytes, VisionError) and bad_bytes.code is ErrorCode.INVALID_IMAGE
+    assert isinstance(bad_b64, VisionError) and bad_b64.code is ErrorCode.INVALID_BASE64
+    assert "image_base64" in bad_b64.message
+    assert not isinstance(good_1, BaseException) and not isinstance(good_2, BaseException)
+
+
+def test_validation_order_and_lifecycle(fake_entry: ModelEntry) -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime(fake_entry)
+        service, _ = _service(runtime)
+        assert service.state is ServiceState.CREATED
+        with pytest.raises(VisionError) as not_ready:
+            await service.predict(IMAGE)
+        assert not_ready.value.code is ErrorCode.NOT_READY and not_ready.value.retry_after_s
+        with pytest.raises(VisionError) as unknown:  # the model name is checked first
+            await service.predict(IMAGE, model="other")
+        assert unknown.value.code is ErrorCode.MODEL_NOT_FOUND
+        await service.start()
+        assert service.ready and runtime.loaded
+        with pytest.raises(VisionError) as topk:
+            await service.predict(IMAGE, topk=0)
+        assert topk.value.code is ErrorCode.INVALID_ARGUMENT and "between 1 and 10" in topk.value.message
+        await service.stop()
+        assert service.state is ServiceState.STOPPED and runtime.closed
+        with pytest.raises(VisionError) as stopped:
+            await service.predict(IMAGE)
+        assert stopped.value.code is ErrorCode.NOT_READY
+
+    asyncio.run(scenario())
