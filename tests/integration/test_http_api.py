@@ -160,3 +160,15 @@ def test_concurrent_requests_all_answered(
         )
     assert codes == [200] * 32
     assert time.perf_counter() - started < 30
+
+
+def test_shutdown_while_loading_is_clean(fake_entry: ModelEntry) -> None:
+    from visionserve.http.app import create_app
+    from visionserve.settings import ServerSettings
+
+    runtime = SlowRuntime(fake_entry, load_s=0.5)
+    with TestClient(create_app(ServerSettings(), runtime)) as client:
+        assert client.get("/health/ready").json()["status"] == "loading"
+        service = client.app.state.service  # type: ignore[attr-defined]
+    assert runtime.closed
+    assert service.state.value == "stopped"

@@ -183,10 +183,12 @@ def create_app(
             yield
         finally:
             if not loading.done():
-                logger.info("shutting down while the model is still loading; waiting for it")
+                # the load in the runtime thread cannot be interrupted; stop() waits for it
+                logger.info("shutting down while the model is still loading")
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
             await service.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
 
     app = FastAPI(
         title="visionserve",
