@@ -16,7 +16,7 @@ else
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format typecheck bench export clean help
+.PHONY: run test lint format bench export protos clean help
 
 help:
 	@echo "make run        export the default model once, serve it on http://127.0.0.1:8000 (BACKEND=onnx|torch)"
@@ -24,27 +24,28 @@ help:
 	@echo "make bench      in-process vs served latency for both runtimes -> docs/benchmarks.md figures"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
+	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ from protos/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 # One stamp per requirements set; pip runs again only when a requirements file changes.
-$(VENV)/.installed-export: $(BIN)/python requirements/serve.txt requirements/onnx.txt requirements/torch.txt requirements/export.txt
-	$(BIN)/pip install --quiet -r requirements/export.txt
+$(VENV)/.installed-local: $(BIN)/python requirements/serve.txt requirements/onnx.txt requirements/torch.txt requirements/export.txt requirements/grpc.txt requirements/local.txt
+	$(BIN)/pip install --quiet -r requirements/local.txt
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed-export requirements/dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed-local requirements/dev.txt
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
 # Exported once, then cached; re-exported when the export code changes.
-$(MODEL_CONFIG): $(VENV)/.installed-export $(wildcard export/*.py)
+$(MODEL_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 	$(BIN)/python -m export --model $(DEFAULT_MODEL) --repository $(MODEL_REPOSITORY) --force
 
 export: $(MODEL_CONFIG)
 
-run: $(VENV)/.installed-export $(MODEL_CONFIG)
+run: $(VENV)/.installed-local $(MODEL_CONFIG)
 	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m $(SERVICE)
 
 test: $(VENV)/.installed-dev $(MODEL_CONFIG)
@@ -56,11 +57,16 @@ bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy visionserve
+	$(BIN)/mypy visionserve grpc_server
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The generated stubs are committed; tests/unit/test_protos.py fails when they drift from protos/.
+protos: $(VENV)/.installed-dev
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/visionserve/v1/inference.proto
 
 clean:
 	rm -rf $(VENV) $(MODEL_REPOSITORY) .pytest_cache .mypy_cache .ruff_cache

@@ -107,3 +107,26 @@ class ModelSettings(BaseSettings):
     def resolved_threads(self) -> int:
         """Intra-op threads to use: the setting, or the usable cores."""
         return self.threads or available_cpus()
+
+
+class GrpcSettings(BaseSettings):
+    """The gRPC front door: where it listens, message limits, streaming read-ahead, shutdown."""
+
+    model_config = SettingsConfigDict(env_prefix="VISION_GRPC_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Interface to bind (`0.0.0.0` in a container)."""
+
+    port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (tests)."""
+
+    max_message_bytes: int = Field(default=32 * MiB, ge=1024, le=1024 * MiB)
+    """Largest request or response message; a larger request fails with RESOURCE_EXHAUSTED naming
+    this setting (gRPC's own default, 4 MiB, is too small for large photos)."""
+
+    stream_read_ahead: int = Field(default=8, ge=1, le=1024)
+    """Frames of a `PredictStream` read and in flight before the server waits for the client to
+    take answers (flow control: a fast sender cannot make the server buffer an unbounded stream)."""
+
+    grace_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""

@@ -1,0 +1,165 @@
+"""The grpc.aio server: visionserve.v1.Inference, standard health checking and reflection.
+
+`python -m grpc_server` serves the model named by the VISION_* settings on VISION_GRPC_PORT
+(default 50051). Health is NOT_SERVING until the model is loaded and warmed, SERVING after, and
+NOT_SERVING again from the moment shutdown begins; SIGTERM/SIGINT refuse new calls, give
+in-flight calls VISION_GRPC_GRACE_S to finish, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from grpc_server.interceptors import LoggingInterceptor
+from grpc_server.servicer import InferenceServicer
+from visionserve.errors import ConfigurationError
+from visionserve.http.server import configure_logging
+from visionserve.repository import ModelRepository
+from visionserve.runtimes import create_runtime
+from visionserve.runtimes.base import ModelRuntime
+from visionserve.service import InferenceService
+from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
+from visionserve.v1 import inference_pb2 as pb
+from visionserve.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GrpcServer:
+    """One model served over gRPC: build with settings and a runtime, `start()`, `stop()`.
+
+    `port` is the bound port once started (useful with port 0). `loaded` completes when the model
+    is ready (or raises what made loading fail).
+    """
+
+    def __init__(self, settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime):
+        self.settings = settings
+        self.service = InferenceService(
+            runtime,
+            max_image_pixels=server_settings.max_image_pixels,
+            preprocess_workers=server_settings.resolved_preprocess_workers(),
+            default_topk=server_settings.default_topk,
+        )
+        limit = settings.max_message_bytes
+        # NOTE: the transport accepts up to twice the limit so that the servicer, not gRPC core,
+        # refuses messages just over it, with a message naming the setting; beyond that, core
+        # refuses them (also RESOURCE_EXHAUSTED) before they take memory.
+        self.server = grpc.aio.server(
+            interceptors=[LoggingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", 2 * limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.servicer = InferenceServicer(
+            self.service, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+        self.loaded: asyncio.Task[None] | None = None
+
+    async def _set_health(self, status: int) -> None:
+        for name in (health.OVERALL_HEALTH, SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind, start answering (NOT_SERVING), load the model in the background; return the port."""
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise ConfigurationError(f"cannot bind gRPC to {self.settings.host}:{self.settings.port}")
+        await self._set_health(NOT_SERVING)
+        await self.server.start()
+        self.loaded = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        await self.service.start()
+        await self._set_health(SERVING)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING at once, refuse new calls, let in-flight calls finish, release the model."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self.loaded is not None and not self.loaded.done():
+            self.loaded.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.loaded
+        await self.server.stop(grace)
+        await self.service.stop()
+
+
+async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code (1 if the model failed to load)."""
+    grpc_server = GrpcServer(settings, server_settings, runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await grpc_server.start()
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
+    print(
+        f"\nvisionserve gRPC API ({runtime.backend}, model {runtime.model.name}) on {shown}:{port}\n"
+        f"  list:   grpcurl -plaintext {shown}:{port} list\n"
+        f"  health: grpcurl -plaintext {shown}:{port} grpc.health.v1.Health/Check\n"
+        f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}\n"
+        "  stop:   Ctrl-C\n",
+        flush=True,
+    )
+    assert grpc_server.loaded is not None
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({grpc_server.loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failed = False
+    if grpc_server.loaded.done() and not grpc_server.loaded.cancelled() and grpc_server.loaded.exception():
+        exc = grpc_server.loaded.exception()
+        logger.error(
+            "cannot serve model %s: %s",
+            runtime.model.name,
+            exc,
+            exc_info=not isinstance(exc, ConfigurationError),
+        )
+        failed = True
+    else:
+        await stopping
+        logger.info("shutting down: NOT_SERVING, finishing in-flight calls (grace %.0f s)", settings.grace_s)
+    stopping.cancel()
+    await grpc_server.stop()
+    logger.info("stopped")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    """`python -m grpc_server`: settings from the environment; exit 0 after a clean shutdown."""
+    try:
+        settings = GrpcSettings()
+        server_settings = ServerSettings()
+        model_settings = ModelSettings()
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(server_settings.log_level)
+    try:
+        entry = ModelRepository(model_settings.model_repository).get(model_settings.model_name)
+        runtime = create_runtime(entry, model_settings)
+        return asyncio.run(serve(settings, server_settings, runtime))
+    except ConfigurationError as exc:
+        logger.error("cannot start: %s", exc)
+        return 2

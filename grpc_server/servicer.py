@@ -1,0 +1,162 @@
+"""`InferenceServicer`: visionserve.v1.Inference over the core `InferenceService`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from grpc_server.status import abort, error_message
+from visionserve.errors import ErrorCode, VisionError
+from visionserve.service import InferenceResult, InferenceService
+from visionserve.v1 import inference_pb2 as pb
+from visionserve.v1 import inference_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
+SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
+
+
+def to_predictions(result: InferenceResult) -> list[pb.Prediction]:
+    """Core predictions -> protobuf."""
+    return [pb.Prediction(label=p.label, prob=p.prob, index=p.index) for p in result.predictions]
+
+
+def to_response(result: InferenceResult) -> pb.PredictResponse:
+    """A core result -> `PredictResponse` (the same fields as the HTTP API's)."""
+    top = result.predictions[0]
+    return pb.PredictResponse(
+        topk=to_predictions(result),
+        model=result.model,
+        prediction=top.label,
+        probability=top.prob,
+        latency_ms=result.total_ms,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Translates calls to and from `InferenceService`; no inference logic of its own."""
+
+    def __init__(self, service: InferenceService, *, max_message_bytes: int, stream_read_ahead: int):
+        self.service = service
+        self.max_message_bytes = max_message_bytes
+        self.stream_read_ahead = stream_read_ahead
+
+    def _check_size(self, message: object) -> None:
+        size = message.ByteSize()  # type: ignore[attr-defined]
+        if size > self.max_message_bytes:
+            raise VisionError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the message is {size:,} bytes; the limit is {self.max_message_bytes:,} bytes "
+                f"(setting {SIZE_SETTING})",
+            )
+
+    @staticmethod
+    def _check_deadline(context: Context) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise VisionError(
+                ErrorCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was computed"
+            )
+
+    @staticmethod
+    def _topk(value: int) -> int | None:
+        return value if value != 0 else None  # proto3: 0 means "not set"
+
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:  # noqa: N802
+        """One image."""
+        try:
+            self._check_size(request)
+            self._check_deadline(context)
+            result = await self.service.predict(
+                request.image, topk=self._topk(request.topk), model=request.model or None
+            )
+        except Exception as exc:
+            await abort(context, exc)
+            raise  # unreachable: abort raises
+        return to_response(result)
+
+    async def PredictBatch(  # noqa: N802
+        self, request: pb.PredictBatchRequest, context: Context
+    ) -> pb.PredictBatchResponse:
+        """Several images; each slot gets its result or its own error."""
+        try:
+            self._check_size(request)
+            self._check_deadline(context)
+            self.service.check_model(request.model or None)
+            topk = self.service.resolve_topk(self._topk(request.topk))
+            self.service.check_ready()
+            if not request.images:
+                raise VisionError(ErrorCode.INVALID_ARGUMENT, "`images` is empty: send at least one image")
+        except Exception as exc:
+            await abort(context, exc)
+            raise
+        outcomes = await asyncio.gather(
+            *(self.service.predict(image, topk=topk) for image in request.images), return_exceptions=True
+        )
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
+                results.append(pb.BatchResult(error=error_message(outcome)))
+            else:
+                results.append(pb.BatchResult(result=to_response(outcome)))
+        return pb.PredictBatchResponse(results=results, model=self.service.model.name)
+
+    async def PredictStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Frame], context: Context
+    ) -> AsyncIterator[pb.FramePrediction]:
+        """Frames in, answers out in frame order; at most `stream_read_ahead` frames in flight."""
+        try:
+            self.service.check_ready()
+        except Exception as exc:
+            await abort(context, exc)
+        pending: asyncio.Queue[tuple[int, asyncio.Task[InferenceResult]] | None] = asyncio.Queue(
+            maxsize=self.stream_read_ahead
+        )
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    task = asyncio.create_task(self._predict_frame(frame))
+                    await pending.put((frame.frame_id, task))  # waits while the window is full
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await pending.put(None)
+                raise
+            await pending.put(None)  # the client half-closed: answer what is pending, then end
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await pending.get()) is not None:
+                frame_id, task = item
+                try:
+                    result = await task
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    yield pb.FramePrediction(frame_id=frame_id, error=error_message(exc))
+                else:
+                    yield pb.FramePrediction(
+                        frame_id=frame_id, topk=to_predictions(result), latency_ms=result.total_ms
+                    )
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                item = pending.get_nowait()
+                if item is not None:
+                    item[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _predict_frame(self, frame: pb.Frame) -> InferenceResult:
+        self._check_size(frame)
+        return await self.service.predict(frame.image, topk=self._topk(frame.topk))
