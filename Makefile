@@ -8,18 +8,14 @@ MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := efficientnet_lite0
 MODEL_CONFIG := $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)/config.json
 
-ifeq ($(BACKEND),onnx)
-SERVICE := fastapi_onnx
-else ifeq ($(BACKEND),torch)
-SERVICE := fastapi_pt
-else
+ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
 .PHONY: run test lint format bench export protos clean help
 
 help:
-	@echo "make run        export the default model once, serve it on http://127.0.0.1:8000 (BACKEND=onnx|torch)"
+	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite"
 	@echo "make bench      in-process vs served latency for both runtimes -> docs/benchmarks.md figures"
 	@echo "make lint       ruff + mypy"
@@ -45,8 +41,9 @@ $(MODEL_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 
 export: $(MODEL_CONFIG)
 
+# The HTTP API (:8000) and the gRPC API (:50051), each its own process; Ctrl-C stops both.
 run: $(VENV)/.installed-local $(MODEL_CONFIG)
-	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m $(SERVICE)
+	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/stack.py --backend $(BACKEND)
 
 test: $(VENV)/.installed-dev $(MODEL_CONFIG)
 	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest $(PYTEST_ARGS)

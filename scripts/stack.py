@@ -1,0 +1,151 @@
+"""`make run`: start the local stack (HTTP API and gRPC API), wait until each is ready, print where
+they are, and stop them all cleanly on Ctrl-C (no orphan processes).
+
+Each service is a separate process, as deployed; each can also be started alone
+(`python -m fastapi_onnx`, `python -m fastapi_pt`, `python -m grpc_server`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+HTTP_MODULES = {"onnx": "fastapi_onnx", "torch": "fastapi_pt"}
+STOP_TIMEOUT_S = 40.0
+
+
+@dataclass
+class Service:
+    """A child process and how to tell that it is ready."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    ready: object  # a callable returning True once ready
+    address: str
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", self.module], env={**os.environ, **self.env})
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def http_ready(url: str) -> bool:
+    """GET /health/ready answers 200."""
+    try:
+        with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def grpc_ready(target: str) -> bool:
+    """The standard health check says SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def stop_all(services: list[Service]) -> int:
+    """SIGTERM every child still running, wait for them, kill stragglers; worst exit code."""
+    for service in services:
+        if service.alive():
+            assert service.process is not None
+            service.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    worst = 0
+    for service in services:
+        if service.process is None:
+            continue
+        try:
+            code = service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"{service.name} did not stop in {STOP_TIMEOUT_S:.0f} s: killing it", file=sys.stderr)
+            service.process.kill()
+            code = service.process.wait()
+        worst = max(worst, abs(code))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the stack; return when it is stopped."""
+    parser = argparse.ArgumentParser(prog="scripts/stack.py", description=__doc__)
+    parser.add_argument("--backend", choices=sorted(HTTP_MODULES), default=os.environ.get("BACKEND", "onnx"))
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+
+    http_port = os.environ.get("VISION_PORT", "8000")
+    grpc_port = os.environ.get("VISION_GRPC_PORT", "50051")
+    http_url = f"http://127.0.0.1:{http_port}"
+    grpc_target = f"127.0.0.1:{grpc_port}"
+    services = [
+        Service(
+            "HTTP API",
+            HTTP_MODULES[args.backend],
+            {"VISION_PORT": http_port},
+            lambda: http_ready(http_url),
+            http_url,
+        ),
+        Service(
+            "gRPC API",
+            "grpc_server",
+            {"VISION_GRPC_PORT": grpc_port, "VISION_BACKEND": args.backend},
+            lambda: grpc_ready(grpc_target),
+            grpc_target,
+        ),
+    ]
+    # NOTE: Ctrl-C reaches every process of the terminal's group: the children shut down
+    # gracefully on their own; this parent waits for them (and SIGTERMs any that did not get it).
+    try:
+        for service in services:
+            service.start()
+        pending = list(services)
+        deadline = time.monotonic() + args.ready_timeout
+        while pending:
+            for service in list(pending):
+                if not service.alive():
+                    print(f"{service.name} exited during start-up; stopping the stack", file=sys.stderr)
+                    stop_all(services)
+                    return 1
+                if service.ready():  # type: ignore[operator]
+                    pending.remove(service)
+            if time.monotonic() > deadline:
+                print(
+                    f"not ready after {args.ready_timeout:.0f} s: {[s.name for s in pending]}",
+                    file=sys.stderr,
+                )
+                stop_all(services)
+                return 1
+            time.sleep(0.3)
+        print(
+            f"\nvisionserve stack ready ({args.backend}):\n"
+            f"  HTTP API  {http_url}  (docs: {http_url}/docs)\n"
+            f"  gRPC API  {grpc_target}  (python -m grpc_server.client photo.jpg --target {grpc_target})\n"
+            "  Ctrl-C stops everything\n",
+            flush=True,
+        )
+        while all(service.alive() for service in services):
+            time.sleep(0.5)
+        print("a service exited; stopping the stack", file=sys.stderr)
+        return stop_all(services) or 1
+    except KeyboardInterrupt:
+        return stop_all(services)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

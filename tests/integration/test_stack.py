@@ -1,0 +1,94 @@
+"""`make run`'s launcher: both APIs up and ready, Ctrl-C stops everything, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx2
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stack_starts_both_apis_and_ctrl_c_stops_all(real_repository: Path) -> None:
+    http_port, grpc_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "VISION_MODEL_REPOSITORY": str(real_repository),
+        "VISION_PORT": str(http_port),
+        "VISION_GRPC_PORT": str(grpc_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "scripts/stack.py", "--backend", "onnx"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    assert process.stdout is not None
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "stack ready" in line:
+                break
+        assert any("stack ready" in line for line in lines), "".join(lines)
+        children = _children(process.pid)
+        assert len(children) == 2
+        assert httpx2.get(f"http://127.0.0.1:{http_port}/health/ready").status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
+        assert process.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children), "orphan service processes"
+        rest = process.stdout.read()
+        assert "Traceback" not in "".join(lines) + rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
