@@ -17,7 +17,6 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import ValidationError
 
 from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.servicer import InferenceServicer
@@ -27,7 +26,7 @@ from visionserve.repository import ModelRepository
 from visionserve.runtimes import create_runtime
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.service import InferenceService
-from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
+from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -149,11 +148,11 @@ async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime
 def main() -> int:
     """`python -m grpc_server`: settings from the environment; exit 0 after a clean shutdown."""
     try:
-        settings = GrpcSettings()
-        server_settings = ServerSettings()
-        model_settings = ModelSettings()
-    except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        settings = from_env(GrpcSettings)
+        server_settings = from_env(ServerSettings)
+        model_settings = from_env(ModelSettings)
+    except ConfigurationError as exc:
+        print(exc, file=sys.stderr)
         return 2
     configure_logging(server_settings.log_level)
     try:

@@ -7,14 +7,31 @@ can build an app with other settings.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from visionserve.cpu import available_cpus
+from visionserve.errors import ConfigurationError
 
 MiB = 1024 * 1024
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def from_env(cls: type[SettingsT], **overrides: Any) -> SettingsT:
+    """Build `cls` from the environment (and `overrides`); a bad value raises ConfigurationError
+    naming the environment variable, the value given and what is accepted."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix") or "")
+        problems = [
+            f"{prefix}{'_'.join(str(part) for part in error['loc']).upper()}={error.get('input')!r}: "
+            f"{error['msg']}"
+            for error in exc.errors()
+        ]
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
 
 
 class ServerSettings(BaseSettings):

@@ -137,7 +137,7 @@ def test_unknown_model_exits_with_a_helpful_message(real_repository: Path) -> No
 def test_invalid_setting_exits_naming_it(real_repository: Path) -> None:
     result = _run_to_exit("fastapi_onnx", _env(real_repository, VISION_DEVICE="tpu"))
     assert result.returncode == 2
-    assert "device" in result.stderr
+    assert "VISION_DEVICE='tpu'" in result.stderr and "cpu" in result.stderr
 
 
 def test_cuda_without_provider_fails_at_start_saying_what_is_missing(real_repository: Path) -> None:

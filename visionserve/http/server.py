@@ -8,13 +8,12 @@ import socket
 import sys
 
 import uvicorn
-from pydantic import ValidationError
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
 from visionserve.repository import ModelRepository
 from visionserve.runtimes import create_runtime
-from visionserve.settings import ModelSettings, ServerSettings
+from visionserve.settings import ModelSettings, ServerSettings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +52,10 @@ def _banner(host: str, port: int, backend: str, model: str) -> str:
 def serve(backend: str) -> int:
     """Start the HTTP service for `backend` with settings from the environment; return an exit code."""
     try:
-        server_settings = ServerSettings()
-        model_settings = ModelSettings(backend=backend)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        server_settings = from_env(ServerSettings)
+        model_settings = from_env(ModelSettings, backend=backend)
+    except ConfigurationError as exc:
+        print(exc, file=sys.stderr)
         return 2
     configure_logging(server_settings.log_level)
     try:
