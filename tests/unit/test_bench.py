@@ -1,4 +1,5 @@
-"""The benchmark harness: statistics, report, closed-loop senders (against a real socket)."""
+"""The benchmark harness: statistics, report, closed-loop senders (against real sockets: HTTP and
+gRPC servers over FakeRuntime on port 0)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,29 @@ import contextlib
 import json
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
 
+from grpc_server.server import GrpcServer
 from tests.conftest import encode, photo_bytes
 from tests.fixtures import FakeRuntime, write_fake_entry
 from visionserve.bench.__main__ import parse_args
 from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
+from visionserve.bench.grpc_load import (
+    HEALTH,
+    STREAM,
+    UNARY,
+    grpc_channel,
+    grpc_sender,
+    health_sender,
+    measure_stream,
+)
 from visionserve.bench.http_load import (
     HttpRequestSpec,
     file_request,
@@ -29,13 +41,31 @@ from visionserve.bench.http_load import (
 from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
 from visionserve.bench.machine import cpu_model, describe_machine
 from visionserve.bench.raw_http import RawHttpClient
-from visionserve.bench.report import HTTP, IN_PROCESS, ONNX_TARGET_MS, BenchReport, ResultRow
+from visionserve.bench.report import (
+    GRPC,
+    GRPC_STREAM,
+    HTTP,
+    IN_PROCESS,
+    ONNX_GRPC_TARGET_MS,
+    ONNX_TARGET_MS,
+    BenchReport,
+    ResultRow,
+)
 from visionserve.bench.runner import BenchConfig, split_requests
-from visionserve.bench.servers import ServerError, ServerProcess, banner_url, model_env
+from visionserve.bench.servers import (
+    GrpcServerProcess,
+    ServerError,
+    ServerProcess,
+    banner_url,
+    grpc_banner_target,
+    model_env,
+)
 from visionserve.bench.stats import Measurement, percentile, summarize
 from visionserve.http.app import create_app
 from visionserve.preprocessing import ImagePreprocessor
-from visionserve.settings import ModelSettings, ServerSettings
+from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
+
+T = TypeVar("T")
 
 # --- statistics ---------------------------------------------------------------------------------
 
@@ -107,6 +137,9 @@ def _report() -> BenchReport:
     stages = {name: (0.0025, 0.00275, 0.003) for name in STAGES}
     served = Measurement(latencies_s=(0.0115, 0.0125, 0.0135), wall_s=0.0375, errors={"HTTP 503": 1})
     slow = Measurement(latencies_s=(0.020, 0.021, 0.022), wall_s=0.063)
+    unary = Measurement(latencies_s=(0.0115, 0.0118, 0.0121), wall_s=0.0354)
+    floor = Measurement(latencies_s=(0.0008, 0.0009, 0.001), wall_s=0.0027)
+    stream = Measurement(latencies_s=(0.05, 0.06, 0.07), wall_s=0.04)
     return BenchReport(
         machine={"date": "2030-01-01T00:00:00+00:00", "cpu": "Test CPU", "usable_cores": "2", "torch": "9.9"},
         settings={"model": "fake", "torch_compile": True, "warmup_per_row": 30},
@@ -115,6 +148,9 @@ def _report() -> BenchReport:
             ResultRow("onnx", HTTP, "POST /predict/file (multipart)", 1, served),
             ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 1, slow),
             ResultRow("onnx", HTTP, "GET /health/live (HTTP floor)", 1, served, model_work=False),
+            ResultRow("onnx", GRPC, UNARY, 1, unary),
+            ResultRow("onnx", GRPC, HEALTH, 1, floor, model_work=False),
+            ResultRow("onnx", GRPC_STREAM, STREAM, 1, stream),
             ResultRow("torch eager", HTTP, "POST /predict/file (multipart)", 1, slow),
         ],
     )
@@ -138,17 +174,25 @@ def test_markdown_report_has_header_units_and_rows() -> None:
     assert "| onnx | POST /predict/file (multipart) | 12.50 | 11.00 | +1.50 | ≤ 2 ms: met |" in text
     assert "| onnx | POST /predict (JSON base64) | 21.00 | 11.00 | +10.00 | ≤ 2 ms: missed |" in text
     assert "health/live (HTTP floor) | 12.50" not in text  # the floor is not compared
+    # gRPC unary: p50 11.8 - 11 = +0.8 ms, within its own 1 ms goal; its floor and the stream are
+    # not compared (the stream's latencies include queueing; its req/s is frames/s)
+    assert f"| onnx | {UNARY} | 11.80 | 11.00 | +0.80 | ≤ 1 ms: met |" in text
+    assert f"| onnx | {GRPC_STREAM} | {STREAM} | 1 | 3 | 0 | 60.00 |" in text
+    assert text.count(f"| {STREAM} |") == 1 and text.count(f"| {HEALTH} |") == 1
+    assert "req/s is frames/s" in text
     assert "seconds" not in text.split("| runtime |")[1]  # every latency column is in ms
 
 
 def test_overheads_compare_only_served_model_work_with_its_own_runtime() -> None:
     overheads = _report().overheads()
-    assert [(o.runtime, o.target) for o in overheads] == [
-        ("onnx", "POST /predict/file (multipart)"),
-        ("onnx", "POST /predict (JSON base64)"),
-    ]  # torch eager has no in-process row here, the floor runs no model
+    assert [(o.runtime, o.mode, o.target) for o in overheads] == [
+        ("onnx", HTTP, "POST /predict/file (multipart)"),
+        ("onnx", HTTP, "POST /predict (JSON base64)"),
+        ("onnx", GRPC, UNARY),
+    ]  # torch eager has no in-process row here, the floors run no model, the stream is throughput
     assert overheads[0].target_ms == ONNX_TARGET_MS
-    assert overheads[0].met is True and overheads[1].met is False
+    assert overheads[2].target_ms == ONNX_GRPC_TARGET_MS == 1.0
+    assert overheads[0].met is True and overheads[1].met is False and overheads[2].met is True
 
 
 def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
@@ -164,6 +208,7 @@ def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
     assert (served["sent"], served["completed"], served["failed"]) == (4, 3, 1)
     assert served["errors"] == {"HTTP 503": 1}
     assert data["overhead"][0]["difference_ms"] == pytest.approx(1.5)
+    assert data["overhead"][2]["mode"] == "gRPC" and data["overhead"][2]["target_ms"] == 1.0
     assert (tmp_path / "out" / "bench.md").read_text().startswith("## visionserve benchmark")
 
 
@@ -192,9 +237,20 @@ def test_banner_url_is_read_from_the_service_banner() -> None:
     assert banner_url("INFO loading model\n") is None
 
 
+def test_grpc_target_is_read_from_the_grpc_banner() -> None:
+    banner = (
+        "\nvisionserve gRPC API (onnx, model m) on 127.0.0.1:50123\n"
+        "  list:   grpcurl -plaintext 127.0.0.1:50123 list\n"
+    )
+    assert grpc_banner_target("INFO starting\n" + banner) == "127.0.0.1:50123"
+    assert grpc_banner_target("visionserve HTTP API (onnx, model m) on http://127.0.0.1:1\n") is None
+    assert grpc_banner_target("INFO loading model\n") is None
+
+
 def test_served_process_gets_the_in_process_settings(tmp_path: Path) -> None:
     settings = ModelSettings(backend="torch", model_repository=tmp_path, threads=3, torch_compile=False)
     env = model_env(settings)
+    assert env["VISION_BACKEND"] == "torch"  # the gRPC server picks its runtime from it
     assert env["VISION_THREADS"] == "3"
     assert env["VISION_TORCH_COMPILE"] == "false"
     assert env["VISION_MODEL_REPOSITORY"] == str(tmp_path.resolve())
@@ -205,6 +261,16 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> 
         "onnx", env={"VISION_MODEL_REPOSITORY": str(tmp_path / "empty")}, log_path=tmp_path / "server.log"
     )
     with pytest.raises(ServerError, match=r"exited with status 2 while starting(.|\n)*no model"):
+        server.start()
+
+
+def test_a_grpc_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    server = GrpcServerProcess(
+        "torch", env={"VISION_MODEL_REPOSITORY": str(tmp_path / "empty")}, log_path=tmp_path / "grpc.log"
+    )
+    assert server.module == "grpc_server" and server.listen_env()["VISION_BACKEND"] == "torch"
+    assert server.listen_env()["VISION_GRPC_PORT"] == "0"
+    with pytest.raises(ServerError, match=r"grpc_server exited with status 2 while starting(.|\n)*no model"):
         server.start()
 
 
@@ -222,12 +288,45 @@ def test_the_real_service_starts_on_a_free_port_serves_and_stops(
     assert server.stop() == 0  # SIGTERM: a graceful, clean exit
 
 
+@pytest.mark.real_model
+def test_the_real_grpc_service_starts_on_a_free_port_serves_and_stops(
+    real_repository: Path, tmp_path: Path
+) -> None:
+    settings = ModelSettings(backend="onnx", model_repository=real_repository)
+    server = GrpcServerProcess("onnx", env=model_env(settings), log_path=tmp_path / "grpc.log")
+    image = photo_bytes("chelsea.png")
+
+    async def measure() -> tuple[Measurement, Measurement]:
+        async with grpc_channel(server.target) as channel:
+            unary = await run_closed_loop(grpc_sender(channel, image), requests=5)
+            return unary, await measure_stream(channel, image, frames=5)
+
+    with server:
+        assert server.target.startswith("127.0.0.1:")
+        unary, stream = asyncio.run(measure())
+    assert (unary.completed, unary.failed) == (5, 0)
+    assert (stream.completed, stream.failed) == (5, 0)
+    assert server.stop() == 0
+
+
 def test_command_line_defaults_and_lists() -> None:
     config = parse_args(["--backends", "onnx", "--requests", "50", "--warmup", "10"])
     assert config.backends == ("onnx",)
     assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, 1, 5)
-    assert config.endpoints == ("file", "json", "live")
+    assert config.endpoints == ("file", "json", "live", "grpc", "health", "stream")
+    assert (config.http_endpoints, config.grpc_endpoints) == (
+        ("file", "json", "live"),
+        ("grpc", "health", "stream"),
+    )
+    assert config.stream_window is None and config.resolved_stream_window() == 8  # the read-ahead
     assert config.output == Path("bench-results")
+    grpc_only = parse_args(["--endpoints", "stream,grpc", "--stream-window", "4"])
+    assert (grpc_only.http_endpoints, grpc_only.grpc_endpoints) == ((), ("stream", "grpc"))
+    assert grpc_only.stream_window == grpc_only.resolved_stream_window() == 4
+    with pytest.raises(SystemExit):
+        parse_args(["--endpoints", "file,websocket"])
+    with pytest.raises(SystemExit):
+        parse_args(["--stream-window", "0"])
     assert parse_args(["--requests", "0", "--duration", "5"]).requests is None
     with pytest.raises(SystemExit):
         parse_args(["--backends", "onnx,tensorflow"])
@@ -416,3 +515,90 @@ def test_raw_client_reconnects_when_the_server_closed_an_idle_connection(tmp_pat
 
     first, second = asyncio.run(scenario())
     assert first.completed == 2 and second.completed == 2 and second.failed == 0
+
+
+# --- gRPC senders against a real grpc.aio server on a real socket ---------------------------------
+
+
+async def _with_fake_grpc_server(tmp_path: Path, scenario: Callable[[str], Awaitable[T]]) -> T:
+    """Run `scenario(target)` against GrpcServer over FakeRuntime on 127.0.0.1, port 0."""
+    server = GrpcServer(GrpcSettings(port=0), ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
+    port = await server.start()
+    try:
+        assert server.loaded is not None
+        await server.loaded
+        return await scenario(f"127.0.0.1:{port}")
+    finally:
+        await server.stop(grace_s=1)
+
+
+def test_grpc_senders_complete_every_call_and_count_failures(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario(target: str) -> list[Measurement]:
+        async with grpc_channel(target) as channel:
+            return [
+                await run_closed_loop(send, concurrency=3, requests=30)
+                for send in (
+                    grpc_sender(channel, image),
+                    health_sender(channel),
+                    grpc_sender(channel, b"not an image"),
+                )
+            ]
+
+    good, floor, bad = asyncio.run(_with_fake_grpc_server(tmp_path, scenario))
+    for result in (good, floor):
+        assert (result.sent, result.completed, result.failed) == (30, 30, 0)
+        assert all(latency > 0 for latency in result.latencies_s)
+    assert bad.sent == 30 and bad.completed == 0
+    assert bad.errors == {"gRPC INVALID_ARGUMENT": 30}
+
+
+def test_a_stream_answers_every_frame_and_measures_frames_per_second(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario(target: str) -> list[Measurement]:
+        async with grpc_channel(target) as channel:
+            return [
+                await measure_stream(channel, image, frames=40),
+                await measure_stream(channel, image, frames=40, window=2),
+                await measure_stream(channel, image, frames=0),
+                await measure_stream(channel, b"not an image", frames=6),
+                await measure_stream(channel, image, duration_s=0.2, window=4),
+            ]
+
+    free, windowed, none, bad, timed = asyncio.run(_with_fake_grpc_server(tmp_path, scenario))
+    for result in (free, windowed):
+        assert (result.sent, result.completed, result.failed) == (40, 40, 0)
+        assert all(latency > 0 for latency in result.latencies_s)
+        assert result.throughput_rps > 0
+    assert (none.sent, none.wall_s) == (0, 0.0)
+    assert bad.errors == {"frame invalid_image": 6} and bad.completed == 0
+    assert timed.completed >= 1 and timed.failed == 0 and 0.15 <= timed.wall_s < 5.0
+
+
+def test_grpc_calls_to_a_server_that_is_gone_are_counted_as_unavailable() -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario() -> tuple[Measurement, Measurement]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+            async with grpc_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel:
+                unary = await run_closed_loop(grpc_sender(channel, image, timeout_s=5), requests=3)
+                return unary, await measure_stream(channel, image, frames=3, frame_timeout_s=5)
+
+    unary, stream = asyncio.run(scenario())
+    assert (unary.sent, unary.completed, unary.errors) == (3, 0, {"gRPC UNAVAILABLE": 3})
+    assert stream.completed == 0 and stream.sent >= 1
+    assert set(stream.errors) == {"gRPC UNAVAILABLE"}
+
+
+def test_stream_bounds_are_checked() -> None:
+    async def scenario() -> None:
+        async with grpc_channel("127.0.0.1:1") as channel:
+            with pytest.raises(ValueError, match="bound the stream"):
+                await measure_stream(channel, b"x")
+            with pytest.raises(ValueError, match="window"):
+                await measure_stream(channel, b"x", frames=1, window=0)
+
+    asyncio.run(scenario())

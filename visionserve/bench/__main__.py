@@ -11,8 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from visionserve.bench.http_load import REQUESTS
-from visionserve.bench.runner import DEFAULT_IMAGE, BenchConfig, run_benchmark
+from visionserve.bench.runner import DEFAULT_IMAGE, ENDPOINTS, BenchConfig, run_benchmark
 from visionserve.bench.servers import DEPLOYABLES, ServerError
 from visionserve.errors import ConfigurationError
 
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m visionserve.bench",
         description="Measure the in-process pipeline (decode + preprocess + predict_batch + "
-        "postprocess, batch 1) and the served HTTP latency of the same image, for each runtime.",
+        "postprocess, batch 1) and the served HTTP and gRPC latency of the same image, for each runtime.",
     )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument(
@@ -47,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--endpoints",
-        type=_names(list(REQUESTS)),
-        default=("file", "json", "live"),
+        type=_names(ENDPOINTS),
+        default=("file", "json", "live", "grpc", "health", "stream"),
         help="file = POST /predict/file, json = POST /predict, live = GET /health/live "
-        "(the HTTP floor); default: file,json,live",
+        "(the HTTP floor), grpc = unary Predict, health = gRPC health check (the gRPC floor), "
+        "stream = frames/s of one PredictStream; default: all of them",
     )
     parser.add_argument(
         "--requests",
@@ -64,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=int, default=30, help="unmeasured requests before each row (default 30)"
     )
-    parser.add_argument("--concurrency", type=int, default=1, help="closed-loop HTTP senders (default 1)")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="closed-loop HTTP and gRPC unary senders (default 1)"
+    )
+    parser.add_argument(
+        "--stream-window",
+        type=int,
+        help="stream: at most this many frames written and unanswered (default: the server's "
+        "read-ahead, VISION_GRPC_STREAM_READ_AHEAD or 8)",
+    )
     parser.add_argument(
         "--image", type=Path, help=f"image file to send (default: scikit-image's {DEFAULT_IMAGE})"
     )
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_s",
         type=float,
         default=30.0,
-        help="per-request HTTP timeout in seconds (default 30)",
+        help="per-request HTTP and gRPC timeout in seconds (default 30; per frame for the stream)",
     )
     parser.add_argument(
         "--client",
@@ -106,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=Path("bench-results"),
-        help="folder for bench.json, bench.md and server logs (default bench-results/)",
+        help="folder for bench.json, bench.md and the servers' logs (default bench-results/)",
     )
     return parser
 

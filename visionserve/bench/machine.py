@@ -25,6 +25,8 @@ _PACKAGES = (
     ("fastapi", ("fastapi",)),
     ("uvicorn", ("uvicorn",)),
     ("httpx2", ("httpx2",)),
+    ("grpcio", ("grpcio",)),
+    ("protobuf", ("protobuf",)),
 )
 
 

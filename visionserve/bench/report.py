@@ -12,10 +12,19 @@ from visionserve.bench.stats import LatencySummary, Measurement, summarize
 
 FORMAT = "visionserve-bench/1"
 ONNX_TARGET_MS = 2.0
-"""The goal: served p50 at concurrency 1 within this of the in-process p50, on ONNX Runtime."""
+"""The goal: served HTTP p50 at concurrency 1 within this of the in-process p50, on ONNX Runtime."""
+ONNX_GRPC_TARGET_MS = 1.0
+"""The goal: gRPC unary p50 at concurrency 1 within this of the in-process p50, on ONNX Runtime."""
 
 IN_PROCESS = "in-process"
 HTTP = "HTTP"
+GRPC = "gRPC"
+"""Unary gRPC calls (Predict)."""
+GRPC_STREAM = "gRPC stream"
+"""Frames of one PredictStream call: req/s is frames/s; not compared with in-process."""
+
+ONNX_TARGETS_MS = {HTTP: ONNX_TARGET_MS, GRPC: ONNX_GRPC_TARGET_MS}
+"""Served mode -> the ONNX goal; these modes are the ones compared with in-process."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class ResultRow:
     runtime: str
     """`onnx`, `torch compiled` or `torch eager`: the runtime and its settings."""
     mode: str
-    """`in-process` or `HTTP`."""
+    """`in-process`, `HTTP`, `gRPC` (unary) or `gRPC stream`."""
     target: str
     """What was measured, e.g. the pipeline's stages or `POST /predict/file (multipart)`."""
     concurrency: int
@@ -47,6 +56,8 @@ class Overhead:
     difference_ms: float
     target_ms: float | None
     """The goal for this row (ONNX only), or None."""
+    mode: str = HTTP
+    """How it was served: `HTTP` or `gRPC`."""
 
     @property
     def met(self) -> bool | None:
@@ -63,7 +74,8 @@ class BenchReport:
     rows: list[ResultRow] = field(default_factory=list)
 
     def overheads(self) -> list[Overhead]:
-        """Served vs in-process p50 for each served row with model work at concurrency 1."""
+        """Served vs in-process p50 for each served row (HTTP, gRPC unary) with model work at
+        concurrency 1."""
         baselines: dict[str, float] = {}
         for row in self.rows:
             summary = row.measurement.summary()
@@ -72,7 +84,12 @@ class BenchReport:
         found = []
         for row in self.rows:
             summary = row.measurement.summary()
-            if row.mode != HTTP or not row.model_work or row.concurrency != 1 or summary is None:
+            if (
+                row.mode not in ONNX_TARGETS_MS
+                or not row.model_work
+                or row.concurrency != 1
+                or summary is None
+            ):
                 continue
             if row.runtime not in baselines:
                 continue
@@ -84,16 +101,24 @@ class BenchReport:
                     served_p50_ms=summary.p50_ms,
                     in_process_p50_ms=base,
                     difference_ms=summary.p50_ms - base,
-                    target_ms=ONNX_TARGET_MS if row.runtime == "onnx" else None,
+                    target_ms=ONNX_TARGETS_MS[row.mode] if row.runtime == "onnx" else None,
+                    mode=row.mode,
                 )
             )
         return found
 
     def to_markdown(self) -> str:
         """The report as markdown: header facts, the results table, stages, serving overhead."""
-        lines = ["## visionserve benchmark: in-process pipeline vs served HTTP", ""]
+        lines = ["## visionserve benchmark: in-process pipeline vs served HTTP and gRPC", ""]
         lines += _header_lines(self.machine, self.settings)
         lines += ["", *_results_table(self.rows)]
+        if any(row.mode == GRPC_STREAM for row in self.rows):
+            lines += [
+                "",
+                f"{GRPC_STREAM} rows: req/s is frames/s of one PredictStream call, frames sent back to back; "
+                "a frame's latency runs from its write to its answer, so it includes waiting behind the "
+                "frames ahead of it.",
+            ]
         failures = _failure_lines(self.rows)
         if failures:
             lines += ["", "Failed requests (not in the latencies):", *failures]

@@ -1,5 +1,5 @@
-"""One whole benchmark run: for each runtime, the in-process pipeline and the served process
-under HTTP load, on the same image with the same settings, measured in turns (`rounds`).
+"""One whole benchmark run: for each runtime, the in-process pipeline and the served processes
+(HTTP, gRPC) under load, on the same image with the same settings, measured in turns (`rounds`).
 
 Notebooks run it as a process of its own (`python -m visionserve.bench --output DIR`) and read
 `DIR/bench.json`: a kernel's running event loop and its own threads would skew (or refuse) the
@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from PIL import Image
 
 from visionserve.bench.closed_loop import SendOnce, run_closed_loop
+from visionserve.bench.grpc_load import (
+    GRPC_ENDPOINTS,
+    HEALTH,
+    STREAM,
+    UNARY,
+    grpc_channel,
+    grpc_sender,
+    health_sender,
+    measure_stream,
+)
 from visionserve.bench.http_load import (
     REQUESTS,
     HttpRequestSpec,
@@ -36,14 +47,14 @@ from visionserve.bench.inprocess import (
 )
 from visionserve.bench.machine import describe_machine
 from visionserve.bench.raw_http import RawHttpClient
-from visionserve.bench.report import HTTP, IN_PROCESS, BenchReport, ResultRow
-from visionserve.bench.servers import DEPLOYABLES, ServerProcess, model_env
+from visionserve.bench.report import GRPC, GRPC_STREAM, HTTP, IN_PROCESS, BenchReport, ResultRow
+from visionserve.bench.servers import DEPLOYABLES, GrpcServerProcess, ServerProcess, model_env
 from visionserve.bench.stats import Measurement
 from visionserve.errors import VisionError
 from visionserve.photos import packaged_photo
 from visionserve.preprocessing import ImagePreprocessor
 from visionserve.repository import Backend, ModelEntry, ModelRepository
-from visionserve.settings import ModelSettings, ServerSettings
+from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
 
 DEFAULT_IMAGE = "chelsea.png"
 """scikit-image's photo of a cat (451x300 PNG): real, and installed wherever the tests run."""
@@ -51,6 +62,11 @@ DEFAULT_IMAGE = "chelsea.png"
 PIPELINE = " + ".join(STAGES)
 
 Progress = Callable[[str], None]
+Measure = Callable[[int | None, float | None], Coroutine[Any, Any, Measurement]]
+"""Runs one measurement of a served row, bounded by (requests, duration_s)."""
+
+ENDPOINTS = [*REQUESTS, *GRPC_ENDPOINTS]
+"""Every endpoint name the CLI knows: HTTP (`http_load.REQUESTS`), then gRPC (`grpc`, `stream`)."""
 
 
 def _to_stderr(message: str) -> None:
@@ -72,8 +88,10 @@ class BenchConfig:
     model_name: str | None = None
     """None: the `ModelSettings` default (or `VISION_MODEL_NAME`)."""
     backends: tuple[Backend, ...] = ("onnx", "torch")
-    endpoints: tuple[str, ...] = ("file", "json", "live")
-    """Names from `http_load.REQUESTS`."""
+    endpoints: tuple[str, ...] = ("file", "json", "live", "grpc", "health", "stream")
+    """Names from `ENDPOINTS`: HTTP requests (`http_load.REQUESTS`), `grpc` (unary Predict in a
+    closed loop), `health` (the gRPC health check: the gRPC floor) and `stream` (one PredictStream
+    call per round, frames back to back)."""
     image: Path | None = None
     """None: the packaged `chelsea.png`."""
     requests: int | None = 300
@@ -83,7 +101,12 @@ class BenchConfig:
     warmup: int = 30
     """Unmeasured requests before each row."""
     concurrency: int = 1
-    """Closed-loop HTTP senders (the in-process pipeline is always one image at a time)."""
+    """Closed-loop HTTP and gRPC unary senders (the in-process pipeline is always one image at a
+    time, the stream always one call)."""
+    stream_window: int | None = None
+    """Frames of the stream written and not yet answered; None: the server's read-ahead
+    (`VISION_GRPC_STREAM_READ_AHEAD`, 8), which keeps its pipeline full. More only queue in HTTP/2
+    buffers: the frames/s stay, and the latencies grow with the number of frames sent."""
     device: str | None = None
     threads: int | None = None
     """Runtime threads; None: the usable cores, as the server's default."""
@@ -107,9 +130,9 @@ class BenchConfig:
             raise ValueError(
                 f"backends must be among {', '.join(DEPLOYABLES)}; got {', '.join(self.backends)}"
             )
-        strangers = [e for e in self.endpoints if e not in REQUESTS]
+        strangers = [e for e in self.endpoints if e not in ENDPOINTS]
         if strangers:
-            raise ValueError(f"unknown endpoints {', '.join(strangers)}; choose from {', '.join(REQUESTS)}")
+            raise ValueError(f"unknown endpoints {', '.join(strangers)}; choose from {', '.join(ENDPOINTS)}")
         if self.requests is None and self.duration_s is None:
             raise ValueError("bound each measurement with a number of requests, a duration, or both")
         if self.requests is not None and self.requests < 1:
@@ -124,6 +147,23 @@ class BenchConfig:
             raise ValueError(f"client must be one of {', '.join(HTTP_CLIENTS)}, got {self.client!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.stream_window is not None and self.stream_window < 1:
+            raise ValueError(f"the stream window must be at least 1, got {self.stream_window}")
+
+    def resolved_stream_window(self) -> int:
+        """The stream window: the setting, or the server's read-ahead (as the served process reads
+        it from the environment)."""
+        return self.stream_window or GrpcSettings().stream_read_ahead
+
+    @property
+    def http_endpoints(self) -> tuple[str, ...]:
+        """The HTTP endpoints asked for, in order."""
+        return tuple(e for e in self.endpoints if e in REQUESTS)
+
+    @property
+    def grpc_endpoints(self) -> tuple[str, ...]:
+        """The gRPC endpoints asked for, in order."""
+        return tuple(e for e in self.endpoints if e in GRPC_ENDPOINTS)
 
     def model_settings(self, backend: Backend) -> ModelSettings:
         """The runtime settings for `backend`: the environment's `VISION_*`, then these fields."""
@@ -191,7 +231,18 @@ def run_benchmark(config: BenchConfig, *, progress: Progress = _to_stderr) -> Be
             "latency_unit": "milliseconds; req/s = completed requests / wall time",
         },
     )
-    specs = [REQUESTS[name](image, image_path.name) for name in config.endpoints]
+    if config.grpc_endpoints:
+        report.settings["grpc_client"] = (
+            f"grpc.aio {grpc.__version__}, same machine, one channel (one HTTP/2 connection), "
+            f"unary closed loop at concurrency {config.concurrency}, {event_loop_name()}"
+        )
+    if "stream" in config.grpc_endpoints:
+        report.settings["grpc_stream"] = (
+            f"one PredictStream call per round, frames back to back with at most "
+            f"{config.resolved_stream_window()} unanswered (server read-ahead "
+            f"{GrpcSettings().stream_read_ahead}); latency = frame written -> its answer; req/s = frames/s"
+        )
+    specs = [REQUESTS[name](image, image_path.name) for name in config.http_endpoints]
     for backend in config.backends:
         report.rows += _measure_backend(
             config,
@@ -215,25 +266,44 @@ def _measure_backend(
     specs: list[HttpRequestSpec],
     progress: Progress,
 ) -> list[ResultRow]:
-    """One backend: its served process and its in-process runtimes, all up at once, measured
-    in turns. The server is idle while the pipeline runs and the reverse: the runtimes' threads
-    do not spin (ONNX Runtime's spinning is off unless configured on, for both alike)."""
+    """One backend: its served processes (HTTP, gRPC) and its in-process runtimes, all up at once,
+    measured in turns. Whatever is not being measured is idle: the runtimes' threads do not spin
+    (ONNX Runtime's spinning is off unless configured on, for all alike)."""
     settings = config.model_settings(backend)
     variants = [settings]
     if backend == "torch" and settings.torch_compile and config.torch_eager:
         variants.append(settings.model_copy(update={"torch_compile": False}))
     served_label = runtime_label(settings)
+    env = model_env(settings)
+    log_dir = config.output
+    grpc_names = config.grpc_endpoints
 
     with contextlib.ExitStack() as stack:
-        progress(f"{served_label}: starting python -m {DEPLOYABLES[backend]} and waiting until ready")
-        server = stack.enter_context(
-            ServerProcess(
+        http_server = grpc_server = None
+        if specs:
+            http_server = ServerProcess(
                 backend,
-                env=model_env(settings),
-                log_path=config.output / f"server-{backend}.log",
+                env=env,
+                log_path=log_dir / f"server-{backend}.log",
                 ready_timeout_s=config.ready_timeout_s,
             )
-        )
+        if grpc_names:
+            grpc_server = GrpcServerProcess(
+                backend,
+                env=env,
+                log_path=log_dir / f"server-grpc-{backend}.log",
+                ready_timeout_s=config.ready_timeout_s,
+            )
+        processes = [p for p in (http_server, grpc_server) if p is not None]
+        if processes:
+            modules = " and ".join(f"python -m {p.module}" for p in processes)
+            progress(f"{served_label}: starting {modules} and waiting until ready")
+        for process in processes:  # loading at once: their warm-ups (torch: compiling) overlap
+            stack.callback(process.stop)
+            process.launch()
+        for process in processes:
+            process.wait_until_ready()
+
         timers: dict[str, PipelineTimer] = {}
         for variant in variants:
             label = runtime_label(variant)
@@ -243,24 +313,44 @@ def _measure_backend(
             timers[label] = PipelineTimer(runtime, preprocessor, topk=5)
 
         runner = stack.enter_context(event_loop_runner())
-        senders: dict[str, SendOnce]
-        if config.client == "raw":
-            raw = RawHttpClient(server.base_url, concurrency=config.concurrency, timeout_s=config.timeout_s)
-            stack.callback(runner.run, raw.aclose())
-            senders = {spec.name: raw.sender(spec) for spec in specs}
-        else:
-            client = http_client(server.base_url, concurrency=config.concurrency, timeout_s=config.timeout_s)
-            stack.callback(runner.run, client.aclose())
-            senders = {spec.name: http_sender(client, spec) for spec in specs}
+        measures: dict[str, Measure] = {}
+        if http_server is not None:
+            senders: dict[str, SendOnce]
+            if config.client == "raw":
+                raw = RawHttpClient(
+                    http_server.base_url, concurrency=config.concurrency, timeout_s=config.timeout_s
+                )
+                stack.callback(runner.run, raw.aclose())
+                senders = {spec.name: raw.sender(spec) for spec in specs}
+            else:
+                client = http_client(
+                    http_server.base_url, concurrency=config.concurrency, timeout_s=config.timeout_s
+                )
+                stack.callback(runner.run, client.aclose())
+                senders = {spec.name: http_sender(client, spec) for spec in specs}
+            measures.update({name: _closed_loop(send, config.concurrency) for name, send in senders.items()})
+        if grpc_server is not None:
+            # NOTE: made on the runner's loop: a grpc.aio channel belongs to the loop it is made on.
+            channel = runner.run(_open_channel(grpc_server.target))
+            stack.callback(runner.run, channel.close())
+            if "grpc" in grpc_names:
+                send = grpc_sender(channel, image, timeout_s=config.timeout_s)
+                measures[UNARY] = _closed_loop(send, config.concurrency)
+            if "health" in grpc_names:
+                measures[HEALTH] = _closed_loop(
+                    health_sender(channel, timeout_s=config.timeout_s), config.concurrency
+                )
+            if "stream" in grpc_names:
+                measures[STREAM] = _stream(channel, image, config)
 
         progress(f"{served_label}: warming up every row ({config.warmup} requests each)")
         for timer in timers.values():
             timer.warm_up(image, config.warmup)
-        for send in senders.values():
-            runner.run(run_closed_loop(send, concurrency=config.concurrency, requests=config.warmup))
+        for measure in measures.values():
+            runner.run(measure(config.warmup, None))
 
         pipelines: dict[str, list[PipelineMeasurement]] = {label: [] for label in timers}
-        served: dict[str, list[Measurement]] = {name: [] for name in senders}
+        served: dict[str, list[Measurement]] = {name: [] for name in measures}
         round_duration = None if config.duration_s is None else config.duration_s / config.rounds
         for number, requests in enumerate(split_requests(config.requests, config.rounds), start=1):
             progress(f"{served_label}: round {number}/{config.rounds}")
@@ -268,14 +358,8 @@ def _measure_backend(
                 pipelines[label].append(
                     measure_pipeline(timer, image, requests=requests, duration_s=round_duration)
                 )
-            for name, send in senders.items():
-                served[name].append(
-                    runner.run(
-                        run_closed_loop(
-                            send, concurrency=config.concurrency, requests=requests, duration_s=round_duration
-                        )
-                    )
-                )
+            for name, measure in measures.items():
+                served[name].append(runner.run(measure(requests, round_duration)))
 
     rows = []
     for label, parts in pipelines.items():
@@ -288,4 +372,37 @@ def _measure_backend(
                 served_label, HTTP, spec.name, config.concurrency, measurement, model_work=spec.model_work
             )
         )
+    for name in (UNARY, HEALTH):  # HEALTH runs no model: not compared with in-process
+        if name in served:
+            measurement = Measurement.merged(served[name])
+            rows.append(
+                ResultRow(served_label, GRPC, name, config.concurrency, measurement, model_work=name == UNARY)
+            )
+    if STREAM in served:
+        rows.append(ResultRow(served_label, GRPC_STREAM, STREAM, 1, Measurement.merged(served[STREAM])))
     return rows
+
+
+async def _open_channel(target: str) -> grpc.aio.Channel:
+    return grpc_channel(target)
+
+
+def _closed_loop(send: SendOnce, concurrency: int) -> Measure:
+    def measure(requests: int | None, duration_s: float | None) -> Coroutine[Any, Any, Measurement]:
+        return run_closed_loop(send, concurrency=concurrency, requests=requests, duration_s=duration_s)
+
+    return measure
+
+
+def _stream(channel: grpc.aio.Channel, image: bytes, config: BenchConfig) -> Measure:
+    def measure(frames: int | None, duration_s: float | None) -> Coroutine[Any, Any, Measurement]:
+        return measure_stream(
+            channel,
+            image,
+            frames=frames,
+            duration_s=duration_s,
+            window=config.resolved_stream_window(),
+            frame_timeout_s=config.timeout_s,
+        )
+
+    return measure

@@ -1,8 +1,10 @@
-"""The real service as a subprocess (`python -m fastapi_onnx` / `python -m fastapi_pt`).
+"""The real services as subprocesses: HTTP (`python -m fastapi_onnx` / `python -m fastapi_pt`) and
+gRPC (`python -m grpc_server`, `VISION_BACKEND` naming the runtime).
 
-It listens on a free port (`VISION_PORT=0`), announces it in its start-up banner
-(`... on http://127.0.0.1:PORT`), and is used once `GET /health/ready` answers 200; it is stopped
-with SIGTERM, as a process manager stops it.
+Each listens on a free port (`VISION_PORT=0` / `VISION_GRPC_PORT=0`), announces it in its start-up
+banner (`... on http://127.0.0.1:PORT` / `visionserve gRPC API (...) on 127.0.0.1:PORT`), and is
+used once it is ready (`GET /health/ready` answers 200 / the standard health check answers
+SERVING); it is stopped with SIGTERM, as a process manager stops it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+import grpc
 import httpx2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import visionserve
 from visionserve.settings import ModelSettings
@@ -25,7 +29,12 @@ from visionserve.settings import ModelSettings
 DEPLOYABLES = {"onnx": "fastapi_onnx", "torch": "fastapi_pt"}
 """Backend -> the module that serves it."""
 
+GRPC_MODULE = "grpc_server"
+"""The module that serves gRPC, for either backend."""
+
 _BANNER = re.compile(r"\bon (http://[\w.\-]+:\d+)\s*$", re.MULTILINE)
+_GRPC_BANNER = re.compile(r"\bgRPC API \(.*\) on ([\w.\-]+:\d+)\s*$", re.MULTILINE)
+_GRPC_SERVICE = "visionserve.v1.Inference"
 _SOURCE_ROOT = Path(visionserve.__file__).resolve().parent.parent
 
 
@@ -40,10 +49,18 @@ def banner_url(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def grpc_banner_target(text: str) -> str | None:
+    """The `host:port` announced in the gRPC service's start-up banner, if `text` holds it."""
+    match = _GRPC_BANNER.search(text)
+    return match.group(1) if match else None
+
+
 def model_env(settings: ModelSettings) -> dict[str, str]:
     """`VISION_*` variables that make a served process use exactly `settings` (threads resolved,
-    so the server and the in-process measurement agree even where the defaults would not)."""
+    so the server and the in-process measurement agree even where the defaults would not).
+    `VISION_BACKEND` picks the gRPC server's runtime; the HTTP deployables fix their own."""
     return {
+        "VISION_BACKEND": settings.backend,
         "VISION_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
         "VISION_MODEL_NAME": settings.model_name,
         "VISION_DEVICE": settings.device,
@@ -54,11 +71,14 @@ def model_env(settings: ModelSettings) -> dict[str, str]:
 
 
 class ServerProcess:
-    """One served process: `start()` (or `with`) blocks until it is ready, `stop()` ends it.
+    """One served HTTP process: `start()` (or `with`) blocks until it is ready, `stop()` ends it.
+    `launch()` then `wait_until_ready()` do the same in two steps (to start several at once).
 
     Its stdout and stderr go to `log_path`; the banner is read from there, and the log's tail is
     quoted when something goes wrong.
     """
+
+    protocol = "HTTP"
 
     def __init__(
         self,
@@ -76,25 +96,50 @@ class ServerProcess:
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.base_url = ""
+        self.address = ""
+        """Where it listens, once started: `http://host:port` (HTTP) or `host:port` (gRPC)."""
         self._process: subprocess.Popen[bytes] | None = None
+        self._deadline = 0.0
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP service's base URL, once started."""
+        return self.address
+
+    @property
+    def module(self) -> str:
+        """The module `python -m` runs."""
+        return DEPLOYABLES[self.backend]
+
+    def listen_env(self) -> dict[str, str]:
+        """Variables that make it listen on a free port of 127.0.0.1."""
+        return {"VISION_HOST": "127.0.0.1", "VISION_PORT": "0"}
+
+    def announced(self, text: str) -> str | None:
+        """The address its banner announces, if `text` holds the banner."""
+        return banner_url(text)
 
     def start(self) -> str:
-        """Start the service, wait for its banner and then for readiness; return its base URL."""
+        """Start the service, wait for its banner and then for readiness; return its address."""
+        self.launch()
+        return self.wait_until_ready()
+
+    def launch(self) -> None:
+        """Start the process and return at once; `wait_until_ready` waits for it."""
         env = {
             **os.environ,
             **self.env,
-            "VISION_HOST": "127.0.0.1",
-            "VISION_PORT": "0",
+            **self.listen_env(),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._deadline = time.monotonic() + self.ready_timeout_s
         with self.log_path.open("wb") as log:
             # NOTE: a session of its own, so a Ctrl-C at the terminal reaches the harness only; the
             # harness then stops the server with SIGTERM (in `stop`), the way it is measured.
             self._process = subprocess.Popen(
-                [sys.executable, "-m", DEPLOYABLES[self.backend]],
+                [sys.executable, "-m", self.module],
                 env=env,
                 cwd=_SOURCE_ROOT,
                 stdin=subprocess.DEVNULL,
@@ -102,26 +147,29 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_until_ready(self) -> str:
+        """Wait for the banner and then for readiness (`ready_timeout_s` from `launch`); return the
+        address. The process is stopped if it does not get there."""
         try:
-            deadline = time.monotonic() + self.ready_timeout_s
-            self.base_url = self._wait_for_banner(deadline)
-            self._wait_ready(deadline)
+            self.address = self._wait_for_banner(self._deadline)
+            self._wait_ready(self._deadline)
         except BaseException:
             self.stop()
             raise
-        return self.base_url
+        return self.address
 
     def _wait_for_banner(self, deadline: float) -> str:
         while time.monotonic() < deadline:
             self._check_alive("while starting")
-            url = banner_url(self._read_log())
-            if url:
-                return url
+            address = self.announced(self._read_log())
+            if address:
+                return address
             time.sleep(0.05)
-        raise ServerError(f"{self._name()} printed no 'on http://HOST:PORT' banner in time{self._tail()}")
+        raise ServerError(f"{self._name()} printed no start-up banner with its address in time{self._tail()}")
 
     def _wait_ready(self, deadline: float) -> None:
-        with httpx2.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
+        with httpx2.Client(base_url=self.address, timeout=5.0, trust_env=False) as client:
             while time.monotonic() < deadline:
                 self._check_alive("while loading the model")
                 try:
@@ -130,7 +178,10 @@ class ServerProcess:
                 except httpx2.TransportError:
                     pass  # not listening yet
                 time.sleep(0.2)
-        raise ServerError(
+        raise self._not_ready()
+
+    def _not_ready(self) -> ServerError:
+        return ServerError(
             f"{self._name()} was not ready after {self.ready_timeout_s:.0f} s "
             f"(raise --ready-timeout for a slow warm-up){self._tail()}"
         )
@@ -156,7 +207,7 @@ class ServerProcess:
         return process.returncode
 
     def _name(self) -> str:
-        return f"python -m {DEPLOYABLES[self.backend]}"
+        return f"python -m {self.module}"
 
     def _read_log(self) -> str:
         try:
@@ -176,3 +227,40 @@ class ServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class GrpcServerProcess(ServerProcess):
+    """One served gRPC process (`python -m grpc_server`) for `backend`; `env` should set
+    `VISION_BACKEND` (`model_env` does). Ready when the standard health check of the Inference
+    service answers SERVING; `target` is its `host:port`."""
+
+    protocol = "gRPC"
+
+    @property
+    def target(self) -> str:
+        """`host:port`, once started."""
+        return self.address
+
+    @property
+    def module(self) -> str:
+        return GRPC_MODULE
+
+    def listen_env(self) -> dict[str, str]:
+        return {"VISION_BACKEND": self.backend, "VISION_GRPC_HOST": "127.0.0.1", "VISION_GRPC_PORT": "0"}
+
+    def announced(self, text: str) -> str | None:
+        return grpc_banner_target(text)
+
+    def _wait_ready(self, deadline: float) -> None:
+        request = health_pb2.HealthCheckRequest(service=_GRPC_SERVICE)
+        with grpc.insecure_channel(self.address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while time.monotonic() < deadline:
+                self._check_alive("while loading the model")
+                try:
+                    if check(request, timeout=5.0).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass  # not answering yet
+                time.sleep(0.2)
+        raise self._not_ready()

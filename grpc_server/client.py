@@ -1,0 +1,179 @@
+"""`python -m grpc_server.client IMAGE...`: a small command-line client of visionserve.v1.Inference.
+
+    python -m grpc_server.client photo.jpg other.png          # one Predict per image
+    python -m grpc_server.client *.jpg --batch                # one PredictBatch with all of them
+    python -m grpc_server.client clip.gif --stream --every 2  # the frames of a GIF (or a folder,
+                                                              # or several files) as one stream
+
+The target is `--target`, else VISION_GRPC_TARGET, else 127.0.0.1:50051. Exit status: 0; 1 when the
+server answered with an error (its status code and details are printed) or an image, batch slot or
+frame failed; 2 when an input cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import grpc
+from PIL import Image, ImageSequence
+
+from visionserve.v1 import inference_pb2 as pb
+from visionserve.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+SINGLE_CALL_TIMEOUT_S = 30.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpc_server.client", description="Classify images with a visionserve gRPC server."
+    )
+    parser.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="image files, or folders of them"
+    )
+    parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--batch", action="store_true", help="one PredictBatch call with every image")
+    mode.add_argument("--stream", action="store_true", help="the inputs' frames as one PredictStream")
+    parser.add_argument("--every", type=int, default=1, metavar="N", help="--stream: send every Nth frame")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("VISION_GRPC_TARGET", DEFAULT_TARGET),
+        help=f"host:port (default: VISION_GRPC_TARGET or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds per call (default {SINGLE_CALL_TIMEOUT_S:g}; none for --stream)",
+    )
+    args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error("--every must be at least 1")
+    if args.topk < 1:
+        parser.error("--topk must be at least 1")
+    return args
+
+
+def expand(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given; a folder as its image files, sorted by name."""
+    for path in paths:
+        if path.is_dir():
+            yield from (p for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+def frames(paths: Iterable[Path]) -> Iterator[bytes]:
+    """Encoded frames of the inputs, in order: a folder's images sorted by name, every frame of an
+    animated image (re-encoded as PNG), other files as they are."""
+    for path in expand(paths):
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if getattr(image, "n_frames", 1) > 1:
+                    for frame in ImageSequence.Iterator(image):
+                        buffer = io.BytesIO()
+                        frame.convert("RGB").save(buffer, format="PNG")
+                        yield buffer.getvalue()
+                    continue
+        except OSError:
+            pass  # not an image Pillow knows: sent as is, the server says what is wrong with it
+        yield data
+
+
+def describe(predictions: Iterable[pb.Prediction]) -> str:
+    return ", ".join(f"{p.label}:{p.prob:.3f}" for p in predictions)
+
+
+def show_result(name: str, result: pb.PredictResponse) -> None:
+    print(f"{name}  {describe(result.topk)}  (server {result.latency_ms:.1f} ms)")
+
+
+def show_error(name: str, error: pb.Error) -> None:
+    print(f"{name}  error {error.code}: {error.message}")
+
+
+async def predict_each(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
+    for path in args.images:
+        image = path.read_bytes()
+        reply = await stub.Predict(pb.PredictRequest(image=image, topk=args.topk), timeout=args.timeout)
+        show_result(path.name, reply)
+    return 0
+
+
+async def predict_batch(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
+    request = pb.PredictBatchRequest(images=[p.read_bytes() for p in args.images], topk=args.topk)
+    reply = await stub.PredictBatch(request, timeout=args.timeout)
+    for path, slot in zip(args.images, reply.results, strict=True):
+        if slot.HasField("error"):
+            show_error(path.name, slot.error)
+        else:
+            show_result(path.name, slot.result)
+    return 1 if any(slot.HasField("error") for slot in reply.results) else 0
+
+
+async def predict_stream(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
+    async def requests() -> AsyncIterator[pb.Frame]:
+        for frame_id, image in enumerate(frames(args.images)):
+            if frame_id % args.every == 0:
+                yield pb.Frame(image=image, frame_id=frame_id, topk=args.topk)
+
+    answered = failed = 0
+    started = time.perf_counter()
+    async for answer in stub.PredictStream(requests(), timeout=args.timeout):
+        answered += 1
+        if answer.HasField("error"):
+            failed += 1
+            show_error(f"frame {answer.frame_id}", answer.error)
+        else:
+            top = answer.topk[0]
+            print(f"frame {answer.frame_id}  {top.label}:{top.prob:.3f}  (server {answer.latency_ms:.1f} ms)")
+    elapsed = time.perf_counter() - started
+    rate = answered / elapsed if elapsed > 0 else 0.0
+    print(f"{answered} frames ({failed} failed) in {elapsed:.2f} s: {rate:.1f} frames/s")
+    return 1 if failed else 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    """One call (or one per image) to `args.target`; the exit status."""
+    for path in args.images:
+        path.stat()  # a missing input fails here, before any call
+    if not args.stream:
+        args.images = list(expand(args.images))
+        if not args.images:
+            print("error: no image files in the folders given", file=sys.stderr)
+            return 2
+    if args.timeout is None and not args.stream:
+        args.timeout = SINGLE_CALL_TIMEOUT_S
+    call = predict_stream if args.stream else predict_batch if args.batch else predict_each
+    async with grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
+        return await call(pb_grpc.InferenceStub(channel), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename or 'an input'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
