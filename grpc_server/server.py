@@ -51,6 +51,9 @@ class GrpcServer:
             max_image_pixels=server_settings.max_image_pixels,
             preprocess_workers=server_settings.resolved_preprocess_workers(),
             default_topk=server_settings.default_topk,
+            max_batch_size=server_settings.max_batch_size,
+            max_queue_delay_us=server_settings.max_queue_delay_us,
+            max_queue_size=server_settings.max_queue_size,
         )
         limit = settings.max_message_bytes
         # NOTE: the transport accepts up to twice the limit so that the servicer, not gRPC core,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
@@ -65,6 +66,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
 
     @staticmethod
+    def _deadline(context: Context) -> float | None:
+        """The call's deadline on the monotonic clock, for the batcher's queue."""
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    @staticmethod
     def _topk(value: int) -> int | None:
         return value if value != 0 else None  # proto3: 0 means "not set"
 
@@ -74,7 +81,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._check_size(request)
             self._check_deadline(context)
             result = await self.service.predict(
-                request.image, topk=self._topk(request.topk), model=request.model or None
+                request.image,
+                topk=self._topk(request.topk),
+                model=request.model or None,
+                deadline=self._deadline(context),
             )
         except Exception as exc:
             await abort(context, exc)
@@ -96,8 +106,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Exception as exc:
             await abort(context, exc)
             raise
+        deadline = self._deadline(context)
         outcomes = await asyncio.gather(
-            *(self.service.predict(image, topk=topk) for image in request.images), return_exceptions=True
+            *(self.service.predict(image, topk=topk, deadline=deadline) for image in request.images),
+            return_exceptions=True,
         )
         results = []
         for outcome in outcomes:

@@ -92,6 +92,13 @@ class ModelConfig(BaseModel):
     output: OutputSpec
     labels: str = "labels.txt"
     max_batch_size: int = Field(default=32, ge=1)
+    """Largest batch the artefacts accept (and the batcher forms)."""
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    """How long the batcher waits for more requests after the first of a batch; 0 = take what is
+    waiting now (Triton's advice: batches still form under load, from requests that queued while
+    the previous batch ran)."""
+    max_queue_size: int = Field(default=128, ge=1)
+    """Requests waiting for the runtime before new ones are refused (503 / UNAVAILABLE)."""
     artefacts: dict[Backend, Artefact]
     provenance: dict[str, object] = Field(default_factory=dict)
     parity: dict[str, object] = Field(default_factory=dict)

@@ -17,7 +17,8 @@ from importlib import resources
 
 import numpy as np
 
-from visionserve.errors import ErrorCode, VisionError
+from visionserve.batching import DynamicBatcher
+from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.payloads import decode_base64
 from visionserve.postprocessing import ClassScore, postprocess
 from visionserve.preprocessing import ImagePreprocessor
@@ -70,6 +71,9 @@ class InferenceService:
         max_image_pixels: int,
         preprocess_workers: int,
         default_topk: int = 5,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+        max_queue_size: int | None = None,
     ):
         self.runtime = runtime
         self.model = runtime.model
@@ -80,6 +84,22 @@ class InferenceService:
         self._preprocess_pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
         self._runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="runtime")
         self._runtime_jobs = 0  # requests between preprocessing and answer (event loop only)
+        config = self.model.config
+        batch = max_batch_size or config.max_batch_size
+        if batch > config.max_batch_size:
+            raise ConfigurationError(
+                f"VISION_MAX_BATCH_SIZE={batch} is above the max_batch_size {config.max_batch_size} "
+                f"that model {self.model.name!r} was exported for; lower it, or re-export with "
+                f"--max-batch-size {batch}"
+            )
+        delay_us = config.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
+        self.batcher = DynamicBatcher(
+            self._run,
+            executor=self._runtime_thread,
+            max_batch_size=batch,
+            max_queue_delay_s=delay_us / 1e6,
+            max_queue_size=max_queue_size or config.max_queue_size,
+        )
 
     @property
     def ready(self) -> bool:
@@ -102,6 +122,7 @@ class InferenceService:
             # the first decode pays one-off costs too (Pillow plugins, pool threads): ~70 ms
             with contextlib.suppress(VisionError):  # e.g. a pixel limit below the image's size
                 await loop.run_in_executor(self._preprocess_pool, self.preprocessor, _warmup_image())
+            self.batcher.start()
         except BaseException as exc:
             self.state = ServiceState.FAILED
             self.failure = str(exc) or type(exc).__name__
@@ -120,6 +141,7 @@ class InferenceService:
         if self.state is ServiceState.STOPPED:
             return
         self.state = ServiceState.STOPPING
+        await self.batcher.stop()  # computes what is queued
         await asyncio.to_thread(self._shutdown_pools)
         self.runtime.close()
         self.state = ServiceState.STOPPED
@@ -161,10 +183,17 @@ class InferenceService:
             )
 
     async def predict(
-        self, image: bytes | str, *, topk: int | None = None, model: str | None = None, field: str = "image"
+        self,
+        image: bytes | str,
+        *,
+        topk: int | None = None,
+        model: str | None = None,
+        field: str = "image",
+        deadline: float | None = None,
     ) -> InferenceResult:
         """Classify one encoded image: bytes, or base64 text (decoded off the event loop; errors
-        name `field`). Raises `VisionError` for anything the client must fix."""
+        name `field`). `deadline` (time.monotonic()) drops the request if it is still queued then.
+        Raises `VisionError` for anything the client must fix."""
         started = time.perf_counter()
         self.check_model(model)
         k = self.resolve_topk(topk)
@@ -172,19 +201,19 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         self._runtime_jobs += 1
         try:
-            if self._runtime_jobs == 1:
-                # NOTE: the runtime is idle: decode and infer in one hand-off to its thread. A second
-                # hand-off (pool -> runtime thread) cost ~2 ms at concurrency 1 here (p50 18.5 vs
-                # 20.6-21.1 ms served). Under load the pool path below overlaps decoding with
-                # inference, which is what throughput needs.
-                scores, preprocess_s = await loop.run_in_executor(
-                    self._runtime_thread, self._preprocess_and_run, image, field
+            if self._runtime_jobs == 1 and self.batcher.idle:
+                # NOTE: nothing else in flight: decode and infer in one hand-off to the runtime
+                # thread. A second hand-off (pool -> runtime thread) cost ~2 ms at concurrency 1
+                # here (p50 18.5 vs 20.6-21.1 ms served). Under load the path below decodes in the
+                # pool, overlapping inference, and the batcher groups what queues up.
+                scores, preprocess_s = await self.batcher.run_exclusive(
+                    self._preprocess_and_run, image, field
                 )
                 preprocessed = started + preprocess_s
             else:
                 tensor = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image, field)
                 preprocessed = time.perf_counter()
-                scores = await loop.run_in_executor(self._runtime_thread, self._run, tensor[np.newaxis])
+                scores = (await self.batcher.submit(tensor, deadline=deadline))[np.newaxis]
         finally:
             self._runtime_jobs -= 1
         inferred = time.perf_counter()

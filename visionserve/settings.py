@@ -62,6 +62,16 @@ class ServerSettings(BaseSettings):
     preprocess_workers: int | None = Field(default=None, ge=1)
     """Threads that decode and preprocess images; default: the cores this process may use."""
 
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Overrides the model's `max_batch_size` (config.json); at most that value, which the
+    exported artefacts were made for."""
+
+    max_queue_delay_us: int | None = Field(default=None, ge=0, le=10_000_000)
+    """Overrides the model's `max_queue_delay_us` (config.json; default 0)."""
+
+    max_queue_size: int | None = Field(default=None, ge=1)
+    """Overrides the model's `max_queue_size` (config.json; default 128)."""
+
     access_log: bool = False
     """Log one line per HTTP request (uvicorn's access log)."""
 

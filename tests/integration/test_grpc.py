@@ -1300,3 +1300,17 @@ def test_real_model_over_grpc(real_entry: ModelEntry) -> None:
                 _check_real(answer.topk[0].label, answer.topk[0].prob, name)
 
     run(scenario(), timeout_s=120)
+
+
+def test_concurrent_calls_are_computed_in_one_batch(fake_entry: ModelEntry) -> None:
+    async def scenario() -> None:
+        runtime = CountingSlowRuntime(fake_entry, batch_s=0.2)
+        async with serving(runtime) as served:
+            replies = await asyncio.gather(
+                *(served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE)) for _ in range(4))
+            )
+            assert all(reply.topk for reply in replies)
+            sizes = served.server.service.batcher.batch_sizes
+            assert max(sizes) >= 2, sizes  # one ran alone (idle fast path), the rest in one batch
+
+    run(scenario())

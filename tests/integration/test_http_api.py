@@ -172,3 +172,22 @@ def test_shutdown_while_loading_is_clean(fake_entry: ModelEntry) -> None:
         service = client.app.state.service  # type: ignore[attr-defined]
     assert runtime.closed
     assert service.state.value == "stopped"
+
+
+def test_concurrent_requests_are_computed_in_one_batch(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = SlowRuntime(fake_entry, batch_s=0.2)
+    client = app_client(runtime)
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(
+            pool.map(
+                lambda _: client.post("/predict/file", files={"file": ("r.png", RED)}).status_code, range(4)
+            )
+        )
+    assert codes == [200] * 4
+    sizes = client.app.state.service.batcher.batch_sizes  # type: ignore[attr-defined]
+    assert max(sizes) >= 2, sizes  # the first ran alone (idle fast path); the rest queued behind it
+    assert any(shape[0] >= 2 for shape in runtime.batches)

@@ -162,6 +162,9 @@ def create_app(
         max_image_pixels=settings.max_image_pixels,
         preprocess_workers=settings.resolved_preprocess_workers(),
         default_topk=settings.default_topk,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        max_queue_size=settings.max_queue_size,
     )
 
     async def load_model() -> None:

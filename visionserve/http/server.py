@@ -72,7 +72,11 @@ def serve(backend: str) -> int:
         failed.append(exc)
         server.should_exit = True
 
-    app = create_app(server_settings, runtime, on_fatal=on_fatal)
+    try:
+        app = create_app(server_settings, runtime, on_fatal=on_fatal)
+    except ConfigurationError as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
     config = uvicorn.Config(
         app,
         log_config=None,

@@ -1,0 +1,192 @@
+"""`DynamicBatcher`: groups single-image requests into batches for one runtime.
+
+asyncio inside the server process: one future per request, one background task that forms a batch
+when `max_batch_size` requests are waiting or `max_queue_delay_s` has passed since the first
+request of the batch arrived (that deadline is fixed once, from `time.monotonic()`), runs the batch
+in the runtime's worker thread and splits the rows back to the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from visionserve.errors import ErrorCode, VisionError
+
+logger = logging.getLogger(__name__)
+
+RunBatch = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending:
+    tensor: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued_at: float
+    deadline: float | None = None  # time.monotonic() after which the answer is useless
+    done: bool = field(default=False)
+
+
+class DynamicBatcher:
+    """Batches `submit()`ted items for `run_batch`, one batch at a time on `executor`.
+
+    Inputs: one preprocessed item per `submit` (e.g. float32 (3, H, W)); `run_batch` gets them
+    stacked on a new first axis and returns one output row per item. Outputs: each caller gets its
+    own row. Thread-safety: every method must be called on one event loop; `run_batch` runs in
+    `executor` (one thread for one runtime instance), never on the loop.
+
+    A full queue rejects at once (OVERLOADED, a 503/UNAVAILABLE with Retry-After); a cancelled
+    caller or one whose deadline has passed is dropped before its item is computed; a failing
+    `run_batch` fails only the callers of that batch.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        executor: Executor,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 128,
+    ):
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running_batch = False
+        # NOTE: held while the runtime thread computes (a batch, or a `run_exclusive` job), so that
+        # items stay in this queue, where a cancelled or expired one can still be dropped, rather
+        # than waiting in the executor's queue, where it cannot.
+        self._runtime_lock = asyncio.Lock()
+        self._closed = False
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        """How many batches of each size ran (for tests and metrics)."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting, not yet in a batch."""
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running on the runtime thread."""
+        return not self._queue and not self._running_batch and not self._runtime_lock.locked()
+
+    async def run_exclusive(self, function: Callable[..., T], *args: object) -> T:
+        """Run `function(*args)` on the runtime's executor between batches (the idle fast path:
+        one request decoded and computed in a single hand-off)."""
+        async with self._runtime_lock:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    def start(self) -> None:
+        """Start the background task (on the running loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
+
+    async def submit(self, tensor: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        """Queue one item and wait for its output row."""
+        if self._closed:
+            raise VisionError(ErrorCode.NOT_READY, "the server is shutting down", retry_after_s=None)
+        if len(self._queue) >= self.max_queue_size:
+            raise VisionError(
+                ErrorCode.OVERLOADED,
+                f"the server is at capacity ({self.max_queue_size} requests queued; setting "
+                "VISION_MAX_QUEUE_SIZE); retry shortly",
+                retry_after_s=1,
+            )
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(tensor, future, time.monotonic(), deadline))
+        self._wakeup.set()
+        return await future  # cancelling the caller cancels the future: the loop skips it
+
+    async def stop(self) -> None:
+        """Refuse new items, compute the ones already queued, then end the background task."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def _take_live(self, now: float) -> list[_Pending]:
+        """Pop up to max_batch_size items, dropping cancelled and expired ones."""
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue.popleft()
+            if item.future.done():  # cancelled by its caller (client went away)
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(
+                    VisionError(
+                        ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued"
+                    )
+                )
+                continue
+            batch.append(item)
+        return batch
+
+    def _live_count(self) -> int:
+        return sum(1 for item in self._queue if not item.future.done())
+
+    async def _loop(self) -> None:
+        try:
+            await self._serve()
+        finally:  # ended (stop) or broken: nobody may wait forever
+            while self._queue:
+                item = self._queue.popleft()
+                if not item.future.done():
+                    item.future.set_exception(VisionError(ErrorCode.NOT_READY, "the server is shutting down"))
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # NOTE: the batch's deadline is fixed once, from the first waiting item's arrival on
+            # the monotonic clock (a wall-clock timeout fired early in MLServer#1936).
+            batch_deadline = self._queue[0].enqueued_at + self.max_queue_delay_s
+            while self._live_count() < self.max_batch_size and not self._closed:
+                remaining = batch_deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            async with self._runtime_lock:
+                batch = self._take_live(time.monotonic())
+                if not batch:
+                    continue
+                self._running_batch = True
+                try:
+                    outputs = await loop.run_in_executor(
+                        self.executor, self.run_batch, np.stack([b.tensor for b in batch])
+                    )
+                except Exception as exc:
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                else:
+                    self.batch_sizes[len(batch)] += 1
+                    for item, row in zip(batch, outputs, strict=True):
+                        if not item.future.done():
+                            item.future.set_result(row)
+                finally:
+                    self._running_batch = False
