@@ -114,3 +114,26 @@ def test_validation_order_and_lifecycle(fake_entry: ModelEntry) -> None:
         assert stopped.value.code is ErrorCode.NOT_READY
 
     asyncio.run(scenario())
+
+
+def test_batching_knobs_come_from_the_model_config_and_env_overrides(fake_entry: ModelEntry) -> None:
+    from visionserve.errors import ConfigurationError
+
+    default = InferenceService(FakeRuntime(fake_entry), max_image_pixels=10**6, preprocess_workers=1)
+    assert default.batcher.max_batch_size == 8  # the fake entry's config.json
+    assert default.batcher.max_queue_delay_s == 0.0 and default.batcher.max_queue_size == 128
+    tuned = InferenceService(
+        FakeRuntime(fake_entry),
+        max_image_pixels=10**6,
+        preprocess_workers=1,
+        max_batch_size=4,
+        max_queue_delay_us=2000,
+        max_queue_size=16,
+    )
+    assert tuned.batcher.max_batch_size == 4
+    assert tuned.batcher.max_queue_delay_s == pytest.approx(0.002)
+    assert tuned.batcher.max_queue_size == 16
+    with pytest.raises(ConfigurationError, match="VISION_MAX_BATCH_SIZE=64 is above the max_batch_size 8"):
+        InferenceService(
+            FakeRuntime(fake_entry), max_image_pixels=10**6, preprocess_workers=1, max_batch_size=64
+        )
