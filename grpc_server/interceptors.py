@@ -1,4 +1,4 @@
-"""Server interceptor: one log line per call with method, status code and latency."""
+"""Server interceptor: one log line and the request metrics per call (method, status, latency)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from visionserve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,11 @@ def _code(context: Any, failed: BaseException | None) -> str:
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Logs `<method> <status> <ms>` at INFO for every unary and streaming call."""
+    """Logs `<method> <status> <ms>` at INFO for every unary and streaming call, and counts and
+    times it in `metrics` when given."""
+
+    def __init__(self, metrics: Metrics | None = None):
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -39,9 +45,12 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = details.method
 
         def log(context: Any, started: float, failed: BaseException | None) -> None:
-            logger.info(
-                "%s %s %.2f ms", method, _code(context, failed), (time.perf_counter() - started) * 1e3
-            )
+            elapsed = time.perf_counter() - started
+            code = _code(context, failed)
+            logger.info("%s %s %.2f ms", method, code, elapsed * 1e3)
+            if self.metrics is not None:
+                self.metrics.requests.labels("grpc", method, code).inc()
+                self.metrics.request_latency.labels("grpc", method).observe(elapsed)
 
         if handler.unary_unary:
             inner = handler.unary_unary

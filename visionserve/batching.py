@@ -21,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 
 from visionserve.errors import ErrorCode, VisionError
+from visionserve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 128,
+        metrics: Metrics | None = None,
     ):
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -66,6 +68,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.metrics = metrics
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +107,7 @@ class DynamicBatcher:
         if self._closed:
             raise VisionError(ErrorCode.NOT_READY, "the server is shutting down", retry_after_s=None)
         if len(self._queue) >= self.max_queue_size:
+            self._count_rejected("queue_full")
             raise VisionError(
                 ErrorCode.OVERLOADED,
                 f"the server is at capacity ({self.max_queue_size} requests queued; setting "
@@ -112,6 +116,7 @@ class DynamicBatcher:
             )
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(tensor, future, time.monotonic(), deadline))
+        self._set_depth()
         self._wakeup.set()
         return await future  # cancelling the caller cancels the future: the loop skips it
 
@@ -129,6 +134,7 @@ class DynamicBatcher:
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
             if item.future.done():  # cancelled by its caller (client went away)
+                self._count_rejected("cancelled")
                 continue
             if item.deadline is not None and now >= item.deadline:
                 item.future.set_exception(
@@ -136,9 +142,21 @@ class DynamicBatcher:
                         ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued"
                     )
                 )
+                self._count_rejected("deadline")
                 continue
             batch.append(item)
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(now - item.enqueued_at)
+        self._set_depth()
         return batch
+
+    def _count_rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
 
     def _live_count(self) -> int:
         return sum(1 for item in self._queue if not item.future.done())

@@ -19,6 +19,7 @@ import numpy as np
 
 from visionserve.batching import DynamicBatcher
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
+from visionserve.metrics import Metrics
 from visionserve.payloads import decode_base64
 from visionserve.postprocessing import ClassScore, postprocess
 from visionserve.preprocessing import ImagePreprocessor
@@ -74,6 +75,7 @@ class InferenceService:
         max_batch_size: int | None = None,
         max_queue_delay_us: int | None = None,
         max_queue_size: int | None = None,
+        metrics: Metrics | None = None,
     ):
         self.runtime = runtime
         self.model = runtime.model
@@ -84,6 +86,7 @@ class InferenceService:
         self._preprocess_pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
         self._runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="runtime")
         self._runtime_jobs = 0  # requests between preprocessing and answer (event loop only)
+        self.metrics = metrics or Metrics()
         config = self.model.config
         batch = max_batch_size or config.max_batch_size
         if batch > config.max_batch_size:
@@ -99,6 +102,7 @@ class InferenceService:
             max_batch_size=batch,
             max_queue_delay_s=delay_us / 1e6,
             max_queue_size=max_queue_size or config.max_queue_size,
+            metrics=self.metrics,
         )
 
     @property
@@ -238,6 +242,7 @@ class InferenceService:
         return self._run(tensor[np.newaxis]), preprocess_s
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
         try:
             scores = self.runtime.predict_batch(batch)
         except Exception as exc:
@@ -246,6 +251,9 @@ class InferenceService:
         if scores.ndim != 2 or scores.shape[0] != batch.shape[0] or scores.shape[1] != self.num_classes:
             logger.error("runtime returned shape %s for a batch of %d", scores.shape, len(batch))
             raise VisionError(ErrorCode.INTERNAL, "inference returned a malformed result")
+        if self.ready:  # warm-up batches are not traffic
+            self.metrics.compute_time.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(batch))
         return scores
 
     def describe(self) -> dict[str, object]:

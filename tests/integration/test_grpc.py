@@ -1312,5 +1312,22 @@ def test_concurrent_calls_are_computed_in_one_batch(fake_entry: ModelEntry) -> N
             assert all(reply.topk for reply in replies)
             sizes = served.server.service.batcher.batch_sizes
             assert max(sizes) >= 2, sizes  # one ran alone (idle fast path), the rest in one batch
+            text = served.server.service.metrics.render()[0].decode()
+            assert "visionserve_batch_size_sum 4.0" in text
+            await until(lambda: _grpc_ok_count(served) == 4, "the interceptor to count 4 OK calls")
 
     run(scenario())
+
+
+def _grpc_ok_count(served: Served) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = served.server.service.metrics.render()[0].decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "visionserve_requests_total"
+        and sample.labels
+        == {"protocol": "grpc", "endpoint": "/visionserve.v1.Inference/Predict", "status": "OK"}
+    )

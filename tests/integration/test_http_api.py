@@ -191,3 +191,42 @@ def test_concurrent_requests_are_computed_in_one_batch(
     sizes = client.app.state.service.batcher.batch_sizes  # type: ignore[attr-defined]
     assert max(sizes) >= 2, sizes  # the first ran alone (idle fast path); the rest queued behind it
     assert any(shape[0] >= 2 for shape in runtime.batches)
+    # and /metrics says so: fewer batches than requests, at least one batch of 2 or more
+    samples = _metrics(client)
+    assert samples[("visionserve_batch_size_count", ())] < 4
+    assert (
+        samples[("visionserve_batch_size_bucket", (("le", "1.0"),))]
+        < samples[("visionserve_batch_size_count", ())]
+    )
+    assert samples[("visionserve_batch_size_sum", ())] == 4
+
+
+def _metrics(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_by_endpoint_and_status(fake_client: TestClient) -> None:
+    for _ in range(3):
+        assert fake_client.post("/predict/file", files={"file": ("r.png", RED)}).status_code == 200
+    assert fake_client.post("/predict/file", files={"file": ("x.png", b"not an image")}).status_code == 400
+    assert fake_client.get("/nope").status_code == 404
+    samples = _metrics(fake_client)
+    ok = (("endpoint", "/predict/file"), ("protocol", "http"), ("status", "200"))
+    bad = (("endpoint", "/predict/file"), ("protocol", "http"), ("status", "400"))
+    assert samples[("visionserve_requests_total", ok)] == 3
+    assert samples[("visionserve_requests_total", bad)] == 1
+    unmatched = (("endpoint", "unmatched"), ("protocol", "http"), ("status", "404"))
+    assert samples[("visionserve_requests_total", unmatched)] == 1
+    latency = (("endpoint", "/predict/file"), ("protocol", "http"))
+    assert samples[("visionserve_request_latency_seconds_count", latency)] == 4
+    assert samples[("visionserve_batch_size_sum", ())] == 3  # warm-up batches are not counted
+    assert samples[("visionserve_compute_time_seconds_count", ())] == 3
+    assert samples[("visionserve_queue_depth", ())] == 0

@@ -11,13 +11,14 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionserve import __version__
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
 from visionserve.http.limits import BodySizeLimit
+from visionserve.http.observe import RequestMetrics
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.schemas import (
     B64PredictRequest,
@@ -202,6 +203,7 @@ def create_app(
     app.state.service = service
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every answer
     _install_error_handlers(app)
 
     example = _example_image_base64()
@@ -278,6 +280,13 @@ def create_app(
     async def models() -> ModelsResponse:
         """The served model: name, task, input size, labels count, runtime and device."""
         return ModelsResponse(models=[ModelInfo.model_validate(service.describe())])
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics: requests, latency, queue time, batch size, compute time, queue
+        depth, rejections."""
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict[str, str]:
