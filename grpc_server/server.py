@@ -46,15 +46,7 @@ class GrpcServer:
 
     def __init__(self, settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime):
         self.settings = settings
-        self.service = InferenceService(
-            runtime,
-            max_image_pixels=server_settings.max_image_pixels,
-            preprocess_workers=server_settings.resolved_preprocess_workers(),
-            default_topk=server_settings.default_topk,
-            max_batch_size=server_settings.max_batch_size,
-            max_queue_delay_us=server_settings.max_queue_delay_us,
-            max_queue_size=server_settings.max_queue_size,
-        )
+        self.service = InferenceService.from_settings(runtime, server_settings)
         limit = settings.max_message_bytes
         # NOTE: the transport accepts up to twice the limit so that the servicer, not gRPC core,
         # refuses messages just over it, with a message naming the setting; beyond that, core

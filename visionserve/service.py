@@ -24,6 +24,7 @@ from visionserve.payloads import decode_base64
 from visionserve.postprocessing import ClassScore, postprocess
 from visionserve.preprocessing import ImagePreprocessor
 from visionserve.runtimes.base import ModelRuntime
+from visionserve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,19 @@ class InferenceService:
             max_queue_delay_s=delay_us / 1e6,
             max_queue_size=max_queue_size or config.max_queue_size,
             metrics=self.metrics,
+        )
+
+    @classmethod
+    def from_settings(cls, runtime: ModelRuntime, settings: ServerSettings) -> InferenceService:
+        """The service as every front door builds it: limits, pool and batching from `settings`."""
+        return cls(
+            runtime,
+            max_image_pixels=settings.max_image_pixels,
+            preprocess_workers=settings.resolved_preprocess_workers(),
+            default_topk=settings.default_topk,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            max_queue_size=settings.max_queue_size,
         )
 
     @property

@@ -158,15 +158,7 @@ def create_app(
     answers at once and `/health/ready` turns 200 when the model can serve. If loading fails,
     `on_fatal` is called with the error (the entrypoint exits); readiness stays 503.
     """
-    service = InferenceService(
-        runtime,
-        max_image_pixels=settings.max_image_pixels,
-        preprocess_workers=settings.resolved_preprocess_workers(),
-        default_topk=settings.default_topk,
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_us=settings.max_queue_delay_us,
-        max_queue_size=settings.max_queue_size,
-    )
+    service = InferenceService.from_settings(runtime, settings)
 
     async def load_model() -> None:
         try:
