@@ -5,7 +5,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib import resources
 from typing import Annotated, Any, TypeVar
 
@@ -108,6 +108,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 
 
 def _json_body(model: type[BaseModel], example: dict[str, object]) -> dict[str, Any]:
@@ -131,6 +132,28 @@ def _parse_json(model: type[ModelT], body: bytes) -> ModelT:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, ResultT]) -> ResultT:
+    """Await `work`, cancelling it if the client disconnects first.
+
+    NOTE: once the body is read, the ASGI `receive` waits until the client goes away; a request
+    that is cancelled while it waits in the batcher's queue is dropped there, never computed.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 def _response(result: InferenceResult, started: float) -> JSONResponse:
@@ -205,7 +228,9 @@ def create_app(
     ) -> JSONResponse:
         started = time.perf_counter()
         body = _parse_json(schema, await request.body())
-        result = await service.predict(getattr(body, field), topk=body.topk, model=body.model, field=field)
+        result = await _unless_disconnected(
+            request, service.predict(getattr(body, field), topk=body.topk, model=body.model, field=field)
+        )
         return _response(result, started)
 
     # NOTE: the JSON endpoints parse their body with pydantic's JSON parser (`model_validate_json`)
@@ -235,6 +260,7 @@ def create_app(
 
     @app.post("/predict/file", response_model=PredictResponse, responses=_ERROR_RESPONSES, tags=["predict"])
     async def predict_file(
+        request: Request,
         file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
         topk: Annotated[int | None, Query(ge=1, description="How many classes to return.")] = None,
         model: Annotated[str | None, Query(description="Model to use; default: the served model.")] = None,
@@ -242,7 +268,7 @@ def create_app(
         """Classify an uploaded image file (multipart/form-data, field `file`)."""
         started = time.perf_counter()
         image = await file.read()
-        result = await service.predict(image, topk=topk, model=model)
+        result = await _unless_disconnected(request, service.predict(image, topk=topk, model=model))
         return _response(result, started)
 
     @app.get("/health/live", response_model=HealthStatus, response_model_exclude_none=True, tags=["health"])
