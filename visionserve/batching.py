@@ -201,6 +201,13 @@ class DynamicBatcher:
                     for item in batch:
                         if not item.future.done():
                             item.future.set_exception(exc)
+                except BaseException:  # the batcher itself is cancelled: its callers must not hang
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(
+                                VisionError(ErrorCode.NOT_READY, "the server is shutting down")
+                            )
+                    raise
                 else:
                     self.batch_sizes[len(batch)] += 1
                     for item, row in zip(batch, outputs, strict=True):
