@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import DEFAULT_MODEL, ROOT, photo_bytes
+from tests.processes import ServiceProcess
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -23,31 +24,15 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-BANNER = re.compile(r" on (127\.0\.0\.1):(\d+)\s*$")
+BANNER = re.compile(r" on (127\.0\.0\.1:\d+)\s*$")
 
 
-class GrpcProcess:
-    """`python -m grpc_server`; its stdout is read until the banner gives the address."""
+class GrpcProcess(ServiceProcess):
+    """`python -m grpc_server`; `target` (host:port) comes from its banner."""
 
     def __init__(self, env: dict[str, str]):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "grpc_server"],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.target = ""
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            match = BANNER.search(line)
-            if match:
-                self.target = f"{match.group(1)}:{match.group(2)}"
-                break
-        assert self.target, "no banner:\n" + "".join(self.lines)
+        super().__init__("grpc_server", env, BANNER)
+        self.target = self.address
         assert int(self.target.rsplit(":", 1)[1]) > 0, "the banner shows port 0, not the bound port"
 
     def wait_serving(self, channel: grpc.Channel, timeout_s: float = 120) -> None:
@@ -66,21 +51,6 @@ class GrpcProcess:
             assert set(statuses) <= {SERVING, NOT_SERVING}, statuses
             time.sleep(0.05)
         raise AssertionError(f"not SERVING in {timeout_s} s")
-
-    def stop(self, sig: int, timeout_s: float = 10) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout_s)
-
-    def output(self) -> str:
-        """Everything the process printed (kills it first if it still runs)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        assert self.process.stdout is not None
-        if not self.process.stdout.closed:
-            self.lines.append(self.process.stdout.read())
-            self.process.stdout.close()
-        self.process.wait()
-        return "".join(self.lines)
 
 
 def _env(real_repository: Path, **extra: str) -> dict[str, str]:

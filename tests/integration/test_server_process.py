@@ -15,34 +15,19 @@ import httpx2
 import pytest
 
 from tests.conftest import DEFAULT_MODEL, ROOT, photo_bytes
+from tests.processes import ServiceProcess
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 BANNER = re.compile(r"on (http://127\.0\.0\.1:\d+)")
 
 
-class Server:
-    """A service subprocess; its stdout is read until the banner gives the URL."""
+class Server(ServiceProcess):
+    """An HTTP deployable; `url` comes from its banner."""
 
     def __init__(self, module: str, env: dict[str, str]):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.url = ""
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            match = BANNER.search(line)
-            if match:
-                self.url = match.group(1)
-                break
-        assert self.url, "no banner:\n" + "".join(self.lines)
+        super().__init__(module, env, BANNER)
+        self.url = self.address
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -55,21 +40,6 @@ class Server:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"not ready in {timeout_s} s")
-
-    def stop(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=30)
-
-    def output(self) -> str:
-        """Everything the process printed (kills it first if it still runs)."""
-        if self.process.poll() is None:
-            self.process.kill()
-        assert self.process.stdout is not None
-        if not self.process.stdout.closed:
-            self.lines.append(self.process.stdout.read())
-            self.process.stdout.close()
-        self.process.wait()
-        return "".join(self.lines)
 
 
 def _env(real_repository: Path, **extra: str) -> dict[str, str]:
