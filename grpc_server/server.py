@@ -22,8 +22,7 @@ from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.servicer import InferenceServicer
 from visionserve.errors import ConfigurationError
 from visionserve.http.server import configure_logging
-from visionserve.repository import ModelRepository
-from visionserve.runtimes import create_runtime
+from visionserve.runtimes import runtime_from_settings
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.service import InferenceService
 from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
@@ -151,8 +150,7 @@ def main() -> int:
         return 2
     configure_logging(server_settings.log_level)
     try:
-        entry = ModelRepository(model_settings.model_repository).get(model_settings.model_name)
-        runtime = create_runtime(entry, model_settings)
+        runtime = runtime_from_settings(model_settings)
         return asyncio.run(serve(settings, server_settings, runtime))
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)

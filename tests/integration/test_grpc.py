@@ -50,6 +50,7 @@ from tests.fixtures import FAKE_CLASSES, FailingRuntime, FakeRuntime, SlowRuntim
 from tests.integration.test_http_bad_input import (
     GOOD_IMAGE,
     MODES,
+    NOT_IMAGES,
     RED,
     WHITE,
     RecordingRuntime,
@@ -894,16 +895,7 @@ def test_shutdown_grace_expiry_cancels_the_rest(fake_entry: ModelEntry) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(
-    "data",
-    [
-        np.random.default_rng(2).bytes(2048),
-        b"hello, I am plain text, not a picture\n",
-        b"\x89PNG\r\n\x1a\n",
-        b"<svg xmlns='http://www.w3.org/2000/svg' width='1' height='1'/>",
-    ],
-    ids=["random", "text", "png-magic-only", "svg"],
-)
+@pytest.mark.parametrize("data", list(NOT_IMAGES.values()), ids=list(NOT_IMAGES))
 def test_not_an_image(fake_entry: ModelEntry, method: str, data: bytes) -> None:
     async def scenario() -> None:
         async with serving(FakeRuntime(fake_entry)) as served:

@@ -209,17 +209,17 @@ def test_data_url_and_wrapped_base64_are_accepted(fake_client: TestClient, endpo
 # --- not an image, truncated, unsupported -------------------------------------------------------
 
 
+NOT_IMAGES = {
+    "random": np.random.default_rng(2).bytes(2048),
+    "text": b"hello, I am plain text, not a picture\n",
+    "png-magic-only": b"\x89PNG\r\n\x1a\n",
+    "svg": b"<svg xmlns='http://www.w3.org/2000/svg' width='1' height='1'/>",
+}
+"""Bytes that are not an image in an accepted format (shared with the gRPC tests)."""
+
+
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-@pytest.mark.parametrize(
-    "data",
-    [
-        np.random.default_rng(2).bytes(2048),
-        b"hello, I am plain text, not a picture\n",
-        b"\x89PNG\r\n\x1a\n",
-        b"<svg xmlns='http://www.w3.org/2000/svg' width='1' height='1'/>",
-    ],
-    ids=["random", "text", "png-magic-only", "svg"],
-)
+@pytest.mark.parametrize("data", list(NOT_IMAGES.values()), ids=list(NOT_IMAGES))
 def test_not_an_image(fake_client: TestClient, endpoint: str, data: bytes) -> None:
     response = post_image(fake_client, endpoint, data)
     assert_rejected(fake_client, response, 400, "invalid_image", "not an image", "JPEG", "PNG")

@@ -11,8 +11,7 @@ import uvicorn
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
-from visionserve.repository import ModelRepository
-from visionserve.runtimes import create_runtime
+from visionserve.runtimes import runtime_from_settings
 from visionserve.settings import ModelSettings, ServerSettings, from_env
 
 logger = logging.getLogger(__name__)
@@ -59,8 +58,7 @@ def serve(backend: str) -> int:
         return 2
     configure_logging(server_settings.log_level)
     try:
-        entry = ModelRepository(model_settings.model_repository).get(model_settings.model_name)
-        runtime = create_runtime(entry, model_settings)
+        runtime = runtime_from_settings(model_settings)
         sock = _bind(server_settings.host, server_settings.port)
     except (ConfigurationError, OSError) as exc:
         logger.error("cannot start: %s", exc)
@@ -88,7 +86,7 @@ def serve(backend: str) -> int:
     )
     server = uvicorn.Server(config)
     port = sock.getsockname()[1]
-    print(_banner(server_settings.host, port, backend, entry.name), flush=True)
+    print(_banner(server_settings.host, port, backend, runtime.model.name), flush=True)
     # NOTE: uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal so that the
     # previous handler runs; these handlers turn that into a clean exit (status 0, no traceback).
     previous = signal.signal(signal.SIGTERM, _stop)

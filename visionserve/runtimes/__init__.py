@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from visionserve.repository import ModelEntry
+from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ModelSettings
 
-__all__ = ["ModelRuntime", "create_runtime"]
+__all__ = ["ModelRuntime", "create_runtime", "runtime_from_settings"]
 
 
 def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
@@ -21,3 +21,9 @@ def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
     from visionserve.runtimes.torch import TorchRuntime
 
     return TorchRuntime(model, device=settings.device, threads=threads, compile=settings.torch_compile)
+
+
+def runtime_from_settings(settings: ModelSettings) -> ModelRuntime:
+    """The runtime for the model that `settings` name (repository entry read and checked)."""
+    entry = ModelRepository(settings.model_repository).get(settings.model_name)
+    return create_runtime(entry, settings)
