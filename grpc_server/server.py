@@ -13,10 +13,12 @@ import contextlib
 import logging
 import signal
 import sys
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_wsgi_server
 
 from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.servicer import InferenceServicer
@@ -68,6 +70,8 @@ class GrpcServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: WSGIServer | None = None
         self.loaded: asyncio.Task[None] | None = None
 
     async def _set_health(self, status: int) -> None:
@@ -80,9 +84,23 @@ class GrpcServer:
         if self.port == 0:
             raise ConfigurationError(f"cannot bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._set_health(NOT_SERVING)
+        if self.settings.metrics:
+            self._start_metrics()
         await self.server.start()
         self.loaded = asyncio.create_task(self._load())
         return self.port
+
+    def _start_metrics(self) -> None:
+        """GET /metrics over plain HTTP, in a daemon thread (Prometheus cannot scrape gRPC)."""
+        host, port = self.settings.host, self.settings.metrics_port
+        try:
+            self._metrics_server, _ = start_wsgi_server(port, host, registry=self.service.metrics.registry)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve gRPC metrics on {host}:{port} ({exc.strerror}); set "
+                "VISION_GRPC_METRICS_PORT to a free port (0 picks one) or VISION_GRPC_METRICS=false"
+            ) from exc
+        self.metrics_port = int(self._metrics_server.server_address[1])
 
     async def _load(self) -> None:
         await self.service.start()
@@ -98,6 +116,10 @@ class GrpcServer:
                 await self.loaded
         await self.server.stop(grace)
         await self.service.stop()
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
+            self._metrics_server = None
 
 
 async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime) -> int:
@@ -117,6 +139,8 @@ async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime
         "  stop:   Ctrl-C\n",
         flush=True,
     )
+    if grpc_server.metrics_port:
+        print(f"visionserve gRPC metrics on http://{shown}:{grpc_server.metrics_port}/metrics\n", flush=True)
     assert grpc_server.loaded is not None
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({grpc_server.loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)

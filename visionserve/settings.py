@@ -157,3 +157,10 @@ class GrpcSettings(BaseSettings):
 
     grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
+
+    metrics: bool = True
+    """Serve the gRPC process's Prometheus metrics over HTTP (`GET /metrics`, same names as the
+    HTTP API's), on `metrics_port` of `host`."""
+
+    metrics_port: int = Field(default=8002, ge=0, le=65535)
+    """Port of the gRPC process's metrics endpoint; 0 picks a free one (announced at start)."""

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from tests.integration.test_http_bad_input import (
     WrongShapeRuntime,
     truncated_jpeg,
 )
-from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ErrorCode
+from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import GrpcSettings, ServerSettings
@@ -100,7 +101,7 @@ async def serving(
 ) -> AsyncIterator[Served]:
     """Start a GrpcServer on 127.0.0.1:0 (waiting for the model unless `ready=False`), open a channel;
     on exit close the channel and stop the server (stopping twice is allowed)."""
-    settings = GrpcSettings(host="127.0.0.1", port=0, **(grpc_settings or {}))
+    settings = GrpcSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **(grpc_settings or {})})
     server = GrpcServer(settings, ServerSettings(preprocess_workers=2, **server_settings), runtime)
     port = await server.start()
     assert port > 0
@@ -1304,17 +1305,50 @@ def test_concurrent_calls_are_computed_in_one_batch(fake_entry: ModelEntry) -> N
             assert all(reply.topk for reply in replies)
             sizes = served.server.service.batcher.batch_sizes
             assert max(sizes) >= 2, sizes  # one ran alone (idle fast path), the rest in one batch
-            text = served.server.service.metrics.render()[0].decode()
+            text = await asyncio.to_thread(_scrape, served)
             assert "visionserve_batch_size_sum 4.0" in text
             await until(lambda: _grpc_ok_count(served) == 4, "the interceptor to count 4 OK calls")
 
     run(scenario())
 
 
+def test_metrics_endpoint_stops_with_the_server_and_a_taken_port_is_a_clear_error(
+    fake_entry: ModelEntry,
+) -> None:
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry)) as served:
+            port = served.server.metrics_port
+            assert "visionserve_queue_depth 0.0" in await asyncio.to_thread(_scrape, served)
+            taken = GrpcServer(
+                GrpcSettings(host="127.0.0.1", port=0, metrics_port=port),
+                ServerSettings(),
+                FakeRuntime(fake_entry),
+            )
+            with pytest.raises(ConfigurationError, match="VISION_GRPC_METRICS_PORT"):
+                await taken.start()
+            await taken.stop(grace_s=0)
+        with pytest.raises(OSError):  # refused: the endpoint closed with the server
+            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", None, 2)
+        async with serving(FakeRuntime(fake_entry), grpc_settings={"metrics": False}) as served:
+            assert served.server.metrics_port == 0
+
+    run(scenario())
+
+
+def _scrape(served: Served) -> str:
+    """GET /metrics from the gRPC process's metrics endpoint, as Prometheus would."""
+    port = served.server.metrics_port
+    assert port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        return str(reply.read().decode())
+
+
 def _grpc_ok_count(served: Served) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = served.server.service.metrics.render()[0].decode()
+    text = _scrape(served)
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)

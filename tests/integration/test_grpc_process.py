@@ -54,7 +54,12 @@ class GrpcProcess(ServiceProcess):
 
 
 def _env(real_repository: Path, **extra: str) -> dict[str, str]:
-    return {"VISION_GRPC_PORT": "0", "VISION_MODEL_REPOSITORY": str(real_repository), **extra}
+    return {
+        "VISION_GRPC_PORT": "0",
+        "VISION_GRPC_METRICS_PORT": "0",
+        "VISION_MODEL_REPOSITORY": str(real_repository),
+        **extra,
+    }
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ def test_stack_starts_both_apis_and_ctrl_c_stops_all(real_repository: Path) -> N
         "VISION_MODEL_REPOSITORY": str(real_repository),
         "VISION_PORT": str(http_port),
         "VISION_GRPC_PORT": str(grpc_port),
+        "VISION_GRPC_METRICS_PORT": "0",
         "PYTHONUNBUFFERED": "1",
     }
     process = subprocess.Popen(

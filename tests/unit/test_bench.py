@@ -522,7 +522,9 @@ def test_raw_client_reconnects_when_the_server_closed_an_idle_connection(tmp_pat
 
 async def _with_fake_grpc_server(tmp_path: Path, scenario: Callable[[str], Awaitable[T]]) -> T:
     """Run `scenario(target)` against GrpcServer over FakeRuntime on 127.0.0.1, port 0."""
-    server = GrpcServer(GrpcSettings(port=0), ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
+    server = GrpcServer(
+        GrpcSettings(port=0, metrics_port=0), ServerSettings(), FakeRuntime(write_fake_entry(tmp_path))
+    )
     port = await server.start()
     try:
         assert server.loaded is not None

@@ -27,7 +27,7 @@ def target(tmp_path: Path) -> Iterator[str]:
     thread.start()
 
     async def start() -> tuple[GrpcServer, int]:
-        server = GrpcServer(GrpcSettings(port=0), ServerSettings(), runtime)  # on its loop
+        server = GrpcServer(GrpcSettings(port=0, metrics_port=0), ServerSettings(), runtime)  # on its loop
         port = await server.start()
         assert server.loaded is not None
         await server.loaded

@@ -246,7 +246,12 @@ class GrpcServerProcess(ServerProcess):
         return GRPC_MODULE
 
     def listen_env(self) -> dict[str, str]:
-        return {"VISION_BACKEND": self.backend, "VISION_GRPC_HOST": "127.0.0.1", "VISION_GRPC_PORT": "0"}
+        return {
+            "VISION_BACKEND": self.backend,
+            "VISION_GRPC_HOST": "127.0.0.1",
+            "VISION_GRPC_PORT": "0",
+            "VISION_GRPC_METRICS_PORT": "0",
+        }
 
     def announced(self, text: str) -> str | None:
         return grpc_banner_target(text)
