@@ -3,7 +3,8 @@
 asyncio inside the server process: one future per request, one background task that forms a batch
 when `max_batch_size` requests are waiting or `max_queue_delay_s` has passed since the first
 request of the batch arrived (that deadline is fixed once, from `time.monotonic()`), runs the batch
-in the runtime's worker thread and splits the rows back to the callers.
+in one of the runtime's worker threads (one per runtime instance; while every instance is busy,
+requests keep queueing and the next batch takes them all) and splits the rows back to the callers.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Batches `submit()`ted items for `run_batch`, one batch at a time on `executor`.
+    """Batches `submit()`ted items for `run_batch`, at most `instances` batches at a time on
+    `executor`.
 
     Inputs: one preprocessed item per `submit` (e.g. float32 (3, H, W)); `run_batch` gets them
     stacked on a new first axis and returns one output row per item. Outputs: each caller gets its
     own row. Thread-safety: every method must be called on one event loop; `run_batch` runs in
-    `executor` (one thread for one runtime instance), never on the loop.
+    `executor` (give it `instances` threads), never on the loop, and must be safe to call from
+    `instances` threads at once.
 
     A full queue rejects at once (OVERLOADED, a 503/UNAVAILABLE with Retry-After); a cancelled
     caller or one whose deadline has passed is dropped before its item is computed; a failing
@@ -59,24 +62,29 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 128,
+        instances: int = 1,
         metrics: Metrics | None = None,
     ):
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
+            raise ValueError(
+                "max_batch_size, max_queue_size and instances must be >= 1, max_queue_delay_s >= 0"
+            )
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.instances = instances
         self.metrics = metrics
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._running_batch = False
-        # NOTE: held while the runtime thread computes (a batch, or a `run_exclusive` job), so that
-        # items stay in this queue, where a cancelled or expired one can still be dropped, rather
-        # than waiting in the executor's queue, where it cannot.
-        self._runtime_lock = asyncio.Lock()
+        self._batches: set[asyncio.Task[None]] = set()
+        # NOTE: one slot per runtime instance, held while it computes (a batch, or a
+        # `run_exclusive` job), so that items stay in this queue, where a cancelled or expired one
+        # can still be dropped, rather than waiting in the executor's queue, where it cannot.
+        self._slots = asyncio.Semaphore(instances)
+        self._busy = 0
         self._closed = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size ran (for tests and metrics)."""
@@ -88,14 +96,18 @@ class DynamicBatcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting and nothing running on the runtime thread."""
-        return not self._queue and not self._running_batch and not self._runtime_lock.locked()
+        """Nothing waiting, and a runtime instance free."""
+        return not self._queue and self._busy < self.instances
 
     async def run_exclusive(self, function: Callable[..., T], *args: object) -> T:
-        """Run `function(*args)` on the runtime's executor between batches (the idle fast path:
-        one request decoded and computed in a single hand-off)."""
-        async with self._runtime_lock:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        """Run `function(*args)` on a free runtime instance's thread (the idle fast path: one
+        request decoded and computed in a single hand-off)."""
+        async with self._slots:
+            self._busy += 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+            finally:
+                self._busy -= 1
 
     def start(self) -> None:
         """Start the background task (on the running loop)."""
@@ -165,16 +177,21 @@ class DynamicBatcher:
         try:
             await self._serve()
         finally:  # ended (stop) or broken: nobody may wait forever
+            for task in list(self._batches):
+                task.cancel()
+            if self._batches:
+                await asyncio.gather(*self._batches, return_exceptions=True)
             while self._queue:
                 item = self._queue.popleft()
                 if not item.future.done():
                     item.future.set_exception(VisionError(ErrorCode.NOT_READY, "the server is shutting down"))
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
                 if self._closed:
+                    if self._batches:  # stop() returns once every batch has been answered
+                        await asyncio.gather(*self._batches, return_exceptions=True)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -188,30 +205,36 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-            async with self._runtime_lock:
-                batch = self._take_live(time.monotonic())
-                if not batch:
-                    continue
-                self._running_batch = True
-                try:
-                    outputs = await loop.run_in_executor(
-                        self.executor, self.run_batch, np.stack([b.tensor for b in batch])
-                    )
-                except Exception as exc:
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                except BaseException:  # the batcher itself is cancelled: its callers must not hang
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(
-                                VisionError(ErrorCode.NOT_READY, "the server is shutting down")
-                            )
-                    raise
-                else:
-                    self.batch_sizes[len(batch)] += 1
-                    for item, row in zip(batch, outputs, strict=True):
-                        if not item.future.done():
-                            item.future.set_result(row)
-                finally:
-                    self._running_batch = False
+            await self._slots.acquire()  # what queues while every instance is busy joins this batch
+            batch = self._take_live(time.monotonic())
+            if not batch:
+                self._slots.release()
+                continue
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(self._compute(batch), name="batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        """Run one batch on a runtime instance, answer its callers, free the instance."""
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.run_batch, np.stack([b.tensor for b in batch])
+            )
+        except Exception as exc:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        except BaseException:  # the batcher itself is cancelled: its callers must not hang
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(VisionError(ErrorCode.NOT_READY, "the server is shutting down"))
+            raise
+        else:
+            self.batch_sizes[len(batch)] += 1
+            for item, row in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(row)
+        finally:
+            self._busy -= 1
+            self._slots.release()

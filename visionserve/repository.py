@@ -99,6 +99,11 @@ class ModelConfig(BaseModel):
     the previous batch ran)."""
     max_queue_size: int = Field(default=128, ge=1)
     """Requests waiting for the runtime before new ones are refused (503 / UNAVAILABLE)."""
+    instances: int = Field(default=1, ge=1, le=64)
+    """Runtime instances, each computing its own batch at the same time (VISION_INSTANCES)."""
+    threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads per instance (VISION_THREADS); default: the cores shared among the
+    instances on CPU, 1 on CUDA."""
     artefacts: dict[Backend, Artefact]
     provenance: dict[str, object] = Field(default_factory=dict)
     parity: dict[str, object] = Field(default_factory=dict)

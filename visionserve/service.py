@@ -18,6 +18,7 @@ from importlib import resources
 import numpy as np
 
 from visionserve.batching import DynamicBatcher
+from visionserve.cpu import available_cpus, default_preprocess_workers
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.metrics import Metrics
 from visionserve.payloads import decode_base64
@@ -59,11 +60,11 @@ class InferenceResult:
 class InferenceService:
     """Serves one model: validates requests, runs the pipeline off the event loop, reports state.
 
-    Coroutines must be awaited on one event loop. The runtime is driven by a single worker thread,
-    so `predict_batch` is never called concurrently. While other requests are in flight, decode
-    and preprocess run in their own pool, sized to the cores, so that they overlap with
-    inference; a request that finds the service idle is decoded on the runtime thread itself,
-    saving a thread hand-off.
+    Coroutines must be awaited on one event loop. The runtime is driven by one worker thread per
+    runtime instance, each computing one batch at a time. While other requests are in flight,
+    decode and preprocess run in their own pool, so that they overlap with inference; a request
+    that finds nothing queued or being preprocessed and an instance free is decoded on that
+    instance's thread itself, saving a thread hand-off.
     """
 
     def __init__(
@@ -84,9 +85,10 @@ class InferenceService:
         self.default_topk = default_topk
         self.state = ServiceState.CREATED
         self.failure: str | None = None
+        self.preprocess_workers = preprocess_workers
         self._preprocess_pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
-        self._runtime_thread = ThreadPoolExecutor(1, thread_name_prefix="runtime")
-        self._runtime_jobs = 0  # requests between preprocessing and answer (event loop only)
+        self._runtime_thread = ThreadPoolExecutor(runtime.instances, thread_name_prefix="runtime")
+        self._preparing = 0  # requests in the preprocessing pool (event loop only)
         self.metrics = metrics or Metrics()
         config = self.model.config
         batch = max_batch_size or config.max_batch_size
@@ -103,6 +105,7 @@ class InferenceService:
             max_batch_size=batch,
             max_queue_delay_s=delay_us / 1e6,
             max_queue_size=max_queue_size or config.max_queue_size,
+            instances=runtime.instances,
             metrics=self.metrics,
         )
 
@@ -112,7 +115,8 @@ class InferenceService:
         return cls(
             runtime,
             max_image_pixels=settings.max_image_pixels,
-            preprocess_workers=settings.resolved_preprocess_workers(),
+            preprocess_workers=settings.preprocess_workers
+            or default_preprocess_workers(runtime.instances * runtime.threads),
             default_topk=settings.default_topk,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,
@@ -147,11 +151,16 @@ class InferenceService:
             raise
         self.state = ServiceState.READY
         logger.info(
-            "model %s ready on %s/%s in %.1f s",
+            "model %s ready on %s/%s in %.1f s: %d instance(s) x %d intra-op thread(s), %d "
+            "preprocessing thread(s), %d usable core(s)",
             self.model.name,
             self.runtime.backend,
             self.runtime.device,
             time.perf_counter() - started,
+            self.runtime.instances,
+            self.runtime.threads,
+            self.preprocess_workers,
+            available_cpus(),
         )
 
     async def stop(self) -> None:
@@ -217,23 +226,21 @@ class InferenceService:
         k = self.resolve_topk(topk)
         self.check_ready()
         loop = asyncio.get_running_loop()
-        self._runtime_jobs += 1
-        try:
-            if self._runtime_jobs == 1 and self.batcher.idle:
-                # NOTE: nothing else in flight: decode and infer in one hand-off to the runtime
-                # thread. A second hand-off (pool -> runtime thread) cost ~2 ms at concurrency 1
-                # here (p50 18.5 vs 20.6-21.1 ms served). Under load the path below decodes in the
-                # pool, overlapping inference, and the batcher groups what queues up.
-                scores, preprocess_s = await self.batcher.run_exclusive(
-                    self._preprocess_and_run, image, field
-                )
-                preprocessed = started + preprocess_s
-            else:
+        if self._preparing == 0 and self.batcher.idle:
+            # NOTE: nothing queued or being preprocessed, an instance free: decode and infer in one
+            # hand-off to its thread. A second hand-off (pool -> runtime thread) cost ~2 ms at
+            # concurrency 1 here (p50 18.5 vs 20.6-21.1 ms served). Under load the path below
+            # decodes in the pool, overlapping inference, and the batcher groups what queues up.
+            scores, preprocess_s = await self.batcher.run_exclusive(self._preprocess_and_run, image, field)
+            preprocessed = started + preprocess_s
+        else:
+            self._preparing += 1
+            try:
                 tensor = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image, field)
-                preprocessed = time.perf_counter()
-                scores = (await self.batcher.submit(tensor, deadline=deadline))[np.newaxis]
-        finally:
-            self._runtime_jobs -= 1
+            finally:
+                self._preparing -= 1
+            preprocessed = time.perf_counter()
+            scores = (await self.batcher.submit(tensor, deadline=deadline))[np.newaxis]
         inferred = time.perf_counter()
         (predictions,) = postprocess(scores, k, self.model.labels, kind=self.model.config.output.kind)
         finished = time.perf_counter()
@@ -282,5 +289,8 @@ class InferenceService:
             "max_batch_size": config.max_batch_size,
             "runtime": self.runtime.backend,
             "device": self.runtime.device,
+            "instances": self.runtime.instances,
+            "threads": self.runtime.threads,
+            "preprocess_workers": self.preprocess_workers,
             "ready": self.ready,
         }

@@ -60,7 +60,8 @@ class ServerSettings(BaseSettings):
     """Classes returned when a request does not say `topk`."""
 
     preprocess_workers: int | None = Field(default=None, ge=1)
-    """Threads that decode and preprocess images; default: the cores this process may use."""
+    """Threads that decode and preprocess images; default: the cores the runtime's threads leave,
+    at least 1."""
 
     max_batch_size: int | None = Field(default=None, ge=1)
     """Overrides the model's `max_batch_size` (config.json); at most that value, which the
@@ -110,8 +111,13 @@ class ModelSettings(BaseSettings):
     """Where inference runs. `cuda` fails at start, saying what is missing, when it cannot."""
 
     threads: int | None = Field(default=None, ge=1)
-    """Intra-op threads of the runtime; default: the cores this process may use (affinity and
-    cgroup quota)."""
+    """Intra-op threads of each runtime instance; overrides the model's `threads` (config.json).
+    Default: on CPU the cores this process may use (affinity and cgroup quota) shared among the
+    instances, on CUDA 1. Instances x threads may not exceed the cores."""
+
+    instances: int | None = Field(default=None, ge=1, le=64)
+    """Runtime instances computing batches at the same time; overrides the model's `instances`
+    (config.json; default 1). ONNX: one session each; PyTorch: one module called from each."""
 
     torch_compile: bool = True
     """PyTorch runtime only: compile the model with `torch.compile` (inductor, frozen weights)

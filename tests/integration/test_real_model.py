@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,34 @@ def test_batch_axis_is_dynamic(
         np.testing.assert_allclose(whole, singles, atol=1e-4)
 
 
+def _concurrent_answers(runtime: ModelRuntime, batch: np.ndarray, rounds: int = 6) -> list[np.ndarray]:
+    """Each photo's scores, computed by `runtime.instances` threads calling at once."""
+    with ThreadPoolExecutor(runtime.instances) as pool:
+        jobs = [pool.submit(runtime.predict_batch, batch[i : i + 1]) for _ in range(rounds) for i in range(3)]
+        return [job.result() for job in jobs]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_two_instances_compute_at_once_with_the_same_answers(
+    backend: str, onnx_runtime: ModelRuntime, real_entry: ModelEntry
+) -> None:
+    runtime: ModelRuntime = (
+        OnnxRuntime(real_entry, threads=1, instances=2)
+        if backend == "onnx"
+        else TorchRuntime(real_entry, threads=1, instances=2, compile=False)
+    )
+    _loaded(runtime)
+    try:
+        if backend == "onnx":
+            assert isinstance(runtime, OnnxRuntime) and runtime._free.qsize() == 2  # a session each
+        _, batch = _photo_batch(real_entry)
+        expected = [onnx_runtime.predict_batch(batch[i : i + 1]) for i in range(3)]
+        for k, scores in enumerate(_concurrent_answers(runtime, batch)):
+            np.testing.assert_allclose(scores, expected[k % 3], atol=1e-4)
+    finally:
+        runtime.close()
+
+
 def _check_http(client: TestClient) -> None:
     cat = client.post(
         "/predict/file?topk=5", files={"file": ("chelsea.png", photo_bytes("chelsea.png"), "image/png")}
@@ -177,6 +206,11 @@ def test_parity_onnx_vs_compiled_torch(
     _, batch = _photo_batch(real_entry)
     _assert_parity(onnx_runtime.predict_batch(batch), compiled.predict_batch(batch))
     _assert_parity(onnx_runtime.predict_batch(batch[:1]), compiled.predict_batch(batch[:1]))
+    # one compiled module serves every instance's thread: called from two threads at once
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(compiled.predict_batch, [batch[:2], batch[1:3]] * 3))
+    for k, scores in enumerate(both):
+        _assert_parity(onnx_runtime.predict_batch(batch[:2] if k % 2 == 0 else batch[1:3]), scores)
 
 
 def test_pickled_pt2_is_refused(real_entry: ModelEntry, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ async def _until_running(batcher: DynamicBatcher) -> None:
 
 
 async def _with_batcher(recorder: Recorder, scenario, **options):  # type: ignore[no-untyped-def]
-    executor = ThreadPoolExecutor(1)
+    executor = ThreadPoolExecutor(options.get("instances", 1))
     batcher = DynamicBatcher(recorder, executor=executor, **{"max_batch_size": 4, **options})
     batcher.start()
     try:
@@ -192,3 +192,79 @@ def test_stop_drains_what_is_queued_and_refuses_new_items() -> None:
         executor.shutdown()
 
     asyncio.run(scenario())
+
+
+class Concurrency:
+    """A run_batch that holds each batch until released and records how many ran at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.sizes: list[int] = []
+        self.release = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.sizes.append(len(batch))
+        try:
+            assert self.release.wait(10)
+            return batch * 2
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_instances_compute_batches_at_once_and_the_queue_waits_for_a_free_one() -> None:
+    runtime = Concurrency()
+
+    async def running(count: int) -> None:
+        for _ in range(5000):
+            await asyncio.sleep(0.001)
+            if runtime.running == count:
+                return
+        raise AssertionError(f"{runtime.running} batches running, expected {count}")
+
+    async def scenario(batcher: DynamicBatcher) -> list[np.ndarray]:
+        try:
+            first = [asyncio.ensure_future(batcher.submit(_item(0)))]
+            await running(1)
+            assert batcher.idle  # one instance still free
+            first.append(asyncio.ensure_future(batcher.submit(_item(1))))
+            await running(2)  # the second instance starts while the first computes
+            assert not batcher.idle and batcher.queue_depth == 0
+            rest = [asyncio.ensure_future(batcher.submit(_item(i))) for i in range(2, 7)]
+            await asyncio.sleep(0.05)
+            assert batcher.queue_depth == 5  # no instance free: they wait in the queue, droppable
+        finally:
+            runtime.release.set()
+        return await asyncio.gather(*first, *rest)
+
+    results = asyncio.run(_with_batcher(runtime, scenario, max_batch_size=8, instances=2))
+    assert [float(r[0]) for r in results] == [2.0 * i for i in range(7)]
+    assert runtime.peak == 2
+    assert runtime.sizes[:2] == [1, 1] and sum(runtime.sizes) == 7
+    assert len(runtime.sizes) <= 4  # the five that queued went in one or two batches, not five
+
+
+def test_stop_waits_for_every_instance_s_batch() -> None:
+    runtime = Concurrency()
+
+    async def scenario() -> list[np.ndarray]:
+        executor = ThreadPoolExecutor(2)
+        batcher = DynamicBatcher(runtime, executor=executor, max_batch_size=1, instances=2)
+        batcher.start()
+        calls = [asyncio.ensure_future(batcher.submit(_item(i))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # two batches still running, one queued
+        runtime.release.set()
+        await stopping
+        executor.shutdown()
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(scenario())
+    assert [float(r[0]) for r in results] == [0.0, 2.0, 4.0]

@@ -17,17 +17,20 @@ class ModelRuntime(abc.ABC):
     """Runs one model on one device.
 
     Lifecycle: construct (cheap, no I/O) -> `load()` -> `warmup()` -> `predict_batch()` many times.
-    `load` and `warmup` block and are called once, from a worker thread. `predict_batch` is called
-    from one worker thread at a time per instance (the caller serialises calls); it must not be
-    called on the event loop.
+    `load` and `warmup` block and are called once, from a worker thread. `predict_batch` may be
+    called from up to `instances` worker threads at once (the batcher runs one batch per
+    instance), never on the event loop.
     """
 
     backend: str = "abstract"
 
-    def __init__(self, model: ModelEntry, *, device: str = "cpu", threads: int = 1):
+    def __init__(self, model: ModelEntry, *, device: str = "cpu", threads: int = 1, instances: int = 1):
         self.model = model
         self.device = device
         self.threads = threads
+        """Intra-op threads of each instance."""
+        self.instances = instances
+        """Calls of `predict_batch` that may run at once, each with `threads` threads."""
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -56,4 +59,9 @@ class ModelRuntime(abc.ABC):
 
     def describe(self) -> dict[str, object]:
         """Facts about this runtime for /models and logs."""
-        return {"runtime": self.backend, "device": self.device, "threads": self.threads}
+        return {
+            "runtime": self.backend,
+            "device": self.device,
+            "threads": self.threads,
+            "instances": self.instances,
+        }

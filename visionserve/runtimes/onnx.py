@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 
 import numpy as np
 import onnxruntime as ort
@@ -15,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 class OnnxRuntime(ModelRuntime):
-    """Runs `model.onnx` with one `InferenceSession`; the session is reused for every batch."""
+    """Runs `model.onnx` with one `InferenceSession` per instance, each with its own `threads`
+    intra-op threads; a call takes a free session, so `instances` calls can run at once."""
 
     backend = "onnx"
 
@@ -25,11 +27,15 @@ class OnnxRuntime(ModelRuntime):
         *,
         device: str = "cpu",
         threads: int = 1,
+        instances: int = 1,
         allow_spinning: bool = False,
     ):
-        super().__init__(model, device=device, threads=threads)
+        super().__init__(model, device=device, threads=threads, instances=instances)
         self.allow_spinning = allow_spinning
         self._session: ort.InferenceSession | None = None
+        # NOTE: sessions not in use; a caller takes one and puts it back. Concurrent runs on one
+        # session would share its intra-op pool instead of each using `threads` of their own.
+        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         self._input_name = ""
 
     def _providers(self) -> list[str]:
@@ -45,7 +51,13 @@ class OnnxRuntime(ModelRuntime):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def load(self) -> None:
-        """Create the session: all graph optimisations, `threads` intra-op threads, no spinning."""
+        """Create the sessions: all graph optimisations, `threads` intra-op threads, no spinning."""
+        sessions = [self._new_session() for _ in range(self.instances)]
+        for session in sessions:
+            self._free.put(session)
+        self._session = sessions[0]
+
+    def _new_session(self) -> ort.InferenceSession:
         path = self.model.artefact_path("onnx")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -67,21 +79,27 @@ class OnnxRuntime(ModelRuntime):
         if len(inputs) != 1:
             raise ConfigurationError(f"{path} has {len(inputs)} inputs; an image model has exactly one")
         self._input_name = inputs[0].name
-        self._session = session
         logger.info(
             "onnx runtime loaded %s (providers %s, %d threads)", path, session.get_providers(), self.threads
         )
+        return session
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) -> float32 (N, classes)."""
         if self._session is None:
             raise RuntimeError("OnnxRuntime.predict_batch called before load()")
-        (outputs,) = self._session.run(None, {self._input_name: batch})[:1]
+        session = self._free.get()  # blocks only if more than `instances` callers at once
+        try:
+            (outputs,) = session.run(None, {self._input_name: batch})[:1]
+        finally:
+            self._free.put(session)
         return np.asarray(outputs, dtype=np.float32)
 
     def close(self) -> None:
-        """Drop the session."""
+        """Drop the sessions."""
         self._session = None
+        while not self._free.empty():
+            self._free.get()
 
     def describe(self) -> dict[str, object]:
         """Runtime facts, with the execution providers in use."""

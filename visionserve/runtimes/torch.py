@@ -59,13 +59,22 @@ class TorchRuntime(ModelRuntime):
 
     With `compile=True` the module is compiled by inductor with frozen weights during warm-up:
     measured here about 2x faster than eager on CPU, for tens of seconds more warm-up. Batch 1 and
-    batch >= 2 compile separately (torch specialises size 1), so warm-up runs both.
+    batch >= 2 compile separately (torch specialises size 1), so warm-up runs both. With several
+    instances, one module (compiled once) is called from each instance's thread.
     """
 
     backend = "torch"
 
-    def __init__(self, model: ModelEntry, *, device: str = "cpu", threads: int = 1, compile: bool = False):
-        super().__init__(model, device=device, threads=threads)
+    def __init__(
+        self,
+        model: ModelEntry,
+        *,
+        device: str = "cpu",
+        threads: int = 1,
+        instances: int = 1,
+        compile: bool = False,
+    ):
+        super().__init__(model, device=device, threads=threads, instances=instances)
         self.compile = compile
         self._module: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._torch_device = torch.device("cpu")
