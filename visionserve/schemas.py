@@ -71,6 +71,9 @@ class ModelInfo(BaseModel):
     max_batch_size: int
     runtime: str
     device: str
+    instances: int = Field(description="Runtime instances computing batches at the same time.")
+    threads: int = Field(description="Intra-op threads of each instance.")
+    preprocess_workers: int = Field(description="Threads decoding and preprocessing images.")
     ready: bool
 
 

@@ -73,6 +73,11 @@ class ServerSettings(BaseSettings):
     max_queue_size: int | None = Field(default=None, ge=1)
     """Overrides the model's `max_queue_size` (config.json; default 128)."""
 
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    """Deadline of every HTTP inference request, from its arrival: one still queued for the model
+    then is dropped, never computed, and answered 504. A client can ask for a shorter one with the
+    `X-Request-Timeout` header (seconds). Default: none (only the header's)."""
+
     access_log: bool = False
     """Log one line per HTTP request (uvicorn's access log)."""
 

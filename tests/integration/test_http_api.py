@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import encode, wait_ready
 from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime
+from visionserve.cpu import default_preprocess_workers
 from visionserve.repository import ModelEntry
 
 RED = encode(Image.new("RGB", (48, 40), (200, 30, 30)))
@@ -103,6 +104,9 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "max_batch_size": 8,
             "runtime": "fake",
             "device": "cpu",
+            "instances": 1,
+            "threads": 1,
+            "preprocess_workers": default_preprocess_workers(1),  # the cores FakeRuntime's 1 leaves
             "ready": True,
         }
     ]
@@ -230,3 +234,66 @@ def test_metrics_count_requests_by_endpoint_and_status(fake_client: TestClient) 
     assert samples[("visionserve_batch_size_sum", ())] == 3  # warm-up batches are not counted
     assert samples[("visionserve_compute_time_seconds_count", ())] == 3
     assert samples[("visionserve_queue_depth", ())] == 0
+
+
+def test_a_request_whose_timeout_passes_while_queued_gets_504_and_is_never_computed(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = SlowRuntime(fake_entry, batch_s=0.5)
+    client = app_client(runtime)
+    warmup = len(runtime.batches)
+    batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(client.post, "/predict/file", files={"file": ("r.png", RED)})
+        while batcher.idle and not busy.done():  # the first holds the runtime for 0.5 s
+            time.sleep(0.005)
+        late = client.post(
+            "/predict",
+            json={"image": base64.b64encode(RED).decode()},
+            headers={"X-Request-Timeout": "0.1"},
+        )
+        assert busy.result().status_code == 200
+    assert late.status_code == 504, late.text
+    assert late.json()["error"]["code"] == "deadline_exceeded"
+    assert len(runtime.batches) == warmup + 1  # the late one was dropped from the queue, not computed
+    samples = _metrics(client)
+    assert samples[("visionserve_rejected_total", (("reason", "deadline"),))] == 1
+    # with time to spare, the same request is answered
+    ok = client.post(
+        "/predict", json={"image": base64.b64encode(RED).decode()}, headers={"X-Request-Timeout": "5"}
+    )
+    assert ok.status_code == 200
+
+
+def test_the_server_s_request_timeout_applies_when_the_client_sends_none(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = SlowRuntime(fake_entry, batch_s=0.5)
+    client = app_client(runtime, request_timeout_s=0.1)
+    warmup = len(runtime.batches)
+    batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(
+            client.post, "/predict/file", files={"file": ("r.png", RED)}, headers={"X-Request-Timeout": "9"}
+        )
+        while batcher.idle and not busy.done():
+            time.sleep(0.005)
+        late = client.post("/predict/file", files={"file": ("r.png", RED)})
+        first = busy.result()
+    assert first.status_code == 200  # found the runtime idle: computed at once
+    assert late.status_code == 504, late.text  # no header: the setting's 0.1 s applied
+    assert len(runtime.batches) == warmup + 1
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_bad_timeout_header_is_a_clear_400(fake_client: TestClient, value: str) -> None:
+    response = fake_client.post(
+        "/predict/file", files={"file": ("r.png", RED)}, headers={"X-Request-Timeout": value}
+    )
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "X-Request-Timeout" in message and "positive number of seconds" in message
