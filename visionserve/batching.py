@@ -114,18 +114,27 @@ class DynamicBatcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="dynamic-batcher")
 
+    def check_capacity(self, incoming: int = 0) -> None:
+        """Raise OVERLOADED (counted as a `queue_full` rejection) if the queue, with `incoming`
+        items already on their way to it, has no room for one more.
+
+        Called before a request's image is decoded, so that a request that cannot be queued is
+        refused at once, without spending a core on it first.
+        """
+        if len(self._queue) + incoming >= self.max_queue_size:
+            self._count_rejected("queue_full")
+            raise VisionError(
+                ErrorCode.OVERLOADED,
+                f"the server is at capacity ({self.max_queue_size} requests waiting; setting "
+                "VISION_MAX_QUEUE_SIZE); retry shortly",
+                retry_after_s=1,
+            )
+
     async def submit(self, tensor: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
         """Queue one item and wait for its output row."""
         if self._closed:
             raise VisionError(ErrorCode.NOT_READY, "the server is shutting down", retry_after_s=None)
-        if len(self._queue) >= self.max_queue_size:
-            self._count_rejected("queue_full")
-            raise VisionError(
-                ErrorCode.OVERLOADED,
-                f"the server is at capacity ({self.max_queue_size} requests queued; setting "
-                "VISION_MAX_QUEUE_SIZE); retry shortly",
-                retry_after_s=1,
-            )
+        self.check_capacity()
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(tensor, future, time.monotonic(), deadline))
         self._set_depth()

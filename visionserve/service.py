@@ -234,6 +234,9 @@ class InferenceService:
             scores, preprocess_s = await self.batcher.run_exclusive(self._preprocess_and_run, image, field)
             preprocessed = started + preprocess_s
         else:
+            # NOTE: requests being preprocessed count against the queue's bound: one that could
+            # not be queued is refused now, in microseconds, not after a decode in a backlogged pool.
+            self.batcher.check_capacity(incoming=self._preparing)
             self._preparing += 1
             try:
                 tensor = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image, field)

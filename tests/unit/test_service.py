@@ -137,3 +137,42 @@ def test_batching_knobs_come_from_the_model_config_and_env_overrides(fake_entry:
         InferenceService(
             FakeRuntime(fake_entry), max_image_pixels=10**6, preprocess_workers=1, max_batch_size=64
         )
+
+
+def test_a_full_queue_refuses_at_once_without_decoding(fake_entry: ModelEntry) -> None:
+    """Requests being preprocessed count against max_queue_size: the ones over it are refused
+    before their image is decoded, while the runtime is still busy with the first."""
+
+    async def scenario() -> tuple[list[object], list[float], int]:
+        service = InferenceService(
+            SlowRuntime(fake_entry, batch_s=0.3),
+            max_image_pixels=10**6,
+            preprocess_workers=2,
+            max_queue_size=2,
+        )
+        recorder = RecordingPreprocessor(service.preprocessor)
+        service.preprocessor = recorder  # type: ignore[assignment]
+        await service.start()
+        recorder.threads.clear()
+        started = asyncio.get_running_loop().time()
+        finished: list[float] = []
+
+        async def one() -> object:
+            try:
+                return await service.predict(IMAGE)
+            except VisionError as exc:
+                return exc
+            finally:
+                finished.append(asyncio.get_running_loop().time() - started)
+
+        outcomes = await asyncio.gather(*(one() for _ in range(6)))
+        await service.stop()
+        return outcomes, finished, len(recorder.threads)
+
+    outcomes, finished, decoded = asyncio.run(scenario())
+    refused = [o for o in outcomes if isinstance(o, VisionError)]
+    assert [o.code for o in refused] == [ErrorCode.OVERLOADED] * 3
+    assert "VISION_MAX_QUEUE_SIZE" in str(refused[0]) and refused[0].retry_after_s == 1
+    assert sum(not isinstance(o, VisionError) for o in outcomes) == 3  # 1 computing + 2 waiting
+    assert decoded == 3  # the refused ones were never decoded
+    assert sorted(finished)[2] < 0.2  # the refusals came back while the first was still computing
