@@ -10,14 +10,17 @@ enter the latencies.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from visionserve.bench.stats import Measurement
 
 SendOnce = Callable[[], Awaitable[None]]
+OnAnswer = Callable[[bool], None]
+"""Called after each request with whether it succeeded (a progress display counts them)."""
 
 
 class RequestFailed(Exception):  # noqa: N818 - an outcome to count, named as one
@@ -34,13 +37,15 @@ async def run_closed_loop(
     concurrency: int = 1,
     requests: int | None = None,
     duration_s: float | None = None,
+    on_answer: OnAnswer | None = None,
 ) -> Measurement:
     """Run `concurrency` closed-loop senders of `send` and measure every request.
 
     Stops starting requests after `requests` in all, or once `duration_s` has passed, whichever
     comes first (at least one bound is required); requests in flight at the deadline are awaited
     and counted. Wall time runs from the start to the last answer, so throughput is
-    completed / wall time. Cancelling the caller cancels every sender.
+    completed / wall time. Failures that were answered (`RequestFailed`, e.g. a 503) keep their
+    latency apart, by kind; transport errors keep none. Cancelling the caller cancels every sender.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -52,6 +57,7 @@ async def run_closed_loop(
     remaining = math.inf if requests is None else requests
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    error_latencies: dict[str, list[float]] = {}
     started = time.perf_counter()
     deadline = math.inf if duration_s is None else started + duration_s
 
@@ -66,14 +72,38 @@ async def run_closed_loop(
                 await send()
             except RequestFailed as exc:
                 errors[exc.kind] += 1
-                continue
+                error_latencies.setdefault(exc.kind, []).append(time.perf_counter() - sent_at)
+                ok = False
             except Exception as exc:  # transport errors, timeouts: counted by type
                 errors[type(exc).__name__] += 1
-                continue
-            latencies.append(time.perf_counter() - sent_at)
+                ok = False
+            else:
+                latencies.append(time.perf_counter() - sent_at)
+                ok = True
+            if on_answer is not None:
+                on_answer(ok)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
             group.create_task(sender())
     wall_s = time.perf_counter() - started
-    return Measurement(latencies_s=tuple(latencies), wall_s=wall_s, errors=dict(errors))
+    return Measurement(
+        latencies_s=tuple(latencies),
+        wall_s=wall_s,
+        errors=dict(errors),
+        error_latencies_s={kind: tuple(values) for kind, values in error_latencies.items()},
+    )
+
+
+def cycling(sends: Sequence[SendOnce]) -> SendOnce:
+    """One `send` that sends each of `sends` in turn (e.g. one per image), whichever sender asks."""
+    if not sends:
+        raise ValueError("nothing to send: give at least one sender")
+    if len(sends) == 1:
+        return sends[0]
+    turns = itertools.cycle(sends)
+
+    def send() -> Awaitable[None]:
+        return next(turns)()
+
+    return send

@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -83,7 +84,7 @@ def health_sender(channel: grpc.aio.Channel, *, timeout_s: float = 30.0) -> Send
 
 async def measure_stream(
     channel: grpc.aio.Channel,
-    image: bytes,
+    image: bytes | Sequence[bytes],
     *,
     frames: int | None = None,
     duration_s: float | None = None,
@@ -91,10 +92,10 @@ async def measure_stream(
     topk: int = 5,
     frame_timeout_s: float = 30.0,
 ) -> Measurement:
-    """One `PredictStream` call: `image` sent as frames back to back until `frames` and/or
-    `duration_s` run out, then the answers awaited. With `window`, at most that many frames are
-    written and not yet answered; without, frames go as fast as the server's read-ahead and HTTP/2
-    flow control take them.
+    """One `PredictStream` call: `image` (or several, in turn) sent as frames back to back until
+    `frames` and/or `duration_s` run out, then the answers awaited. With `window`, at most that
+    many frames are written and not yet answered; without, frames go as fast as the server's
+    read-ahead and HTTP/2 flow control take them.
 
     A frame's latency runs from just before it is written to its answer, so it includes waiting
     behind the frames ahead of it; frames/s is `throughput_rps` (answered frames / wall time,
@@ -111,6 +112,9 @@ async def measure_stream(
     if frames == 0:
         return Measurement(latencies_s=(), wall_s=0.0)
     limit = math.inf if frames is None else frames
+    images = [image] if isinstance(image, bytes) else list(image)
+    if not images:
+        raise ValueError("no images to stream")
     timeout_s = frame_timeout_s * (1 + (frames or 0)) + (duration_s or 0.0)
     call = pb_grpc.InferenceStub(channel).PredictStream(timeout=timeout_s)  # type: ignore[no-untyped-call]
     sent_at: dict[int, float] = {}
@@ -129,7 +133,8 @@ async def measure_stream(
                     if time.perf_counter() >= deadline:
                         break
                 sent_at[frame_id] = time.perf_counter()
-                await call.write(pb.Frame(image=image, frame_id=frame_id, topk=topk))
+                frame = pb.Frame(image=images[frame_id % len(images)], frame_id=frame_id, topk=topk)
+                await call.write(frame)
                 frame_id += 1
             await call.done_writing()
         except BaseException:

@@ -1,16 +1,18 @@
 """The pipeline without a server: decode + preprocess + predict_batch (batch 1) + postprocess,
 timed per stage with `time.perf_counter`, in the calling thread, one image after another.
 
-This is the floor a served request is compared with: the same runtime class, settings and image
-as the served process, with no protocol, queueing or thread hand-offs.
+This is the floor a served request's latency is compared with: the same runtime class, settings
+and images as the served process, with no protocol, queueing or thread hand-offs. (The
+throughput a machine can reach, over several threads and batches, is `layouts`.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,16 @@ from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ModelSettings
 
 STAGES = ("decode", "preprocess", "predict_batch", "postprocess")
+
+Images = bytes | Sequence[bytes]
+"""One encoded image, or several to take in turn."""
+
+
+def _as_list(images: Images) -> list[bytes]:
+    found = [images] if isinstance(images, bytes) else list(images)
+    if not found:
+        raise ValueError("no images to measure with")
+    return found
 
 
 @dataclass(frozen=True)
@@ -58,9 +70,9 @@ class PipelineTimer:
         self._labels = runtime.model.labels
         self._kind = config.output.kind
 
-    def warm_up(self, image: bytes, passes: int) -> None:
-        """Run the pipeline `passes` times, unmeasured."""
-        for _ in range(passes):
+    def warm_up(self, images: Images, passes: int) -> None:
+        """Run the pipeline `passes` times over `images` in turn, unmeasured."""
+        for image in itertools.islice(itertools.cycle(_as_list(images)), passes):
             self.run_once(image)
 
     def run_once(self, image: bytes) -> tuple[float, float, float, float]:
@@ -85,23 +97,25 @@ def merge_pipeline(parts: list[PipelineMeasurement]) -> PipelineMeasurement:
 
 def measure_pipeline(
     timer: PipelineTimer,
-    image: bytes,
+    images: Images,
     *,
     requests: int | None = None,
     duration_s: float | None = None,
     warmup: int = 0,
 ) -> PipelineMeasurement:
-    """Run `warmup` unmeasured passes, then measure passes until `requests` and/or `duration_s`
-    run out. A pass's total is the sum of its stages (nothing else runs between them)."""
+    """Run `warmup` unmeasured passes, then measure passes over `images` in turn until `requests`
+    and/or `duration_s` run out. A pass's total is the sum of its stages (nothing else runs
+    between them)."""
     if requests is None and duration_s is None:
         raise ValueError("bound the run: give a number of requests, a duration, or both")
-    timer.warm_up(image, warmup)
+    sequence = _as_list(images)
+    timer.warm_up(sequence, warmup)
     limit = math.inf if requests is None else requests
     stages: list[tuple[float, float, float, float]] = []
     started = time.perf_counter()
     deadline = math.inf if duration_s is None else started + duration_s
     while len(stages) < limit and time.perf_counter() < deadline:
-        stages.append(timer.run_once(image))
+        stages.append(timer.run_once(sequence[len(stages) % len(sequence)]))
     wall_s = time.perf_counter() - started
     totals = tuple(sum(durations) for durations in stages)
     by_stage = {name: tuple(durations[i] for durations in stages) for i, name in enumerate(STAGES)}

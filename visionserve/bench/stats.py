@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 MS_PER_S = 1e3
@@ -74,6 +74,9 @@ class Measurement:
     latencies_s: tuple[float, ...]
     wall_s: float
     errors: Mapping[str, int] = field(default_factory=dict)
+    error_latencies_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    """Failures that were answered (e.g. `HTTP 503`): how long each answer took, by kind. An
+    overload run holds rejections to their own latency target (they must be immediate)."""
 
     @property
     def completed(self) -> int:
@@ -100,15 +103,24 @@ class Measurement:
         """Parts of one measurement taken at different times, as one: latencies in order,
         wall times and error counts added up."""
         errors: dict[str, int] = {}
+        error_latencies: dict[str, tuple[float, ...]] = {}
         for part in parts:
             for kind, count in part.errors.items():
                 errors[kind] = errors.get(kind, 0) + count
+            for kind, values in part.error_latencies_s.items():
+                error_latencies[kind] = error_latencies.get(kind, ()) + tuple(values)
         return cls(
             latencies_s=tuple(v for part in parts for v in part.latencies_s),
             wall_s=sum(part.wall_s for part in parts),
             errors=errors,
+            error_latencies_s=error_latencies,
         )
 
     def summary(self) -> LatencySummary | None:
         """The latency summary in milliseconds, or None when no request succeeded."""
         return summarize(self.latencies_s) if self.latencies_s else None
+
+    def failures_summary(self, kinds: Iterable[str]) -> LatencySummary | None:
+        """The latency summary (ms) of the answered failures of `kinds`, or None if there were none."""
+        values = [v for kind in kinds for v in self.error_latencies_s.get(kind, ())]
+        return summarize(values) if values else None
