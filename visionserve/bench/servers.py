@@ -1,10 +1,13 @@
-"""The real services as subprocesses: HTTP (`python -m fastapi_onnx` / `python -m fastapi_pt`) and
-gRPC (`python -m grpc_server`, `VISION_BACKEND` naming the runtime).
+"""The real services as subprocesses: HTTP (`python -m fastapi_onnx` / `python -m fastapi_pt`),
+gRPC (`python -m grpc_server`, `VISION_BACKEND` naming the runtime) and the naive reference server
+(`python -m visionserve.bench.baseline`).
 
-Each listens on a free port (`VISION_PORT=0` / `VISION_GRPC_PORT=0`), announces it in its start-up
-banner (`... on http://127.0.0.1:PORT` / `visionserve gRPC API (...) on 127.0.0.1:PORT`), and is
-used once it is ready (`GET /health/ready` answers 200 / the standard health check answers
-SERVING); it is stopped with SIGTERM, as a process manager stops it.
+Each listens on a free port (`VISION_PORT=0` / `VISION_GRPC_PORT=0` / `--port 0`), announces it in
+its start-up banner (`... on http://127.0.0.1:PORT` / `visionserve gRPC API (...) on
+127.0.0.1:PORT`), and is used once it is ready (`GET /health/ready` answers 200 / the standard
+health check answers SERVING); it is stopped with SIGTERM, as a process manager stops it. The
+gRPC process also announces its Prometheus endpoint (`visionserve gRPC metrics on
+http://127.0.0.1:PORT/metrics`, with `VISION_GRPC_METRICS_PORT=0`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ GRPC_MODULE = "grpc_server"
 
 _BANNER = re.compile(r"\bon (http://[\w.\-]+:\d+)\s*$", re.MULTILINE)
 _GRPC_BANNER = re.compile(r"\bgRPC API \(.*\) on ([\w.\-]+:\d+)\s*$", re.MULTILINE)
+_GRPC_METRICS_BANNER = re.compile(r"\bgRPC metrics on (http://[\w.\-]+:\d+/metrics)\s*$", re.MULTILINE)
+BASELINE_MODULE = "visionserve.bench.baseline"
 _GRPC_SERVICE = "visionserve.v1.Inference"
 _SOURCE_ROOT = Path(visionserve.__file__).resolve().parent.parent
 
@@ -52,6 +57,12 @@ def banner_url(text: str) -> str | None:
 def grpc_banner_target(text: str) -> str | None:
     """The `host:port` announced in the gRPC service's start-up banner, if `text` holds it."""
     match = _GRPC_BANNER.search(text)
+    return match.group(1) if match else None
+
+
+def grpc_metrics_url(text: str) -> str | None:
+    """The metrics URL the gRPC service announces (`visionserve gRPC metrics on URL`), if any."""
+    match = _GRPC_METRICS_BANNER.search(text)
     return match.group(1) if match else None
 
 
@@ -111,6 +122,15 @@ class ServerProcess:
         """The module `python -m` runs."""
         return DEPLOYABLES[self.backend]
 
+    @property
+    def metrics_url(self) -> str | None:
+        """Its Prometheus endpoint, once started (None where it has none)."""
+        return f"{self.address}/metrics" if self.address else None
+
+    def arguments(self) -> list[str]:
+        """Command-line arguments after `python -m MODULE`."""
+        return []
+
     def listen_env(self) -> dict[str, str]:
         """Variables that make it listen on a free port of 127.0.0.1."""
         return {"VISION_HOST": "127.0.0.1", "VISION_PORT": "0"}
@@ -139,7 +159,7 @@ class ServerProcess:
             # NOTE: a session of its own, so a Ctrl-C at the terminal reaches the harness only; the
             # harness then stops the server with SIGTERM (in `stop`), the way it is measured.
             self._process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
+                [sys.executable, "-m", self.module, *self.arguments()],
                 env=env,
                 cwd=_SOURCE_ROOT,
                 stdin=subprocess.DEVNULL,
@@ -245,6 +265,11 @@ class GrpcServerProcess(ServerProcess):
     def module(self) -> str:
         return GRPC_MODULE
 
+    @property
+    def metrics_url(self) -> str | None:
+        """The metrics endpoint its banner announced (None if it announced none)."""
+        return grpc_metrics_url(self._read_log()) if self.address else None
+
     def listen_env(self) -> dict[str, str]:
         return {
             "VISION_BACKEND": self.backend,
@@ -269,3 +294,52 @@ class GrpcServerProcess(ServerProcess):
                     pass  # not answering yet
                 time.sleep(0.2)
         raise self._not_ready()
+
+
+class BaselineServerProcess(ServerProcess):
+    """The naive reference server of seed 004 (`python -m visionserve.bench.baseline`) on ONNX
+    Runtime, for the model of `model_repository`; it has no /metrics."""
+
+    protocol = "HTTP"
+
+    def __init__(
+        self,
+        *,
+        model_repository: Path,
+        model_name: str,
+        threads: int,
+        log_path: Path,
+        ready_timeout_s: float = 300.0,
+        stop_timeout_s: float = 60.0,
+    ):
+        super().__init__(
+            "onnx", env={}, log_path=log_path, ready_timeout_s=ready_timeout_s, stop_timeout_s=stop_timeout_s
+        )
+        self.model_repository = Path(model_repository).resolve()
+        self.model_name = model_name
+        self.threads = threads
+
+    @property
+    def module(self) -> str:
+        return BASELINE_MODULE
+
+    @property
+    def metrics_url(self) -> str | None:
+        return None
+
+    def listen_env(self) -> dict[str, str]:
+        return {}
+
+    def arguments(self) -> list[str]:
+        return [
+            "--model-repository",
+            str(self.model_repository),
+            "--model",
+            self.model_name,
+            "--threads",
+            str(self.threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
