@@ -4,24 +4,33 @@ gRPC servers over FakeRuntime on port 0)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import csv
+import io
 import json
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from grpc_server.server import GrpcServer
 from tests.conftest import encode, photo_bytes
-from tests.fixtures import FakeRuntime, write_fake_entry
-from visionserve.bench.__main__ import parse_args
+from tests.fixtures import FailingRuntime, FakeRuntime, SlowRuntime, write_fake_entry
+from visionserve.bench.__main__ import parse_args, parse_concurrency
+from visionserve.bench.baseline import PlainClassifier, create_baseline_app
 from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
+from visionserve.bench.config import parse_server_env
+from visionserve.bench.csvfile import COLUMNS as CSV_COLUMNS
+from visionserve.bench.csvfile import write_csv
 from visionserve.bench.grpc_load import (
     HEALTH,
     STREAM,
@@ -38,10 +47,15 @@ from visionserve.bench.http_load import (
     live_request,
     measure_http,
 )
+from visionserve.bench.images import default_images, file_image
 from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
+from visionserve.bench.layouts import Layout, LayoutMeasurement, default_layouts, measure_layout
 from visionserve.bench.machine import cpu_model, describe_machine
+from visionserve.bench.plot import plot_throughput, plotted_rows
+from visionserve.bench.progress import ProgressBar
 from visionserve.bench.raw_http import RawHttpClient
 from visionserve.bench.report import (
+    BASELINE,
     GRPC,
     GRPC_STREAM,
     HTTP,
@@ -49,20 +63,27 @@ from visionserve.bench.report import (
     ONNX_GRPC_TARGET_MS,
     ONNX_TARGET_MS,
     BenchReport,
+    LayoutRow,
     ResultRow,
 )
 from visionserve.bench.runner import BenchConfig, split_requests
+from visionserve.bench.server_metrics import Histogram, MetricsSnapshot, ServerFigures, parse_metrics
 from visionserve.bench.servers import (
     GrpcServerProcess,
     ServerError,
     ServerProcess,
     banner_url,
     grpc_banner_target,
+    grpc_metrics_url,
     model_env,
 )
 from visionserve.bench.stats import Measurement, percentile, summarize
+from visionserve.errors import VisionError
 from visionserve.http.app import create_app
+from visionserve.metrics import Metrics
+from visionserve.photos import packaged_photos
 from visionserve.preprocessing import ImagePreprocessor
+from visionserve.repository import ModelEntry
 from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
 
 T = TypeVar("T")
@@ -163,13 +184,15 @@ def test_markdown_report_has_header_units_and_rows() -> None:
     assert "torch 9.9" in text
     assert "- torch compile: on" in text
     assert (
-        "| runtime | mode | measured | conc. | ok | failed | p50 ms | p95 ms | p99 ms | mean ms | req/s |"
-        in text
+        "| runtime | mode | measured | batching | conc. | ok | failed | p50 ms | p95 ms | p99 ms | max ms "
+        "| req/s | × limit | mean batch | queue p50 ms | queue p99 ms |" in text
     )
-    # in-process: p50 11 ms, p95 11.9, p99 11.98, mean 11, 3 / 0.033 s = 90.9 req/s
-    assert "| onnx | in-process | pipeline | 1 | 3 | 0 | 11.00 | 11.90 | 11.98 | 11.00 | 90.9 |" in text
+    # in-process: p50 11 ms, p95 11.9, p99 11.98, max 12, 3 / 0.033 s = 90.9 req/s
+    assert (
+        "| onnx | in-process | pipeline | – | 1 | 3 | 0 | 11.00 | 11.90 | 11.98 | 12.00 | 90.9 | – |" in text
+    )
     assert "| onnx | 2.75 | 2.75 | 2.75 | 2.75 | 11.00 |" in text  # stage p50s
-    assert "- onnx POST /predict/file (multipart): HTTP 503 ×1" in text
+    assert "- onnx HTTP POST /predict/file (multipart) c=1: HTTP 503 ×1" in text
     # served p50 12.5 - in-process p50 11 = +1.5 ms: within the 2 ms goal; JSON +10 ms is not
     assert "| onnx | POST /predict/file (multipart) | 12.50 | 11.00 | +1.50 | ≤ 2 ms: met |" in text
     assert "| onnx | POST /predict (JSON base64) | 21.00 | 11.00 | +10.00 | ≤ 2 ms: missed |" in text
@@ -177,7 +200,7 @@ def test_markdown_report_has_header_units_and_rows() -> None:
     # gRPC unary: p50 11.8 - 11 = +0.8 ms, within its own 1 ms goal; its floor and the stream are
     # not compared (the stream's latencies include queueing; its req/s is frames/s)
     assert f"| onnx | {UNARY} | 11.80 | 11.00 | +0.80 | ≤ 1 ms: met |" in text
-    assert f"| onnx | {GRPC_STREAM} | {STREAM} | 1 | 3 | 0 | 60.00 |" in text
+    assert f"| onnx | {GRPC_STREAM} | {STREAM} | – | 1 | 3 | 0 | 60.00 |" in text
     assert text.count(f"| {STREAM} |") == 1 and text.count(f"| {HEALTH} |") == 1
     assert "req/s is frames/s" in text
     assert "seconds" not in text.split("| runtime |")[1]  # every latency column is in ms
@@ -197,7 +220,7 @@ def test_overheads_compare_only_served_model_work_with_its_own_runtime() -> None
 
 def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
     paths = _report().write(tmp_path / "out")
-    assert sorted(p.name for p in paths) == ["bench.json", "bench.md"]
+    assert sorted(p.name for p in paths) == ["bench.csv", "bench.json", "bench.md"]  # one level: no plot
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["units"]["latency"] == "ms"
     first = data["results"][0]
@@ -215,7 +238,7 @@ def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
 def test_a_row_where_every_request_failed_is_reported_without_latencies() -> None:
     failed = Measurement(latencies_s=(), wall_s=0.1, errors={"ConnectError": 5})
     report = BenchReport(machine={}, settings={}, rows=[ResultRow("onnx", HTTP, "x", 1, failed)])
-    assert "| onnx | HTTP | x | 1 | 0 | 5 | – | – | – | – | 0.0 |" in report.to_markdown()
+    assert "| onnx | HTTP | x | – | 1 | 0 | 5 | – | – | – | – | 0.0 | – |" in report.to_markdown()
     assert report.to_dict()["results"][0]["latency_ms"] is None  # type: ignore[index]
 
 
@@ -312,7 +335,13 @@ def test_the_real_grpc_service_starts_on_a_free_port_serves_and_stops(
 def test_command_line_defaults_and_lists() -> None:
     config = parse_args(["--backends", "onnx", "--requests", "50", "--warmup", "10"])
     assert config.backends == ("onnx",)
-    assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, 1, 5)
+    assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, (1,), 5)
+    assert (config.batching, config.server_env, config.baseline, config.overload) == (
+        ("on",),
+        {},
+        False,
+        False,
+    )
     assert config.endpoints == ("file", "json", "live", "grpc", "health", "stream")
     assert (config.http_endpoints, config.grpc_endpoints) == (
         ("file", "json", "live"),
@@ -334,6 +363,7 @@ def test_command_line_defaults_and_lists() -> None:
         parse_args(["--requests", "0"])  # unbounded
     with pytest.raises(ValueError, match="concurrency"):
         BenchConfig(concurrency=0)
+    assert BenchConfig(concurrency=4).concurrency == (4,)  # one level as a number
 
 
 # --- in-process pipeline (fake runtime) ---------------------------------------------------------
@@ -604,3 +634,438 @@ def test_stream_bounds_are_checked() -> None:
                 await measure_stream(channel, b"x", frames=1, window=0)
 
     asyncio.run(scenario())
+
+
+# --- server figures from /metrics -----------------------------------------------------------------
+
+
+def _scrape_of(metrics: Metrics) -> MetricsSnapshot:
+    return parse_metrics(metrics.render()[0].decode())
+
+
+def test_two_scrapes_give_what_happened_between_them() -> None:
+    metrics = Metrics()
+    for size in (1, 1, 4):  # before the row: must not count
+        metrics.batch_size.observe(size)
+    metrics.queue_time.observe(0.2)
+    metrics.rejected.labels("queue_full").inc(5)
+    before = _scrape_of(metrics)
+    for size in (1, 2, 2, 3, 5, 40):
+        metrics.batch_size.observe(size)
+    for seconds in (0.0005, 0.002, 0.004, 0.004, 0.04):
+        metrics.queue_time.observe(seconds)
+    metrics.compute_time.observe(0.008)
+    metrics.compute_time.observe(0.012)
+    metrics.rejected.labels("queue_full").inc(3)
+    metrics.rejected.labels("deadline").inc()
+    metrics.requests.labels("http", "/predict", "200").inc(6)
+    metrics.requests.labels("http", "/predict", "503").inc(3)
+    metrics.requests.labels("http", "/metrics", "200").inc(2)  # the scrapes themselves
+    figures = ServerFigures.between(before, _scrape_of(metrics))
+    assert figures.batches == 6
+    assert figures.mean_batch == pytest.approx(53 / 6)
+    # non-cumulative, inclusive integer ranges of the buckets 1, 2, 3, 4, 6, ..., 32, 48
+    assert figures.batch_size.per_bucket() == {"1": 1, "2": 2, "3": 1, "5-6": 1, "33-48": 1}
+    assert figures.queue_time_s.count == 5
+    assert figures.rejected == {"deadline": 1, "queue_full": 3}
+    assert figures.requests == {"http /predict 200": 6, "http /predict 503": 3}
+    assert figures.compute_time_s.mean == pytest.approx(0.010)
+    data = figures.to_dict()
+    assert data["batch_size_counts"] == {"1": 1, "2": 2, "3": 1, "5-6": 1, "33-48": 1}
+    assert data["queued_requests"] == 5 and data["compute_time_ms_mean"] == pytest.approx(10.0)
+    # rounds of one row add up
+    twice = figures.plus(figures)
+    assert twice.batches == 12 and twice.rejected == {"deadline": 2, "queue_full": 6}
+
+
+def test_quantiles_are_estimated_within_buckets_like_prometheus() -> None:
+    # buckets (le): 0.001, 0.0025, 0.005, ...; 5 observations: 1 in (0, 1 ms], 1 in (1, 2.5], 2 in
+    # (2.5, 5], 1 in (30, 50] ms
+    metrics = Metrics()
+    for seconds in (0.0005, 0.002, 0.004, 0.004, 0.04):
+        metrics.queue_time.observe(seconds)
+    figures = ServerFigures.between(MetricsSnapshot(), _scrape_of(metrics))
+    # p50: rank 2.5 falls in (2.5, 5] ms holding ranks 2..4: 2.5 + 2.5 * (0.5 / 2)
+    assert figures.queue_ms(0.5) == pytest.approx(3.125)
+    # p99: rank 4.95 in (30, 50] ms holding rank 4..5: 30 + 20 * 0.95
+    assert figures.queue_ms(0.99) == pytest.approx(49.0)
+    assert figures.queue_ms(0.1) == pytest.approx(0.5)  # first bucket: from 0
+    # beyond the last finite bound: that bound, as histogram_quantile answers
+    late = Histogram(bounds=(1.0, 2.0, math.inf), cumulative=(0.0, 1.0, 3.0), count=3.0, total=9.0)
+    assert late.quantile(0.9) == 2.0
+    assert Histogram.empty((1.0, math.inf)).quantile(0.5) is None
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        late.quantile(1.5)
+
+
+def test_a_restarted_server_cannot_be_subtracted() -> None:
+    early = Histogram(bounds=(1.0, math.inf), cumulative=(1.0, 1.0), count=1.0, total=1.0)
+    other = Histogram(bounds=(2.0, math.inf), cumulative=(1.0, 1.0), count=1.0, total=1.0)
+    with pytest.raises(ValueError, match="restart"):
+        other.minus(early)
+
+
+def test_the_grpc_metrics_url_is_read_from_its_banner() -> None:
+    text = (
+        "visionserve gRPC API (onnx, model m) on 127.0.0.1:50123\n  stop:   Ctrl-C\n\n"
+        "visionserve gRPC metrics on http://127.0.0.1:40111/metrics\n"
+    )
+    assert grpc_metrics_url(text) == "http://127.0.0.1:40111/metrics"
+    assert grpc_metrics_url("visionserve gRPC API (onnx, model m) on 127.0.0.1:50123\n") is None
+    assert banner_url(text) is None  # the HTTP banner's pattern does not take the metrics URL
+
+
+# --- command line: concurrency, batching, server env, layouts -------------------------------------
+
+
+def test_concurrency_takes_a_list_of_levels() -> None:
+    config = parse_args(["--concurrency", "16, 1,4,16,32"])
+    assert config.concurrency == (1, 4, 16, 32)
+    assert parse_concurrency("8") == (8,)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "'0' is not a concurrency level"),
+        ("1,x", "'x' is not a concurrency level"),
+        ("4,-2", "'-2' is not a concurrency level"),
+        (",", "at least one concurrency level"),
+    ],
+)
+def test_bad_concurrency_levels_are_usage_errors(
+    value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--concurrency", value])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batching_modes_and_server_env_reach_the_config() -> None:
+    config = parse_args(
+        [
+            "--batching",
+            "off,on",
+            "--server-env",
+            "VISION_MAX_QUEUE_DELAY_US=500",
+            "--server-env",
+            "VISION_ONNX_ALLOW_SPINNING=true",
+            "--server-env",
+            "VISION_SOMETHING_NEW=x=y",  # unknown to the harness: passed on as it is
+        ]
+    )
+    assert config.batching == ("off", "on")
+    assert config.server_env == {
+        "VISION_MAX_QUEUE_DELAY_US": "500",
+        "VISION_ONNX_ALLOW_SPINNING": "true",
+        "VISION_SOMETHING_NEW": "x=y",
+    }
+    assert config.server_settings().max_queue_delay_us == 500
+    assert config.model_settings("onnx").onnx_allow_spinning is True  # in-process agrees with served
+    assert model_env(config.model_settings("onnx"))["VISION_ONNX_ALLOW_SPINNING"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("MAX_BATCH_SIZE=4", "VISION_ variables in capitals"),
+        ("vision_threads=2", "VISION_ variables in capitals"),
+        ("VISION_MAX_BATCH_SIZE", "write KEY=VALUE"),
+        ("VISION_PORT=8000", "free port of 127.0.0.1"),
+        ("VISION_THREADS=1", "use --threads"),
+        ("VISION_BACKEND=torch", "use --backends"),
+    ],
+)
+def test_server_env_is_validated(item: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--server-env", item])
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=message):
+        parse_server_env(item)
+
+
+def test_a_bad_server_setting_value_is_named_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--server-env", "VISION_MAX_BATCH_SIZE=zero"])
+    assert "VISION_MAX_BATCH_SIZE='zero'" in capsys.readouterr().err
+
+
+def test_batching_overload_and_layout_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--batching", "maybe"])
+    with pytest.raises(SystemExit):
+        parse_args(["--overload", "--endpoints", "file,stream"])
+    assert "add json or grpc to --endpoints" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--layouts", "2x"])
+    assert "WORKERSxTHREADS" in capsys.readouterr().err
+    config = parse_args(["--overload", "--overload-concurrency", "16", "--requests", "10"])
+    assert (config.overload_concurrency, config.overload_queue_size) == (16, 8)
+    assert config.overload_endpoints == ("json", "grpc")
+    assert config.resolved_overload_requests() == 64  # at least 4 per sender, or the queue never fills
+    assert parse_args(["--overload", "--overload-requests", "7"]).resolved_overload_requests() == 7
+    assert parse_args(["--layouts", "none"]).resolved_layouts() == ()
+    assert parse_args(["--layouts", "1x2, 3x1,1x2"]).layouts == (Layout(1, 2), Layout(3, 1))
+
+
+def test_default_layouts_follow_the_issue_on_two_cores() -> None:
+    labels = [layout.label for layout in default_layouts(2)]
+    assert labels == ["1x1", "2x1", "3x1", "1x2", "2x2", "3x2"]  # 1-3 workers x 1-2 intra-op threads
+    assert [layout.label for layout in default_layouts(1)] == ["1x1", "2x1"]
+    assert len(default_layouts(16)) == 12 and Layout(17, 16) in default_layouts(16)
+    with pytest.raises(ValueError, match="at least 1"):
+        Layout(0, 1)
+
+
+# --- in-process limit (fake runtime) --------------------------------------------------------------
+
+
+def _fake_limit_parts(tmp_path: Path) -> tuple[FakeRuntime, ImagePreprocessor, list[bytes]]:
+    entry = write_fake_entry(tmp_path)
+    runtime = FakeRuntime(entry)
+    runtime.load()
+    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=10**7)
+    images = [encode(Image.new("RGB", (60 + 10 * i, 40), (40 * i, 90, 200))) for i in range(3)]
+    return runtime, preprocessor, images
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_layout_computes_every_image_in_batches_up_to_the_limit(tmp_path: Path, workers: int) -> None:
+    runtime, preprocessor, images = _fake_limit_parts(tmp_path)
+    result = measure_layout(runtime, preprocessor, images, workers=workers, max_batch_size=4, count=50)
+    assert result.images == 50 == sum(shape[0] for shape in runtime.batches)
+    assert result.batches == len(runtime.batches)
+    assert all(1 <= shape[0] <= 4 and shape[1:] == (3, 32, 32) for shape in runtime.batches)
+    assert result.images_per_s > 0 and result.mean_batch is not None and 1 <= result.mean_batch <= 4
+    merged = LayoutMeasurement.merged([result, result])
+    assert (merged.images, merged.batches) == (100, 2 * result.batches)
+    assert merged.images_per_s == pytest.approx(result.images_per_s)
+
+
+def test_a_layout_feeds_the_images_in_a_fixed_order(tmp_path: Path) -> None:
+    runtime, preprocessor, images = _fake_limit_parts(tmp_path)
+    seen: list[float] = []
+    predict = runtime.predict_batch
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        seen.extend(float(item.mean()) for item in batch)
+        return predict(batch)
+
+    runtime.predict_batch = record  # type: ignore[method-assign]
+    measure_layout(runtime, preprocessor, images, workers=1, max_batch_size=1, count=6)
+    expected = [float(preprocessor(images[i % 3]).mean()) for i in range(6)]
+    assert seen == pytest.approx(expected)  # one worker, batch 1: exactly images 0, 1, 2, 0, 1, 2
+
+
+def test_a_layout_stops_at_its_time_cap_and_reports_failures(tmp_path: Path) -> None:
+    entry = write_fake_entry(tmp_path)
+    slow = SlowRuntime(entry, batch_s=0.02)
+    slow.load()
+    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=10**7)
+    image = [encode(Image.new("RGB", (48, 40), "teal"))]
+    capped = measure_layout(slow, preprocessor, image, workers=2, max_batch_size=2, duration_s=0.2)
+    assert 1 <= capped.images < 100 and 0.15 <= capped.wall_s < 5.0
+    failing = FailingRuntime(entry)
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        measure_layout(failing, preprocessor, image, workers=2, max_batch_size=2, count=20)
+    with pytest.raises(VisionError, match="not an image"):  # a worker's failure ends the run too
+        measure_layout(
+            FakeRuntime(entry), preprocessor, [b"not an image"], workers=2, max_batch_size=2, count=5
+        )
+    with pytest.raises(ValueError, match="bound the run"):
+        measure_layout(slow, preprocessor, image, workers=1, max_batch_size=1)
+    assert measure_layout(slow, preprocessor, image, workers=1, max_batch_size=1, count=0).images == 0
+
+
+# --- report: limit ratio, overload accounting, CSV, plot ------------------------------------------
+
+
+def _sweep_report() -> BenchReport:
+    def served(rate_rps: float, *, errors: dict[str, int] | None = None, n: int = 4) -> Measurement:
+        return Measurement(latencies_s=(0.010,) * n, wall_s=n / rate_rps, errors=errors or {})
+
+    figures = ServerFigures(
+        batch_size=Histogram(bounds=(1.0, 2.0, math.inf), cumulative=(2.0, 4.0, 4.0), count=4.0, total=6.0),
+        queue_time_s=Histogram(
+            bounds=(0.001, 0.01, math.inf), cumulative=(2.0, 4.0, 4.0), count=4, total=0.01
+        ),
+        compute_time_s=Histogram.empty((0.01, math.inf)),
+    )
+    limit = LayoutMeasurement(images=200, wall_s=2.0, batches=50)  # 100 img/s
+    rejected = {"HTTP 503": 6, "HTTP 500": 1}
+    overload = Measurement(
+        latencies_s=(0.1,) * 3, wall_s=1.0, errors=rejected, error_latencies_s={"HTTP 503": (0.001,) * 6}
+    )
+    return BenchReport(
+        machine={"date": "2030-01-01", "cpu": "Test CPU", "usable_cores": "2"},
+        settings={},
+        rows=[
+            ResultRow(
+                "onnx", HTTP, "POST /predict (JSON base64)", 1, served(80.0), batching="on", server=figures
+            ),
+            ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 16, served(90.0), batching="on"),
+            ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 1, served(70.0), batching="off"),
+            ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 16, served(75.0), batching="off"),
+            ResultRow("onnx", BASELINE, "baseline", 1, served(60.0), batching="none"),
+            ResultRow("onnx", BASELINE, "baseline", 16, served(65.0), batching="none"),
+            ResultRow("onnx", HTTP, "GET /health/live (HTTP floor)", 16, served(900.0), model_work=False),
+            ResultRow("onnx", HTTP, "POST /predict (JSON base64)", 64, overload, overload_queue_size=8),
+        ],
+        layouts=[
+            LayoutRow("onnx", Layout(1, 1), LayoutMeasurement(images=100, wall_s=2.0, batches=100), 32),
+            LayoutRow("onnx", Layout(2, 2), limit, 32),
+        ],
+        images=["a.jpg (600x400 JPEG, 1,000 bytes)"],
+    )
+
+
+def test_served_rows_are_held_against_the_best_layout() -> None:
+    report = _sweep_report()
+    assert report.limits()["onnx"].layout == Layout(2, 2)
+    ratios = [report.limit_ratio(row) for row in report.rows]
+    assert ratios[:6] == pytest.approx([0.8, 0.9, 0.7, 0.75, 0.6, 0.65])
+    assert ratios[6] is None  # the floor runs no model
+    text = report.to_markdown()
+    assert "- in-process limit, onnx: 100.0 img/s (2 preprocessing threads, 2 intra-op threads)" in text
+    assert (
+        "| onnx | 2x2: 2 preprocessing threads, 2 intra-op threads (best) | 200 | 100.0 | 4.00 | 32 |" in text
+    )
+    # req/s, ratio to the limit, mean batch, queue p50/p99 (ranks 2 and 3.96 of 4 in the buckets)
+    assert "| 80.0 | 0.80 | 1.50 | 1.00 | 9.82 |" in text
+    assert "images sent (senders cycle through them): a.jpg (600x400 JPEG, 1,000 bytes)" in text
+    assert "bucket estimates" in text
+
+
+def test_overload_rows_account_for_every_request() -> None:
+    report = _sweep_report()
+    (overload,) = report.overload_rows()
+    assert (overload.measurement.sent, overload.rejected, overload.lost) == (10, 6, 1)
+    assert not report.nothing_lost()  # the HTTP 500 was neither accepted nor refused
+    text = report.to_markdown()
+    assert "| onnx | HTTP | – | 64 | 8 | 10 | 3 | 6 | 1 | 100.00 | 100.00 | 1.00 | 1.00 |" in text
+    assert "FAILED: 1 requests were neither accepted nor refused" in text
+    data = report.to_dict()
+    (entry,) = data["overload"]  # type: ignore[misc]
+    assert entry["nothing_lost"] is False and entry["rejection_latency_ms"]["p99_ms"] == pytest.approx(1.0)
+    report.rows[-1] = replace(overload, measurement=replace(overload.measurement, errors={"HTTP 503": 6}))
+    assert report.nothing_lost()
+    assert "nothing lost: every request sent was accepted or refused" in report.to_markdown()
+
+
+def test_the_csv_has_one_line_per_row_with_the_notebook_columns(tmp_path: Path) -> None:
+    report = _sweep_report()
+    path = tmp_path / "bench.csv"
+    write_csv(report, path)
+    with path.open(newline="") as file:
+        records = list(csv.DictReader(file))
+    assert len(records) == len(report.rows)
+    assert list(records[0]) == list(CSV_COLUMNS)
+    first = records[0]
+    assert (first["scenario"], first["protocol"], first["backend"], first["batching"]) == (
+        "sweep",
+        HTTP,
+        "onnx",
+        "on",
+    )
+    assert (first["concurrency"], first["ok"], first["errors"]) == ("1", "4", "0")
+    assert (first["p50_ms"], first["max_ms"], first["req_per_s"]) == ("10.000", "10.000", "80.00")
+    assert (first["ratio_to_in_process_limit"], first["mean_batch"]) == ("0.8000", "1.500")
+    assert (first["queue_p50_ms_estimate"], first["queue_p99_ms_estimate"]) == ("1.000", "9.820")
+    assert records[1]["mean_batch"] == "" and records[6]["ratio_to_in_process_limit"] == ""
+    assert records[4]["scenario"] == "baseline" and records[4]["batching"] == "none"
+    last = records[-1]
+    assert (last["scenario"], last["max_queue_size"], last["rejected"]) == ("overload", "8", "6")
+    assert last["errors_by_status"] == "HTTP 500: 1; HTTP 503: 6"
+
+
+def test_the_plot_is_drawn_with_two_concurrency_levels_only(tmp_path: Path) -> None:
+    report = _sweep_report()
+    lines = plotted_rows(report)
+    assert set(lines) == {
+        f"{BASELINE} baseline (onnx)",
+        f"{HTTP} POST /predict (JSON base64) (onnx, batching off)",
+        f"{HTTP} POST /predict (JSON base64) (onnx, batching on)",
+    }  # no floor (no model work), no overload row
+    assert [row.concurrency for row in lines[f"{HTTP} POST /predict (JSON base64) (onnx, batching on)"]] == [
+        1,
+        16,
+    ]
+    written = report.write(tmp_path / "out")
+    assert sorted(p.name for p in written) == ["bench.csv", "bench.json", "bench.md", "throughput.png"]
+    assert (tmp_path / "out" / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_level = BenchReport(machine={}, settings={}, rows=report.rows[:1])
+    assert not plot_throughput(one_level, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+def test_progress_prints_a_line_per_finished_row_off_a_terminal() -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    assert not bar.live  # a StringIO is no terminal
+    bar.note("starting")
+    bar.start("onnx HTTP json c=4", 3)
+    for ok in (True, False, True):
+        bar.advance(ok)
+    bar.finish("2 ok, 1 failed")
+    assert stream.getvalue() == "bench: starting\nbench: onnx HTTP json c=4: 2 ok, 1 failed\n"
+
+
+def test_progress_redraws_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    bar = ProgressBar(stream, live=True)
+    monkeypatch.setattr("visionserve.bench.progress.REDRAW_S", 0.0)
+    bar.start("row", 2)
+    bar.advance(True)
+    bar.advance(False)
+    bar.finish("done")
+    text = stream.getvalue()
+    assert "\rbench: row  0/2  0.0 req/s" in text
+    assert "2/2, 1 failed" in text and "req/s" in text
+    assert text.endswith("bench: row: done\n") and "\n" not in text[: text.index("bench: row: done")]
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def test_default_images_are_every_packaged_photo_as_a_600_px_jpeg(tmp_path: Path) -> None:
+    images = default_images()
+    assert len(images) == len(packaged_photos()) >= 5
+    for image in images:
+        assert max(image.width, image.height) == 600 and image.format == "JPEG"
+        with Image.open(io.BytesIO(image.data)) as decoded:
+            assert decoded.format == "JPEG" and decoded.size == (image.width, image.height)
+    assert images[0].describe().startswith("chelsea.jpg (600x399 JPEG, ")
+    assert [i.data for i in default_images()] == [i.data for i in images]  # the same bytes every run
+    path = tmp_path / "x.png"
+    path.write_bytes(encode(Image.new("RGB", (30, 20), "red")))
+    single = file_image(path)
+    assert (single.name, single.width, single.height, single.format) == ("x.png", 30, 20, "PNG")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not an image"):
+        file_image(tmp_path / "bad.jpg")
+
+
+# --- the baseline server (seed 004's plain endpoint) ----------------------------------------------
+
+
+@pytest.mark.real_model
+def test_the_baseline_classifies_a_real_photo(real_entry: ModelEntry) -> None:
+    classifier = PlainClassifier(real_entry, threads=2)
+    classifier.load()
+    with TestClient(create_baseline_app(classifier)) as client:
+        body = {"image": base64.b64encode(photo_bytes("chelsea.png")).decode("ascii")}
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200
+        result = answer.json()
+        assert set(result) == {"prediction", "probability"}
+        assert result["prediction"] in {"tabby", "tiger cat", "Egyptian cat"}
+        assert 0.3 < result["probability"] <= 1.0
+        bad = client.post("/predict", json={"image": base64.b64encode(b"not an image").decode()})
+        assert bad.status_code == 400
+        assert client.get("/health/ready").status_code == 200

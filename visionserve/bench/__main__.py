@@ -1,6 +1,9 @@
-"""`python -m visionserve.bench`: in-process vs served latency for each runtime (`make bench`).
+"""`python -m visionserve.bench`: the in-process limit and pipeline vs served latency and
+throughput, for each runtime, concurrency level and batching mode (`make bench`).
 
-Prints the markdown table to stdout and writes `bench.json` and `bench.md` to `--output`.
+Prints the markdown report to stdout, progress to stderr, and writes `bench.json`, `bench.md`,
+`bench.csv` and (with two or more concurrency levels) `throughput.png` to `--output`. Exits 1
+when an overload row lost requests (neither accepted nor refused), 2 on a setup error.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from visionserve.bench.runner import DEFAULT_IMAGE, ENDPOINTS, BenchConfig, run_benchmark
+from visionserve.bench.config import BATCHING_MODES, ENDPOINTS, BenchConfig, parse_server_env
+from visionserve.bench.images import DEFAULT_LONG_SIDE, DEFAULT_QUALITY
+from visionserve.bench.layouts import Layout, parse_layouts
+from visionserve.bench.progress import ProgressBar
+from visionserve.bench.runner import run_benchmark
 from visionserve.bench.servers import DEPLOYABLES, ServerError
 from visionserve.errors import ConfigurationError
 
@@ -27,12 +34,59 @@ def _names(allowed: list[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    """`1,4,16` -> (1, 4, 16): positive whole numbers, ascending, duplicates dropped."""
+    levels: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            level = int(part)
+        except ValueError:
+            level = 0
+        if level < 1:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a concurrency level: give whole numbers of at least 1, e.g. 1,4,16,32"
+            )
+        levels.add(level)
+    if not levels:
+        raise argparse.ArgumentTypeError("give at least one concurrency level, e.g. 1,4,16,32")
+    return tuple(sorted(levels))
+
+
+def _layouts(text: str) -> tuple[Layout, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return parse_layouts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _server_env(text: str) -> tuple[str, str]:
+    try:
+        return parse_server_env(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's options."""
     parser = argparse.ArgumentParser(
         prog="python -m visionserve.bench",
-        description="Measure the in-process pipeline (decode + preprocess + predict_batch + "
-        "postprocess, batch 1) and the served HTTP and gRPC latency of the same image, for each runtime.",
+        description="Measure the in-process limit (decode + preprocess + predict_batch over thread "
+        "layouts), the in-process stages (batch 1), and the served HTTP and gRPC latency and "
+        "throughput of the same images, for each runtime, concurrency level and batching mode.",
     )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument(
@@ -65,7 +119,70 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=30, help="unmeasured requests before each row (default 30)"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=1, help="closed-loop HTTP and gRPC unary senders (default 1)"
+        "--concurrency",
+        type=parse_concurrency,
+        default=(1,),
+        help="closed-loop senders, a comma list of levels (e.g. 1,4,16,32): every served row is "
+        "measured at each (default 1)",
+    )
+    parser.add_argument(
+        "--batching",
+        type=_names(list(BATCHING_MODES)),
+        default=("on",),
+        help="on = the server's batcher as configured; off = VISION_MAX_BATCH_SIZE=1 (one image per "
+        "batch); on,off measures both, each with processes of its own (default on)",
+    )
+    parser.add_argument(
+        "--server-env",
+        dest="server_env",
+        type=_server_env,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a VISION_* setting for every served process (and the in-process runtimes where it "
+        "is a model setting); repeatable, e.g. --server-env VISION_MAX_QUEUE_DELAY_US=500",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=_layouts,
+        help="in-process limit: thread layouts WORKERSxTHREADS, comma-separated (default on 2 cores: "
+        "1x1,2x1,3x1,1x2,2x2,3x2); none = skip it",
+    )
+    parser.add_argument(
+        "--limit-cap",
+        dest="limit_cap_s",
+        type=float,
+        default=30.0,
+        help="in-process limit: at most this many seconds per layout, over all rounds (default 30)",
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure seed 004's plain endpoint (python -m visionserve.bench.baseline: sync "
+        "FastAPI, batch 1, ONNX Runtime) with HTTP JSON at each concurrency level",
+    )
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="also load HTTP JSON and gRPC unary with --overload-concurrency senders against "
+        "servers with a queue of --overload-queue-size: refusals must be immediate, none lost",
+    )
+    parser.add_argument(
+        "--overload-concurrency",
+        type=_positive_int,
+        default=64,
+        help="overload: closed-loop senders (default 64)",
+    )
+    parser.add_argument(
+        "--overload-queue-size",
+        type=_positive_int,
+        default=8,
+        help="overload: the servers' VISION_MAX_QUEUE_SIZE (default 8)",
+    )
+    parser.add_argument(
+        "--overload-requests",
+        type=_positive_int,
+        help="overload: measured requests per row (default: --requests, at least 4 per sender)",
     )
     parser.add_argument(
         "--stream-window",
@@ -74,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         "read-ahead, VISION_GRPC_STREAM_READ_AHEAD or 8)",
     )
     parser.add_argument(
-        "--image", type=Path, help=f"image file to send (default: scikit-image's {DEFAULT_IMAGE})"
+        "--image",
+        type=Path,
+        help="one image file to send as it is (default: every packaged photo, resized to "
+        f"{DEFAULT_LONG_SIDE} px on its longer side, JPEG quality {DEFAULT_QUALITY})",
     )
     parser.add_argument(
         "--rounds",
@@ -114,31 +234,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=Path("bench-results"),
-        help="folder for bench.json, bench.md and the servers' logs (default bench-results/)",
+        help="folder for bench.json, bench.md, bench.csv, throughput.png and the servers' logs "
+        "(default bench-results/)",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines"],
+        default="auto",
+        help="progress on stderr: a redrawn bar (bar), one line per finished row (lines), or a bar "
+        "on a terminal and lines elsewhere (auto, the default)",
     )
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
     """Command line -> `BenchConfig`; bad combinations exit with a usage message."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[BenchConfig, str]:
+    """Command line -> (`BenchConfig`, the progress mode)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    progress = args.pop("progress")
     if args["requests"] == 0:
         args["requests"] = None
+    args["server_env"] = dict(args["server_env"])
     try:
-        return BenchConfig(**args)
+        return BenchConfig(**args), progress
     except ValueError as exc:
         parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the markdown table; write the report files. Returns the exit status."""
-    config = parse_args(argv)
+    config, mode = _parse(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    progress = ProgressBar(live=None if mode == "auto" else mode == "bar")
     try:
-        report = run_benchmark(config)
+        report = run_benchmark(config, progress=progress)
     except (ServerError, ConfigurationError, FileNotFoundError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
@@ -148,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report.to_markdown(), end="", flush=True)
     for path in report.write(config.output):
         print(f"bench: wrote {path}", file=sys.stderr)
+    if not report.nothing_lost():
+        print(
+            "bench: FAILED: overload rows lost requests (neither accepted nor refused); see the "
+            "overload table",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
