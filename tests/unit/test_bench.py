@@ -78,6 +78,7 @@ from visionserve.bench.servers import (
     model_env,
 )
 from visionserve.bench.stats import Measurement, percentile, summarize
+from visionserve.bench.targets import check_targets
 from visionserve.errors import VisionError
 from visionserve.http.app import create_app
 from visionserve.metrics import Metrics
@@ -945,7 +946,7 @@ def test_overload_rows_account_for_every_request() -> None:
     assert (overload.measurement.sent, overload.rejected, overload.lost) == (10, 6, 1)
     assert not report.nothing_lost()  # the HTTP 500 was neither accepted nor refused
     text = report.to_markdown()
-    assert "| onnx | HTTP | – | 64 | 8 | 10 | 3 | 6 | 1 | 100.00 | 100.00 | 1.00 | 1.00 |" in text
+    assert "| onnx | HTTP | – | 64 | 8 | 10 | 3 | 6 | – | 1 | 100.00 | 100.00 | 1.00 | 1.00 |" in text
     assert "FAILED: 1 requests were neither accepted nor refused" in text
     data = report.to_dict()
     (entry,) = data["overload"]  # type: ignore[misc]
@@ -1069,3 +1070,25 @@ def test_the_baseline_classifies_a_real_photo(real_entry: ModelEntry) -> None:
         bad = client.post("/predict", json={"image": base64.b64encode(b"not an image").decode()})
         assert bad.status_code == 400
         assert client.get("/health/ready").status_code == 200
+
+
+def test_the_issues_targets_are_checked_where_the_run_has_the_rows() -> None:
+    report = _sweep_report()
+    checks = {(c.target, c.row): c for c in check_targets(report)}
+    off = checks[("c=16 HTTP JSON throughput", "batching off")]
+    assert (off.measured, off.goal, off.met) == ("75.0 req/s = 0.75 × limit", "≥ 0.9 × limit", False)
+    versus = checks[("c=16 HTTP JSON vs baseline throughput", "batching on")]
+    assert versus.measured == "90.0 vs 65.0 req/s (1.38×)" and versus.met
+    assert not checks[("c=16 HTTP JSON vs baseline p99", "batching on")].met  # equal is not lower
+    assert checks[("c=1 HTTP JSON p50 vs baseline", "batching on")].met
+    assert checks[(f"c=1 {HTTP} POST /predict (JSON base64): batching on − off, p50", "on vs off")].met
+    assert checks[("c=16 HTTP JSON p99", "batching on")].met
+    assert ("c=16 gRPC unary throughput", "batching on") not in checks  # not measured: left out
+    overload = "HTTP, c=64"
+    assert checks[("overload: rejection p99", overload)].met
+    assert not checks[("overload: nothing lost", overload)].met
+    text = report.to_markdown()
+    assert "Against the issue's targets" in text
+    row = "| c=16 HTTP JSON throughput | batching off | 75.0 req/s = 0.75 × limit | ≥ 0.9 × limit |"
+    assert f"{row} **missed** |" in text
+    assert report.to_dict()["targets"]

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from visionserve.bench import csvfile, plot, tables
+from visionserve.bench import csvfile, plot, tables, targets
 from visionserve.bench.rows import (
     BASELINE,
     GRPC,
@@ -188,6 +188,7 @@ class BenchReport:
                 }
                 for row in self.overload_rows()
             ],
+            "targets": [asdict(check) for check in targets.check_targets(self)],
             "overhead": [
                 {
                     **{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(o).items()},

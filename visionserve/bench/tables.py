@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from visionserve.bench.rows import GRPC_STREAM, REJECTIONS, ResultRow
 from visionserve.bench.stats import summarize
+from visionserve.bench.targets import check_targets
 
 if TYPE_CHECKING:
     from visionserve.bench.report import BenchReport, Overhead
@@ -64,6 +65,9 @@ def markdown(report: BenchReport) -> str:
     stages = _stages_table(rows)
     if stages:
         lines += ["", "In-process stages, p50 ms (batch 1, one image after another):", "", *stages]
+    targets = _targets_table(report)
+    if targets:
+        lines += ["", *targets]
     overheads = report.overheads()
     if overheads:
         lines += [
@@ -226,9 +230,9 @@ def _overload_table(report: BenchReport) -> list[str]:
         "Overload: more senders than the queue holds; refusals (HTTP 503 / gRPC UNAVAILABLE) must be "
         "immediate and every request answered (sent = accepted + rejected):",
         "",
-        "| runtime | mode | batching | conc. | max queue | sent | accepted | rejected | lost "
-        "| accepted p50 ms | accepted p99 ms | rejection p50 ms | rejection p99 ms |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| runtime | mode | batching | conc. | max queue | sent | accepted | rejected | server queue_full "
+        "| lost | accepted p50 ms | accepted p99 ms | rejection p50 ms | rejection p99 ms |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         m = row.measurement
@@ -243,6 +247,7 @@ def _overload_table(report: BenchReport) -> list[str]:
             str(m.sent),
             str(m.completed),
             str(row.rejected),
+            DASH if row.server is None else str(row.server.rejected.get("queue_full", 0)),
             str(row.lost),
             ms(accepted.p50_ms if accepted else None),
             ms(accepted.p99_ms if accepted else None),
@@ -259,6 +264,22 @@ def _overload_table(report: BenchReport) -> list[str]:
             f"- FAILED: {lost} requests were neither accepted nor refused (see the failures by "
             "status above): timeouts, transport errors or other statuses."
         )
+    return lines
+
+
+def _targets_table(report: BenchReport) -> list[str]:
+    checks = check_targets(report)
+    if not checks:
+        return []
+    lines = [
+        "Against the issue's targets (ONNX Runtime; only those this run measured):",
+        "",
+        "| target | rows | measured | goal | |",
+        "|---|---|---|---|---|",
+    ]
+    for check in checks:
+        verdict = "met" if check.met else "**missed**"
+        lines.append(f"| {check.target} | {check.row} | {check.measured} | {check.goal} | {verdict} |")
     return lines
 
 
