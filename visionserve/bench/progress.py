@@ -45,7 +45,10 @@ class ProgressBar:
             self._draw()
 
     def advance(self, ok: bool = True) -> None:
-        """One request of the current row answered (`ok` False: it failed)."""
+        """One request of the current row answered (`ok` False: it failed); ignored between rows
+        (warm-up requests)."""
+        if not self._name:
+            return
         self._done += 1
         if not ok:
             self._failed += 1
@@ -60,6 +63,7 @@ class ProgressBar:
         if self.live:
             self._clear()
         print(f"bench: {self._name}: {summary}", file=self.stream, flush=True)
+        self._name = ""
 
     def _draw(self) -> None:
         elapsed = time.perf_counter() - self._started
