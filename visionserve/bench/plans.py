@@ -10,7 +10,9 @@ overload rows, and, once per run, the baseline server. A `RowPlan` is one served
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from visionserve.bench.grpc_load import (
     health_sender,
     measure_stream,
 )
-from visionserve.bench.http_load import REQUESTS, HttpRequestSpec, http_client, http_sender, json_request
+from visionserve.bench.http_load import REQUESTS, HttpRequestSpec, http_client, http_sender
 from visionserve.bench.images import BenchImage
 from visionserve.bench.progress import ProgressBar
 from visionserve.bench.raw_http import RawHttpClient
@@ -306,10 +308,13 @@ def build_plans(
 
 def _baseline_request(image: bytes) -> HttpRequestSpec:
     """The baseline's request: seed 004's `{"image": <base64>}`, nothing else."""
-    spec = json_request(image)
-    body = b'{"image": ' + spec.body.split(b'"image": ', 1)[1].split(b",", 1)[0] + b"}"
+    body = json.dumps({"image": base64.b64encode(image).decode("ascii")}).encode("ascii")
     return HttpRequestSpec(
-        name=BASELINE_TARGET, method="POST", path="/predict", headers=spec.headers, body=body
+        name=BASELINE_TARGET,
+        method="POST",
+        path="/predict",
+        headers={"Content-Type": "application/json"},
+        body=body,
     )
 
 

@@ -170,7 +170,7 @@ def _settings_facts(
         facts["baseline"] = (
             "seed 004's plain endpoint (python -m visionserve.bench.baseline): sync def FastAPI "
             "POST /predict, Pillow decode, resize to the input size, batch 1, ONNX Runtime with "
-            f"{first.resolved_threads()} intra-op threads and spinning off, uvicorn, one process"
+            f"{available_cpus()} intra-op threads (the usable cores) and spinning off, uvicorn, one process"
         )
     if config.overload:
         facts["overload"] = (
@@ -220,9 +220,7 @@ def _measure_backend(
         processes: list[ServerProcess] = [p for group in groups for p in group.processes]
         baseline = None
         if with_baseline:
-            baseline = baseline_process(
-                config, model_name=settings.model_name, threads=settings.resolved_threads()
-            )
+            baseline = baseline_process(config, model_name=settings.model_name, threads=available_cpus())
             processes.append(baseline)
         if processes:
             modules = sorted({f"python -m {p.module}" for p in processes})
