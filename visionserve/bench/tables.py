@@ -159,7 +159,7 @@ def _failure_lines(rows: list[ResultRow]) -> list[str]:
 
 
 def _server_table(rows: list[ResultRow]) -> list[str]:
-    scraped = [row for row in rows if row.server is not None]
+    scraped = [row for row in rows if row.server is not None and row.model_work]  # floors: no batches
     if not scraped:
         return []
     lines = [
