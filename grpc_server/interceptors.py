@@ -1,4 +1,5 @@
-"""Server interceptor: one log line and the request metrics per call (method, status, latency)."""
+"""Server interceptor: the request metrics per call (method, status, latency), and one log line
+per call when the access log is on (VISION_ACCESS_LOG, as for HTTP)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ def _code(context: Any, failed: BaseException | None) -> str:
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Logs `<method> <status> <ms>` at INFO for every unary and streaming call, and counts and
-    times it in `metrics` when given."""
+    """Counts and times every unary and streaming call in `metrics` (when given), and logs
+    `<method> <status> <ms>` at INFO for each when `access_log` is on."""
 
-    def __init__(self, metrics: Metrics | None = None):
+    def __init__(self, metrics: Metrics | None = None, *, access_log: bool = True):
         self.metrics = metrics
+        self.access_log = access_log
 
     async def intercept_service(
         self,
@@ -47,7 +49,8 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         def log(context: Any, started: float, failed: BaseException | None) -> None:
             elapsed = time.perf_counter() - started
             code = _code(context, failed)
-            logger.info("%s %s %.2f ms", method, code, elapsed * 1e3)
+            if self.access_log:
+                logger.info("%s %s %.2f ms", method, code, elapsed * 1e3)
             if self.metrics is not None:
                 self.metrics.requests.labels("grpc", method, code).inc()
                 self.metrics.request_latency.labels("grpc", method).observe(elapsed)

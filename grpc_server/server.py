@@ -53,7 +53,7 @@ class GrpcServer:
         # refuses messages just over it, with a message naming the setting; beyond that, core
         # refuses them (also RESOURCE_EXHAUSTED) before they take memory.
         self.server = grpc.aio.server(
-            interceptors=[LoggingInterceptor(self.service.metrics)],
+            interceptors=[LoggingInterceptor(self.service.metrics, access_log=server_settings.access_log)],
             options=[
                 ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", limit),

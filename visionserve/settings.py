@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from visionserve.cpu import available_cpus
+from visionserve.cpu import available_cpus, default_preprocess_workers
 from visionserve.errors import ConfigurationError
 
 MiB = 1024 * 1024
@@ -88,9 +88,10 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
 
-    def resolved_preprocess_workers(self) -> int:
-        """Preprocessing threads to use: the setting, or the usable cores."""
-        return self.preprocess_workers or available_cpus()
+    def resolved_preprocess_workers(self, runtime_threads: int) -> int:
+        """Preprocessing threads to use next to `runtime_threads`: the setting, or the cores they
+        leave (at least 1)."""
+        return self.preprocess_workers or default_preprocess_workers(runtime_threads)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -143,8 +144,12 @@ class ModelSettings(BaseSettings):
         return value
 
     def resolved_threads(self) -> int:
-        """Intra-op threads to use: the setting, or the usable cores."""
-        return self.threads or available_cpus()
+        """Intra-op threads per instance from these settings alone: the setting, or on CPU the
+        usable cores shared among the instances, on CUDA 1. (A model's config.json may also set
+        threads and instances; `visionserve.runtimes.thread_layout` weighs it too.)"""
+        if self.threads:
+            return self.threads
+        return 1 if self.device == "cuda" else max(1, available_cpus() // (self.instances or 1))
 
 
 class GrpcSettings(BaseSettings):

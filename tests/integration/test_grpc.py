@@ -1357,3 +1357,21 @@ def _grpc_ok_count(served: Served) -> float:
         and sample.labels
         == {"protocol": "grpc", "endpoint": "/visionserve.v1.Inference/Predict", "status": "OK"}
     )
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_one_log_line_per_call_only_with_the_access_log_on(
+    fake_entry: ModelEntry, access_log: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry), access_log=access_log) as served:
+            with caplog.at_level("INFO", logger="grpc_server.interceptors"):
+                await served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE))
+                await until(lambda: _grpc_ok_count(served) == 1, "the call to be counted")
+
+    run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "grpc_server.interceptors"]
+    if access_log:
+        assert len(lines) == 1 and lines[0].startswith("/visionserve.v1.Inference/Predict OK ")
+    else:
+        assert lines == []

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from visionserve import cpu as cpu_module
 from visionserve import settings as settings_module
 from visionserve.settings import MiB, ModelSettings, ServerSettings
 
@@ -149,12 +150,16 @@ def test_resolved_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 7)
     assert ModelSettings().resolved_threads() == 7
     assert ModelSettings(threads=3).resolved_threads() == 3
+    assert ModelSettings(instances=2).resolved_threads() == 3  # 7 cores shared by 2 instances
+    assert ModelSettings(device="cuda").resolved_threads() == 1
 
 
 def test_resolved_preprocess_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 5)
-    assert ServerSettings().resolved_preprocess_workers() == 5
-    assert ServerSettings(preprocess_workers=2).resolved_preprocess_workers() == 2
+    monkeypatch.setattr(cpu_module, "available_cpus", lambda: 5)
+    assert ServerSettings().resolved_preprocess_workers(runtime_threads=5) == 1
+    assert ServerSettings().resolved_preprocess_workers(runtime_threads=2) == 3
+    assert ServerSettings(preprocess_workers=2).resolved_preprocess_workers(runtime_threads=5) == 2
 
 
 def test_resolved_threads_default_is_usable_cores() -> None:

@@ -131,7 +131,10 @@ def _settings_facts(
         else f"every packaged photo, longer side {DEFAULT_LONG_SIDE} px, JPEG quality {DEFAULT_QUALITY}",
         "device": first.device,
         "runtime_threads": first.resolved_threads(),
-        "server_preprocess_workers": server.resolved_preprocess_workers(),
+        "runtime_instances": first.instances or 1,
+        "server_preprocess_workers": server.resolved_preprocess_workers(
+            first.resolved_threads() * (first.instances or 1)
+        ),
         "torch_compile": first.torch_compile,
         "onnx_allow_spinning": first.onnx_allow_spinning,
         "batching": ", ".join(config.batching)

@@ -71,6 +71,7 @@ def model_env(settings: ModelSettings) -> dict[str, str]:
     so the server and the in-process measurement agree even where the defaults would not).
     `VISION_BACKEND` picks the gRPC server's runtime; the HTTP deployables fix their own."""
     return {
+        **({"VISION_INSTANCES": str(settings.instances)} if settings.instances else {}),
         "VISION_BACKEND": settings.backend,
         "VISION_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
         "VISION_MODEL_NAME": settings.model_name,
