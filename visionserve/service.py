@@ -177,6 +177,14 @@ class InferenceService:
         self._preprocess_pool.shutdown(wait=True, cancel_futures=False)
         self._runtime_thread.shutdown(wait=True, cancel_futures=False)
 
+    def check_admission(self) -> None:
+        """Raise now what `predict` would raise before any work: not ready, or no room in the
+        queue. A front door calls it before reading a request's body, so that an overloaded
+        server refuses for the price of the headers."""
+        self.check_ready()
+        if not (self._preparing == 0 and self.batcher.idle):
+            self.batcher.check_capacity(incoming=self._preparing)
+
     def check_ready(self) -> None:
         """Raise NOT_READY unless the service takes requests."""
         if self.state is ServiceState.READY:

@@ -297,3 +297,24 @@ def test_a_bad_timeout_header_is_a_clear_400(fake_client: TestClient, value: str
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
     assert "X-Request-Timeout" in message and "positive number of seconds" in message
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = SlowRuntime(fake_entry, batch_s=0.3)
+    client = app_client(runtime, max_queue_size=1)
+    body = {"image": base64.b64encode(RED).decode()}
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: client.post("/predict", json=body), range(8)))
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) == {200, 503} and len(codes) == 8  # every request answered, one way or the other
+    refused = [r for r in replies if r.status_code == 503]
+    assert all(r.headers["Retry-After"] == "1" for r in refused)
+    assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
+    assert "VISION_MAX_QUEUE_SIZE" in refused[0].json()["error"]["message"]
+    samples = _metrics(client)
+    assert samples[("visionserve_rejected_total", (("reason", "queue_full"),))] == len(refused)
+    assert samples[("visionserve_batch_size_sum", ())] == 8 - len(refused)  # accepted = computed

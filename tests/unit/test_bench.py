@@ -8,9 +8,11 @@ import base64
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -430,6 +432,24 @@ def test_closed_loop_needs_a_bound() -> None:
 
     with pytest.raises(ValueError, match="bound the run"):
         asyncio.run(run_closed_loop(send, concurrency=1))
+
+
+def test_a_refused_sender_backs_off_before_its_next_request() -> None:
+    sent: list[float] = []
+
+    async def refused() -> None:
+        sent.append(time.perf_counter())
+        raise RequestFailed("HTTP 503")
+
+    measurement = asyncio.run(run_closed_loop(refused, concurrency=1, requests=3, backoff_s=0.05))
+    assert measurement.errors == {"HTTP 503": 3}
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert len(gaps) == 2 and min(gaps) >= 0.05
+    sent.clear()
+    asyncio.run(run_closed_loop(refused, concurrency=1, requests=3))  # no backoff: at once
+    assert max(b - a for a, b in itertools.pairwise(sent)) < 0.05
+    with pytest.raises(ValueError, match="backoff"):
+        asyncio.run(run_closed_loop(refused, concurrency=1, requests=1, backoff_s=-1))
 
 
 # --- HTTP senders against a real server on a real socket ------------------------------------------

@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="overload: measured requests per row (default: --requests, at least 4 per sender)",
     )
     parser.add_argument(
+        "--overload-backoff-ms",
+        type=float,
+        default=0.0,
+        help="overload: a refused sender waits this long before its next request (default 0: it "
+        "retries at once, a flood; e.g. 100 for a client that backs off as Retry-After asks)",
+    )
+    parser.add_argument(
         "--stream-window",
         type=int,
         help="stream: at most this many frames written and unanswered (default: the server's "

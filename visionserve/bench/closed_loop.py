@@ -38,6 +38,7 @@ async def run_closed_loop(
     requests: int | None = None,
     duration_s: float | None = None,
     on_answer: OnAnswer | None = None,
+    backoff_s: float = 0.0,
 ) -> Measurement:
     """Run `concurrency` closed-loop senders of `send` and measure every request.
 
@@ -45,7 +46,9 @@ async def run_closed_loop(
     comes first (at least one bound is required); requests in flight at the deadline are awaited
     and counted. Wall time runs from the start to the last answer, so throughput is
     completed / wall time. Failures that were answered (`RequestFailed`, e.g. a 503) keep their
-    latency apart, by kind; transport errors keep none. Cancelling the caller cancels every sender.
+    latency apart, by kind; transport errors keep none. A sender whose request was refused
+    (`RequestFailed`) waits `backoff_s` before its next one, as a client honouring the refusal's
+    Retry-After would (0: it retries at once, a flood). Cancelling the caller cancels every sender.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -53,6 +56,8 @@ async def run_closed_loop(
         raise ValueError("bound the run: give a number of requests, a duration, or both")
     if requests is not None and requests < 0:
         raise ValueError(f"requests must not be negative, got {requests}")
+    if backoff_s < 0:
+        raise ValueError(f"backoff must not be negative, got {backoff_s}")
 
     remaining = math.inf if requests is None else requests
     latencies: list[float] = []
@@ -82,6 +87,8 @@ async def run_closed_loop(
                 ok = True
             if on_answer is not None:
                 on_answer(ok)
+            if not ok and backoff_s:
+                await asyncio.sleep(backoff_s)
 
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):

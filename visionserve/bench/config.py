@@ -147,6 +147,9 @@ class BenchConfig:
     overload_requests: int | None = None
     """Measured requests of each overload row; None: `requests`, and at least 4 per sender (with
     fewer requests than senders, the queue never fills)."""
+    overload_backoff_ms: float = 0.0
+    """How long an overload sender waits after a refusal before its next request; 0 = at once (a
+    flood of retries, the worst case), more = a client that backs off as Retry-After asks."""
     stream_window: int | None = None
     """Frames of the stream written and not yet answered; None: the server's read-ahead
     (`VISION_GRPC_STREAM_READ_AHEAD`, 8), which keeps its pipeline full. More only queue in HTTP/2
@@ -205,6 +208,8 @@ class BenchConfig:
         if self.overload:
             if self.overload_concurrency < 1 or self.overload_queue_size < 1:
                 raise ValueError("the overload concurrency and queue size must be at least 1")
+            if self.overload_backoff_ms < 0:
+                raise ValueError(f"the overload backoff must not be negative, got {self.overload_backoff_ms}")
             if self.overload_requests is not None and self.overload_requests < 1:
                 raise ValueError(f"overload requests must be at least 1, got {self.overload_requests}")
             if not self.overload_endpoints:

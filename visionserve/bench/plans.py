@@ -184,12 +184,19 @@ def template(
     )
 
 
-def closed_loop(send: SendOnce, concurrency: int, on_answer: OnAnswer | None) -> Measure:
-    """A `Measure` of `concurrency` closed-loop senders of `send`."""
+def closed_loop(
+    send: SendOnce, concurrency: int, on_answer: OnAnswer | None, *, backoff_s: float = 0.0
+) -> Measure:
+    """A `Measure` of `concurrency` closed-loop senders of `send` (refused ones wait `backoff_s`)."""
 
     def measure(requests: int | None, duration_s: float | None) -> Coroutine[Any, Any, Measurement]:
         return run_closed_loop(
-            send, concurrency=concurrency, requests=requests, duration_s=duration_s, on_answer=on_answer
+            send,
+            concurrency=concurrency,
+            requests=requests,
+            duration_s=duration_s,
+            on_answer=on_answer,
+            backoff_s=backoff_s,
         )
 
     return measure
@@ -290,15 +297,19 @@ def build_plans(
                     batching=group.batching,
                     overload_queue_size=queue,
                 )
-                plans.append(
-                    RowPlan(row, closed_loop(send, level, bar.advance), group.http.metrics_url, rounds)
-                )
+                measure = closed_loop(send, level, bar.advance, backoff_s=config.overload_backoff_ms / 1e3)
+                plans.append(RowPlan(row, measure, group.http.metrics_url, rounds))
         if group.grpc is not None:
             row = template(label, GRPC, UNARY, level, batching=group.batching, overload_queue_size=queue)
             plans.append(
                 RowPlan(
                     row,
-                    closed_loop(unary(group.grpc.target), level, bar.advance),
+                    closed_loop(
+                        unary(group.grpc.target),
+                        level,
+                        bar.advance,
+                        backoff_s=config.overload_backoff_ms / 1e3,
+                    ),
                     group.grpc.metrics_url,
                     rounds,
                 )

@@ -178,7 +178,12 @@ def _settings_facts(
     if config.overload:
         facts["overload"] = (
             f"{config.overload_concurrency} closed-loop senders, VISION_MAX_QUEUE_SIZE="
-            f"{config.overload_queue_size}, on {', '.join(config.overload_endpoints)}"
+            f"{config.overload_queue_size}, on {', '.join(config.overload_endpoints)}; a refused "
+            + (
+                f"sender waits {config.overload_backoff_ms:g} ms before its next request"
+                if config.overload_backoff_ms
+                else "sender retries at once"
+            )
         )
     return facts
 

@@ -268,6 +268,7 @@ def create_app(
     ) -> JSONResponse:
         started = time.perf_counter()
         deadline = _deadline(request, time.monotonic(), settings.request_timeout_s)
+        service.check_admission()  # NOTE: before the body is read and parsed
         body = _parse_json(schema, await request.body())
         work = service.predict(
             getattr(body, field), topk=body.topk, model=body.model, field=field, deadline=deadline
