@@ -51,10 +51,13 @@ class ThreadLayout:
     """How one serving process shares its cores: `instances` runtime instances of `threads`
     intra-op threads each, and `preprocess_workers` decode/preprocess threads.
 
-    The runtime gets its share first (by default every core: inference is most of the work), the
-    preprocessing pool gets the cores left, and at least one thread. On CPU the default therefore
-    overlaps by one thread: measured on 2 cores, 2 intra-op threads + 1 preprocessing thread served
-    ~105 req/s at 16 clients where an exact fit (1 + 1) served ~81 (docs/benchmarks.md).
+    The runtime's threads may not exceed the cores (they would only take turns on them, each
+    slower); by default they take every core (inference is most of the work). The preprocessing
+    pool is sized to the cores too, on purpose: its threads sleep until an image arrives and must
+    then win CPU time from the runtime's busy threads, which the scheduler shares per thread.
+    Measured on 2 cores at 16 clients (docs/benchmarks.md): 2 intra-op threads with a pool of 1
+    served 91-92 req/s, with a pool of 2 108-111, of 3 96-111; 1 intra-op thread + 1 preprocessing
+    thread (an exact fit) served ~81.
     """
 
     cores: int
@@ -73,12 +76,6 @@ class ThreadLayout:
             f"{self.instances} runtime instance(s) x {self.threads} intra-op thread(s) + "
             f"{self.preprocess_workers} preprocessing thread(s), on {self.cores} usable core(s)"
         )
-
-
-def default_preprocess_workers(runtime_threads: int, cores: int | None = None) -> int:
-    """The preprocessing pool's default: the cores the runtime leaves, and at least one thread."""
-    usable = available_cpus() if cores is None else cores
-    return max(1, usable - runtime_threads)
 
 
 def plan_threads(
@@ -107,5 +104,5 @@ def plan_threads(
             f"{instances * per_instance} runtime threads, more than the {usable} core(s) this "
             "process may use (CPU affinity and cgroup quota)"
         )
-    pool = preprocess_workers or default_preprocess_workers(instances * per_instance, usable)
+    pool = preprocess_workers or usable
     return ThreadLayout(cores=usable, instances=instances, threads=per_instance, preprocess_workers=pool)

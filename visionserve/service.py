@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 
 from visionserve.batching import DynamicBatcher
-from visionserve.cpu import available_cpus, default_preprocess_workers
+from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.metrics import Metrics
 from visionserve.payloads import decode_base64
@@ -115,8 +115,7 @@ class InferenceService:
         return cls(
             runtime,
             max_image_pixels=settings.max_image_pixels,
-            preprocess_workers=settings.preprocess_workers
-            or default_preprocess_workers(runtime.instances * runtime.threads),
+            preprocess_workers=settings.resolved_preprocess_workers(),
             default_topk=settings.default_topk,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_us=settings.max_queue_delay_us,

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from visionserve.cpu import available_cpus, default_preprocess_workers
+from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError
 
 MiB = 1024 * 1024
@@ -60,8 +60,7 @@ class ServerSettings(BaseSettings):
     """Classes returned when a request does not say `topk`."""
 
     preprocess_workers: int | None = Field(default=None, ge=1)
-    """Threads that decode and preprocess images; default: the cores the runtime's threads leave,
-    at least 1."""
+    """Threads that decode and preprocess images; default: the cores this process may use."""
 
     max_batch_size: int | None = Field(default=None, ge=1)
     """Overrides the model's `max_batch_size` (config.json); at most that value, which the
@@ -88,10 +87,10 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
 
-    def resolved_preprocess_workers(self, runtime_threads: int) -> int:
-        """Preprocessing threads to use next to `runtime_threads`: the setting, or the cores they
-        leave (at least 1)."""
-        return self.preprocess_workers or default_preprocess_workers(runtime_threads)
+    def resolved_preprocess_workers(self) -> int:
+        """Preprocessing threads to use: the setting, or the usable cores (see `cpu.ThreadLayout`
+        for why the pool is not shrunk by the runtime's threads)."""
+        return self.preprocess_workers or available_cpus()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import encode, wait_ready
 from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime
-from visionserve.cpu import default_preprocess_workers
+from visionserve.cpu import available_cpus
 from visionserve.repository import ModelEntry
 
 RED = encode(Image.new("RGB", (48, 40), (200, 30, 30)))
@@ -106,7 +106,7 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "device": "cpu",
             "instances": 1,
             "threads": 1,
-            "preprocess_workers": default_preprocess_workers(1),  # the cores FakeRuntime's 1 leaves
+            "preprocess_workers": available_cpus(),
             "ready": True,
         }
     ]

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from visionserve import cpu as cpu_module
 from visionserve import settings as settings_module
 from visionserve.settings import MiB, ModelSettings, ServerSettings
 
@@ -156,10 +155,8 @@ def test_resolved_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_resolved_preprocess_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 5)
-    monkeypatch.setattr(cpu_module, "available_cpus", lambda: 5)
-    assert ServerSettings().resolved_preprocess_workers(runtime_threads=5) == 1
-    assert ServerSettings().resolved_preprocess_workers(runtime_threads=2) == 3
-    assert ServerSettings(preprocess_workers=2).resolved_preprocess_workers(runtime_threads=5) == 2
+    assert ServerSettings().resolved_preprocess_workers() == 5
+    assert ServerSettings(preprocess_workers=2).resolved_preprocess_workers() == 2
 
 
 def test_resolved_threads_default_is_usable_cores() -> None:

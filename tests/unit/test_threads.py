@@ -19,17 +19,17 @@ from visionserve.settings import ModelSettings
 @pytest.mark.parametrize(
     ("cores", "options", "expected"),
     [
-        # the runtime takes every core, the pool the rest (at least one thread)
-        (2, {}, (1, 2, 1)),
-        (8, {}, (1, 8, 1)),
-        (8, {"instances": 2}, (2, 4, 1)),
-        (8, {"instances": 3}, (3, 2, 2)),
-        (8, {"threads": 2}, (1, 2, 6)),
+        # the runtime shares every core among its instances; the pool is sized to the cores
+        (2, {}, (1, 2, 2)),
+        (8, {}, (1, 8, 8)),
+        (8, {"instances": 2}, (2, 4, 8)),
+        (8, {"instances": 3}, (3, 2, 8)),
+        (8, {"threads": 2}, (1, 2, 8)),
         (8, {"instances": 2, "threads": 1, "preprocess_workers": 3}, (2, 1, 3)),
         (1, {}, (1, 1, 1)),
-        # on CUDA the GPU computes: one intra-op thread per instance, the cores decode images
-        (8, {"device": "cuda"}, (1, 1, 7)),
-        (8, {"device": "cuda", "instances": 2}, (2, 1, 6)),
+        # on CUDA the GPU computes: one intra-op thread per instance
+        (8, {"device": "cuda"}, (1, 1, 8)),
+        (8, {"device": "cuda", "instances": 2}, (2, 1, 8)),
     ],
 )
 def test_default_layout(cores: int, options: dict[str, object], expected: tuple[int, int, int]) -> None:

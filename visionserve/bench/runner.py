@@ -132,9 +132,7 @@ def _settings_facts(
         "device": first.device,
         "runtime_threads": first.resolved_threads(),
         "runtime_instances": first.instances or 1,
-        "server_preprocess_workers": server.resolved_preprocess_workers(
-            first.resolved_threads() * (first.instances or 1)
-        ),
+        "server_preprocess_workers": server.resolved_preprocess_workers(),
         "torch_compile": first.torch_compile,
         "onnx_allow_spinning": first.onnx_allow_spinning,
         "batching": ", ".join(config.batching)
