@@ -20,7 +20,7 @@ help:
 	@echo "make bench      in-process vs served latency for both runtimes -> docs/benchmarks.md figures"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
-	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ from protos/"
+	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,9 +61,12 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .
 
 # The generated stubs are committed; tests/unit/test_protos.py fails when they drift from protos/.
+# The Open Inference Protocol's proto (package `inference`) is mapped to visionserve/v2/ for its stubs.
 protos: $(VENV)/.installed-dev
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
 		protos/visionserve/v1/inference.proto
+	$(BIN)/python -m grpc_tools.protoc -Ivisionserve/v2=protos/inference --python_out=. --pyi_out=. \
+		--grpc_python_out=. protos/inference/grpc_service.proto
 
 clean:
 	rm -rf $(VENV) $(MODEL_REPOSITORY) .pytest_cache .mypy_cache .ruff_cache
