@@ -11,6 +11,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -261,6 +262,78 @@ class InferenceService:
             inference_ms=(inferred - preprocessed) * 1e3,
             total_ms=(finished - started) * 1e3,
         )
+
+    async def scores_for_images(
+        self, images: Sequence[bytes | str], *, field: str = "image", deadline: float | None = None
+    ) -> np.ndarray:
+        """The model's raw scores, float32 (N, classes), for N encoded images (bytes, or base64
+        text), for protocols that return tensors (the Open Inference Protocol).
+
+        The same path as `predict`: admission, decode + preprocess off the event loop, then each
+        image is its own item in the batcher, batched with every other request. All N are decoded
+        before any is queued; a bad one fails the call with an error naming `field[i]`.
+        """
+        self.check_ready()
+        if len(images) == 1 and self._preparing == 0 and self.batcher.idle:
+            # the idle fast path, as in `predict`: decode and infer in one hand-off
+            return await self.batcher.run_exclusive(self._preprocess_item_and_run, images[0], f"{field}[0]")
+        count = len(images)
+        self.batcher.check_capacity(incoming=self._preparing + count - 1)  # room for all N
+        loop = asyncio.get_running_loop()
+        self._preparing += count
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._preprocess_pool, self._preprocess_item, image, f"{field}[{i}]")
+                    for i, image in enumerate(images)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            self._preparing -= count
+        tensors: list[np.ndarray] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            tensors.append(outcome)
+        return await self._submit_rows(tensors, deadline)
+
+    async def scores_for_tensor(self, batch: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        """The model's raw scores, float32 (N, classes), for N preprocessed images: float32
+        (N, 3, H, W) as the model's input spec says (the caller has checked the shape).
+
+        Each row is its own item in the batcher, batched with every other request; when the
+        batcher is idle the whole tensor runs at once on a free instance.
+        """
+        self.check_ready()
+        if self._preparing == 0 and self.batcher.idle:
+            return await self.batcher.run_exclusive(self._run, batch)
+        self.batcher.check_capacity(incoming=self._preparing + len(batch) - 1)
+        return await self._submit_rows(list(batch), deadline)
+
+    async def _submit_rows(self, rows: list[np.ndarray], deadline: float | None) -> np.ndarray:
+        """Queue each row as its own item; the scores in the same order. If one fails (queue full,
+        deadline), the others are cancelled: the batcher drops them uncomputed."""
+        tasks = [asyncio.ensure_future(self.batcher.submit(row, deadline=deadline)) for row in rows]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return np.stack(results)
+
+    def _preprocess_item(self, image: bytes | str, field: str) -> np.ndarray:
+        """`_preprocess`, with the item's name (`image[2]`) in front of a decode error's message."""
+        try:
+            return self._preprocess(image, field)
+        except VisionError as exc:
+            if field in exc.message:
+                raise
+            raise VisionError(exc.code, f"{field}: {exc.message}", retry_after_s=exc.retry_after_s) from None
+
+    def _preprocess_item_and_run(self, image: bytes | str, field: str) -> np.ndarray:
+        return self._run(self._preprocess_item(image, field)[np.newaxis])
 
     def _preprocess(self, image: bytes | str, field: str) -> np.ndarray:
         data = decode_base64(image, field=field) if isinstance(image, str) else image

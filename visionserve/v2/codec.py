@@ -1,0 +1,347 @@
+"""Tensors in and out of the Open Inference Protocol, checked against the model's `Signature`.
+
+The HTTP routes and the gRPC servicer each pull a request apart into `InputTensor`s (name,
+datatype, shape, and the data as the wire carried it: raw little-endian bytes, or a list of
+elements) and requested outputs; everything from there on is here, so that both protocols accept
+and refuse exactly the same requests, with the same messages.
+
+Every check runs before anything is queued for the model. In particular a tensor's byte count
+must match its shape exactly: a mis-sized tensor is refused, never padded, truncated or allowed to
+run into a neighbour's data (Triton once let one leak data between batched requests,
+triton-inference-server/server#7171; a negative dimension crashed it, server#1649).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from visionserve.errors import ErrorCode, VisionError
+from visionserve.postprocessing import softmax
+from visionserve.v2.signature import Signature, TensorSpec
+
+DATATYPE_SIZES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
+    "BF16": 2,
+}
+"""Bytes per element of each fixed-size protocol datatype (BYTES elements have their own length)."""
+DATATYPES = (*DATATYPE_SIZES, "BYTES")
+
+_LENGTH = struct.Struct("<I")
+
+
+def invalid(message: str) -> VisionError:
+    """A 400 / INVALID_ARGUMENT with `message`."""
+    return VisionError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One input as a protocol layer received it, not yet checked.
+
+    `data` is raw bytes (the binary extension, gRPC `raw_input_contents`), a list of elements (JSON
+    `data`, gRPC typed `contents`), or None when the request carried none for it.
+    """
+
+    name: object
+    datatype: object
+    shape: object
+    data: bytes | Sequence[object] | None
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """N encoded images (bytes, or base64 text from a JSON request), to be decoded by the server."""
+
+    images: list[bytes | str]
+
+
+@dataclass(frozen=True)
+class TensorBatch:
+    """N preprocessed images: float32, C-contiguous, shape (N, 3, H, W)."""
+
+    array: np.ndarray
+
+
+ModelInput = ImageBatch | TensorBatch
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for: its name, `classification` (0: the tensor itself, N: the
+    top N classes as strings) and, over HTTP, whether it wants it binary (None: the default)."""
+
+    name: str
+    classification: int = 0
+    binary: bool | None = None
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of a response: FP32 scores, or BYTES classification strings."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    values: np.ndarray | list[bytes]
+
+    def raw(self) -> bytes:
+        """Little-endian row-major bytes (BYTES: each element prefixed by its 4-byte length)."""
+        if isinstance(self.values, np.ndarray):
+            return self.values.astype("<f4", copy=False).tobytes()
+        return pack_bytes(self.values)
+
+    def json_data(self) -> list[object]:
+        """The elements as a flat JSON list (BYTES as UTF-8 text)."""
+        if isinstance(self.values, np.ndarray):
+            data: list[object] = self.values.reshape(-1).tolist()
+            return data
+        return [value.decode("utf-8") for value in self.values]
+
+
+# --- BYTES elements --------------------------------------------------------------------------------
+
+
+def pack_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements -> the protocol's raw form: each one's 4-byte little-endian length, then it."""
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
+def unpack_bytes(raw: bytes, *, name: str, expected: int) -> list[bytes]:
+    """The raw form of a BYTES tensor -> its `expected` elements; anything else is an error that
+    says where the data went wrong."""
+    elements: list[bytes] = []
+    offset = 0
+    view = memoryview(raw)
+    while offset < len(raw):
+        if len(elements) == expected:
+            raise invalid(
+                f"input {name!r}: its raw data holds more than the {expected} element(s) its shape "
+                f"declares ({len(raw) - offset:,} bytes left after element {expected - 1})"
+            )
+        if offset + 4 > len(raw):
+            raise invalid(
+                f"input {name!r}: element {len(elements)} is cut short: {len(raw) - offset} byte(s) "
+                "left where its 4-byte little-endian length should be"
+            )
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise invalid(
+                f"input {name!r}: element {len(elements)} declares {length:,} bytes but only "
+                f"{len(raw) - offset:,} remain; each BYTES element is its 4-byte little-endian "
+                "length followed by that many bytes"
+            )
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(elements) != expected:
+        raise invalid(
+            f"input {name!r}: its shape declares {expected} element(s) but its raw data holds {len(elements)}"
+        )
+    return elements
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def _shape(tensor: InputTensor, name: str) -> tuple[int, ...]:
+    shape = tensor.shape
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise invalid(f"input {name!r}: shape must be a list of integers, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise invalid(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    return tuple(shape)
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], max_batch_size: int) -> int:
+    """Check `shape` against `spec` (-1: the batch dimension); return the batch size."""
+    accepted = [spec.shape]
+    if spec.datatype == "BYTES":
+        accepted.append((*spec.shape, 1))  # Triton's batch-only tensors are often sent as [N, 1]
+    if len(shape) not in {len(s) for s in accepted}:
+        raise invalid(
+            f"input {spec.name!r}: shape {list(shape)} has rank {len(shape)}; expected "
+            + " or ".join(str(list(s)) for s in accepted)
+            + " (-1: the batch size)"
+        )
+    expected = next(s for s in accepted if len(s) == len(shape))
+    for axis, (got, want) in enumerate(zip(shape, expected, strict=True)):
+        if want not in (-1, got):
+            raise invalid(
+                f"input {spec.name!r}: shape {list(shape)} has {got} at dimension {axis}; expected "
+                f"{list(expected)} (-1: the batch size)"
+            )
+    batch = shape[0]
+    if batch < 1:
+        raise invalid(f"input {spec.name!r}: the batch is empty (shape {list(shape)})")
+    if batch > max_batch_size:
+        raise invalid(
+            f"input {spec.name!r}: a batch of {batch} is over this model's max_batch_size "
+            f"{max_batch_size}; split the request"
+        )
+    return batch
+
+
+def _tensor_batch(spec: TensorSpec, shape: tuple[int, ...], data: bytes | Sequence[object]) -> TensorBatch:
+    count = math.prod(shape)
+    if isinstance(data, bytes | bytearray | memoryview):
+        expected = count * DATATYPE_SIZES["FP32"]
+        if len(data) != expected:
+            raise invalid(
+                f"input {spec.name!r}: FP32 shape {list(shape)} needs {expected:,} bytes; "
+                f"{len(data):,} were sent"
+            )
+        array = np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(shape)
+    else:
+        try:
+            array = np.asarray(data, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise invalid(
+                f"input {spec.name!r}: data must be numbers (FP32), as a flat or nested row-major list"
+            ) from None
+        if array.size != count:
+            raise invalid(
+                f"input {spec.name!r}: shape {list(shape)} needs {count:,} elements; {array.size:,} were sent"
+            )
+        array = np.ascontiguousarray(array.reshape(shape))
+    if not np.isfinite(array).all():
+        raise invalid(f"input {spec.name!r}: the data holds NaN or infinity")
+    return TensorBatch(array)
+
+
+def _image_batch(spec: TensorSpec, batch: int, data: bytes | Sequence[object]) -> ImageBatch:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return ImageBatch(list(unpack_bytes(bytes(data), name=spec.name, expected=batch)))
+    elements = list(data)
+    if len(elements) != batch:
+        raise invalid(
+            f"input {spec.name!r}: its shape declares {batch} image(s) but {len(elements)} were sent"
+        )
+    images: list[bytes | str] = []
+    for index, item in enumerate(elements):
+        element = item[0] if isinstance(item, list) and len(item) == 1 else item  # nested [N, 1]
+        if not isinstance(element, bytes | str):
+            raise invalid(
+                f"input {spec.name!r}: element {index} is {type(element).__name__}; each element is "
+                "one encoded image (base64 text in JSON)"
+            )
+        images.append(element)
+    return ImageBatch(images)
+
+
+def parse_inputs(signature: Signature, tensors: Sequence[InputTensor]) -> ModelInput:
+    """The request's inputs -> what the model is given, or a 400 naming what is wrong.
+
+    A request sends exactly one input: the preprocessed tensor or the encoded images.
+    """
+    offered = " or ".join(spec.describe() for spec in signature.inputs)
+    if not tensors:
+        raise invalid(f"the request has no inputs; send one: {offered}")
+    if len(tensors) > 1:
+        names = [t.name for t in tensors]
+        raise invalid(f"the request has {len(tensors)} inputs {names}; send exactly one: {offered}")
+    (tensor,) = tensors
+    spec = next((s for s in signature.inputs if s.name == tensor.name), None)
+    if spec is None:
+        raise invalid(f"unknown input {tensor.name!r}; this model takes {offered}")
+    if tensor.datatype != spec.datatype:
+        raise invalid(f"input {spec.name!r} must be {spec.datatype}; got {tensor.datatype!r}")
+    shape = _shape(tensor, spec.name)
+    batch = _check_shape(spec, shape, signature.max_batch_size)
+    if tensor.data is None:
+        raise invalid(f"input {spec.name!r} carries no data")
+    if spec.datatype == "BYTES":
+        return _image_batch(spec, batch, tensor.data)
+    return _tensor_batch(spec, shape, tensor.data)
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def _int_parameter(value: object, *, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def requested_output(
+    signature: Signature, name: object, parameters: Mapping[str, object] | None = None
+) -> RequestedOutput:
+    """One entry of the request's `outputs` -> a checked `RequestedOutput`."""
+    if not isinstance(name, str) or signature.output(name) is None:
+        names = ", ".join(repr(spec.name) for spec in signature.outputs)
+        raise invalid(f"unknown output {name!r}; this model has {names}")
+    parameters = parameters or {}
+    classification = parameters.get("classification", 0)
+    classes = _int_parameter(classification, what=f"output {name!r}: classification")
+    if not 0 <= classes <= signature.classes:
+        raise invalid(
+            f"output {name!r}: classification must be between 1 and {signature.classes} (the "
+            f"model's classes); got {classes}"
+        )
+    binary = parameters.get("binary_data")
+    if binary is not None and not isinstance(binary, bool):
+        raise invalid(f"output {name!r}: binary_data must be true or false, got {binary!r}")
+    return RequestedOutput(name=name, classification=classes, binary=binary)
+
+
+def default_outputs(signature: Signature) -> list[RequestedOutput]:
+    """Every output, as tensors (what a request that names no outputs gets)."""
+    return [RequestedOutput(spec.name) for spec in signature.outputs]
+
+
+def check_outputs(requested: Sequence[RequestedOutput]) -> None:
+    """Each output may be asked for once."""
+    names = [output.name for output in requested]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise invalid(f"outputs {duplicated} are requested more than once")
+
+
+def classification_strings(values: np.ndarray, count: int, labels: Sequence[str]) -> list[bytes]:
+    """The top `count` classes of each row as `value:index:label`, most probable first (ties: lower
+    index first), row after row."""
+    strings: list[bytes] = []
+    for row in values:
+        order = np.argsort(-row, kind="stable")[:count]
+        strings.extend(f"{row[i]:f}:{i}:{labels[i]}".encode() for i in order)
+    return strings
+
+
+def build_outputs(
+    signature: Signature, scores: np.ndarray, requested: Sequence[RequestedOutput]
+) -> list[OutputTensor]:
+    """The model's scores (N, classes) -> the requested outputs, in the order requested."""
+    probabilities: np.ndarray | None = None
+    outputs: list[OutputTensor] = []
+    for output in requested:
+        if output.name == signature.raw_output:
+            values = scores.astype(np.float32, copy=False)
+        else:  # the derived probabilities
+            if probabilities is None:
+                probabilities = softmax(scores)
+            values = probabilities
+        if output.classification:
+            strings = classification_strings(values, output.classification, signature.labels)
+            shape = (len(values), output.classification)
+            outputs.append(OutputTensor(output.name, "BYTES", shape, strings))
+        else:
+            outputs.append(OutputTensor(output.name, "FP32", tuple(values.shape), values))
+    return outputs
