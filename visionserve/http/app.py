@@ -62,9 +62,23 @@ def _example_image_base64() -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _error_json(error: VisionError) -> JSONResponse:
+def _v2_path(request: Request) -> bool:
+    """Open Inference Protocol routes answer errors as that protocol does: `{"error": "<message>"}`."""
+    path = request.url.path
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _error_body(request: Request, code: ErrorCode, message: str) -> dict[str, Any]:
+    if _v2_path(request):
+        return {"error": message}
+    return {"error": {"code": code.value, "message": message}}
+
+
+def _error_json(error: VisionError, request: Request) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
-    return JSONResponse(error.to_dict(), status_code=error.status.http, headers=headers)
+    return JSONResponse(
+        _error_body(request, error.code, error.message), status_code=error.status.http, headers=headers
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -80,23 +94,22 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VisionError)
-    async def vision_error(_: Request, exc: VisionError) -> JSONResponse:
-        return _error_json(exc)
+    async def vision_error(request: Request, exc: VisionError) -> JSONResponse:
+        return _error_json(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"error": {"code": ErrorCode.INVALID_ARGUMENT.value, "message": _validation_message(exc)}},
-            status_code=422,
+            _error_body(request, ErrorCode.INVALID_ARGUMENT, _validation_message(exc)), status_code=422
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_ARGUMENT)
         if exc.status_code >= 500:
             code = ErrorCode.INTERNAL
         return JSONResponse(
-            {"error": {"code": code.value, "message": str(exc.detail)}},
+            _error_body(request, code, str(exc.detail)),
             status_code=exc.status_code,
             headers=exc.headers,
         )
@@ -105,7 +118,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(
-            {"error": {"code": ErrorCode.INTERNAL.value, "message": GENERIC_INTERNAL_MESSAGE}},
+            _error_body(request, ErrorCode.INTERNAL, GENERIC_INTERNAL_MESSAGE),
             status_code=500,
         )
 
@@ -355,6 +368,12 @@ def create_app(
         depth, rejections."""
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
+
+    # NOTE: imported here, not at the top: the V2 routes reuse this module's deadline and
+    # disconnect helpers, and a top-level import each way would be circular.
+    from visionserve.v2.http import create_v2_router
+
+    app.include_router(create_v2_router(service, settings))
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict[str, str]:

@@ -1,0 +1,124 @@
+"""The Open Inference Protocol's HTTP routes (`/v2/...`), served by the same FastAPI app and port as
+the project's own API, through the same `InferenceService` and batcher.
+
+Health and readiness answer with their status code (200, or 503 / 404), as Triton's do; errors
+are `{"error": "<message>"}` (the app's error handlers answer every `/v2` path in that shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from visionserve.http.app import _deadline, _unless_disconnected
+from visionserve.service import InferenceService
+from visionserve.settings import ServerSettings
+from visionserve.v2.codec import ImageBatch, build_outputs
+from visionserve.v2.rest import HEADER_LENGTH, InferRequest, decompress, encode_response, parse_request
+from visionserve.v2.signature import Signature
+from visionserve.v2.statistics import model_statistics
+
+PREFIX = "/v2"
+_INLINE_BYTES = 64 * 1024
+"""Bodies up to this size are decoded on the event loop; larger ones (a preprocessed FP32 tensor in
+JSON is ~1.5 MB) in a worker thread, so that parsing them does not stall other requests."""
+
+
+def create_v2_router(service: InferenceService, settings: ServerSettings) -> APIRouter:
+    """The `/v2` routes for `service`: health, server and model metadata, model configuration,
+    statistics, and inference (JSON and binary tensors, gzip/deflate bodies)."""
+    router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol (KServe V2)"])
+    signature = Signature.of_service(service)
+    limit = settings.max_request_bytes
+
+    @router.get("")
+    async def server_metadata() -> dict[str, object]:
+        """Server name, version and the protocol extensions it supports."""
+        return signature.server_metadata()
+
+    @router.get("/health/live")
+    async def server_live() -> dict[str, bool]:
+        """200 while the process is up."""
+        return {"live": True}
+
+    @router.get("/health/ready")
+    async def server_ready() -> dict[str, bool]:
+        """200 once the model can serve; 503 while it loads, after it failed, and during shutdown."""
+        service.check_ready()
+        return {"ready": True}
+
+    @router.get("/models/stats")
+    async def all_statistics() -> dict[str, object]:
+        """Statistics of every model served (this server serves one)."""
+        return model_statistics(signature, service)
+
+    @router.get("/models/{model_name}")
+    @router.get("/models/{model_name}/versions/{model_version}")
+    async def model_metadata(model_name: str, model_version: str | None = None) -> dict[str, object]:
+        """The model's versions, platform, inputs and outputs (-1: the batch dimension)."""
+        signature.check_model(model_name, model_version)
+        return signature.metadata()
+
+    @router.get("/models/{model_name}/ready")
+    @router.get("/models/{model_name}/versions/{model_version}/ready")
+    async def model_ready(model_name: str, model_version: str | None = None) -> dict[str, object]:
+        """200 when the model can serve; 404 for a model not served here; 503 while not ready."""
+        signature.check_model(model_name, model_version)
+        service.check_ready()
+        return {"name": model_name, "ready": True}
+
+    @router.get("/models/{model_name}/config")
+    @router.get("/models/{model_name}/versions/{model_version}/config")
+    async def model_config(model_name: str, model_version: str | None = None) -> dict[str, object]:
+        """Triton's model configuration (name, platform, max_batch_size, inputs, outputs, dynamic
+        batching): what perf_analyzer and Triton's clients read."""
+        signature.check_model(model_name, model_version)
+        return signature.config()
+
+    @router.get("/models/{model_name}/stats")
+    @router.get("/models/{model_name}/versions/{model_version}/stats")
+    async def statistics(model_name: str, model_version: str | None = None) -> dict[str, object]:
+        """Images and batches computed, time queued and computing, batch sizes, requests dropped."""
+        signature.check_model(model_name, model_version)
+        return model_statistics(signature, service)
+
+    def decode(body: bytes, encoding: str | None, header_length: str | None) -> InferRequest:
+        return parse_request(signature, decompress(body, encoding, limit=limit), header_length)
+
+    @router.post("/models/{model_name}/infer")
+    @router.post("/models/{model_name}/versions/{model_version}/infer")
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        """Inference: JSON tensors, or the binary tensor extension (`Inference-Header-Content-Length`
+        and `binary_data_size`); gzip or deflate bodies. Send one input: `input` (FP32
+        [N, 3, H, W], preprocessed) or `image` (BYTES [N], encoded images; base64 text in JSON)."""
+        arrived = time.monotonic()
+        signature.check_model(model_name, model_version)
+        deadline = _deadline(request, arrived, settings.request_timeout_s)
+        service.check_admission()  # NOTE: before the body is read, as the project's own API does
+        body = await request.body()
+        encoding = request.headers.get("content-encoding")
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > _INLINE_BYTES or encoding:
+            parsed = await asyncio.to_thread(decode, body, encoding, header_length)
+        else:
+            parsed = decode(body, encoding, header_length)
+        if parsed.timeout_s is not None:
+            deadline = min(deadline if deadline is not None else math.inf, arrived + parsed.timeout_s)
+        model_input = parsed.model_input
+        if isinstance(model_input, ImageBatch):
+            work = service.scores_for_images(
+                model_input.images, field=signature.image_input.name, deadline=deadline
+            )
+        else:
+            work = service.scores_for_tensor(model_input.array, deadline=deadline)
+        scores = await _unless_disconnected(request, work)
+        content, headers = encode_response(
+            signature, parsed, build_outputs(signature, scores, parsed.outputs)
+        )
+        return Response(content, headers=headers)
+
+    return router
