@@ -1,4 +1,5 @@
-"""The grpc.aio server: visionserve.v1.Inference, standard health checking and reflection.
+"""The grpc.aio server: visionserve.v1.Inference, the Open Inference Protocol's
+inference.GRPCInferenceService (KServe V2), standard health checking and reflection.
 
 `python -m grpc_server` serves the model named by the VISION_* settings on VISION_GRPC_PORT
 (default 50051). Health is NOT_SERVING until the model is loaded and warmed, SERVING after, and
@@ -22,6 +23,7 @@ from prometheus_client import start_wsgi_server
 
 from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.servicer import InferenceServicer
+from grpc_server.v2_servicer import V2InferenceServicer
 from visionserve.errors import ConfigurationError
 from visionserve.http.server import configure_logging
 from visionserve.runtimes import runtime_from_settings
@@ -30,10 +32,13 @@ from visionserve.service import InferenceService
 from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
+from visionserve.v2 import grpc_service_pb2 as v2_pb
+from visionserve.v2 import grpc_service_pb2_grpc as v2_pb_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+V2_SERVICE_NAME = v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,10 +69,14 @@ class GrpcServer:
             self.service, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
         )
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
+        self.v2_servicer = V2InferenceServicer(
+            self.service, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
+        )
+        v2_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, V2_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
         self.metrics_port = 0
@@ -75,7 +84,7 @@ class GrpcServer:
         self.loaded: asyncio.Task[None] | None = None
 
     async def _set_health(self, status: int) -> None:
-        for name in (health.OVERALL_HEALTH, SERVICE_NAME):
+        for name in (health.OVERALL_HEALTH, SERVICE_NAME, V2_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def start(self) -> int:

@@ -1,0 +1,289 @@
+"""`V2InferenceServicer`: inference.GRPCInferenceService (the Open Inference Protocol, "KServe V2")
+over the core `InferenceService`, on the same server and port as visionserve.v1.Inference.
+
+Requests are pulled apart into the codec's `InputTensor`s (from `raw_input_contents` or the typed
+`contents`) and checked there, exactly as the HTTP routes' are; outputs go back in
+`raw_output_contents`, which is where tritonclient's `as_numpy` reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TypeAlias, TypeVar
+
+import grpc
+from google.protobuf import json_format
+
+from grpc_server.status import abort
+from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ErrorCode, VisionError
+from visionserve.service import InferenceService
+from visionserve.v2 import grpc_service_pb2 as pb
+from visionserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from visionserve.v2.codec import (
+    ImageBatch,
+    InputTensor,
+    RequestedOutput,
+    build_outputs,
+    check_outputs,
+    default_outputs,
+    invalid,
+    parse_inputs,
+    requested_output,
+)
+from visionserve.v2.signature import Signature
+from visionserve.v2.statistics import model_statistics
+
+logger = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
+SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
+MessageT = TypeVar("MessageT")
+
+
+def from_dict(values: Mapping[str, object], message: MessageT) -> MessageT:
+    """Fill `message` from the JSON form the HTTP routes answer with (one builder for both)."""
+    json_format.ParseDict(values, message)
+    return message
+
+
+def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    """A protobuf parameter map -> plain values (bool, int, str or float)."""
+    values: dict[str, object] = {}
+    for key, parameter in parameters.items():
+        which = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, which) if which else None
+    return values
+
+
+def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> Sequence[object]:
+    """The typed `contents` field that matches the tensor's datatype (the codec refuses the others
+    by their datatype before it looks at any data)."""
+    contents = tensor.contents
+    if tensor.datatype == "BYTES":
+        return list(contents.bytes_contents)
+    if tensor.datatype == "FP32":
+        return contents.fp32_contents  # type: ignore[no-any-return]
+    return []
+
+
+def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
+    """The request's inputs, each with its data from `raw_input_contents` or its `contents`."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input(s); send one "
+            "entry per input, in the order of `inputs`, or none"
+        )
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        data: bytes | Sequence[object] | None = None
+        if raw:
+            if tensor.HasField("contents"):
+                raise invalid(
+                    f"input {tensor.name!r} has data in both raw_input_contents and contents; send one"
+                )
+            data = raw[index]
+        elif tensor.HasField("contents"):
+            data = _typed_contents(tensor)
+        tensors.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), data))
+    return tensors
+
+
+def requested_outputs(signature: Signature, request: pb.ModelInferRequest) -> list[RequestedOutput]:
+    """The outputs asked for (every output, as tensors, when none is named)."""
+    if not request.outputs:
+        return default_outputs(signature)
+    outputs = [
+        requested_output(signature, output.name, parameter_values(output.parameters))
+        for output in request.outputs
+    ]
+    check_outputs(outputs)
+    return outputs
+
+
+class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Translates V2 calls to and from `InferenceService`; the checks live in `visionserve.v2`."""
+
+    def __init__(self, service: InferenceService, *, max_message_bytes: int, stream_read_ahead: int):
+        self.service = service
+        self.signature = Signature.of_service(service)
+        self.max_message_bytes = max_message_bytes
+        self.stream_read_ahead = stream_read_ahead
+
+    # --- health and metadata ----------------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:  # noqa: N802
+        """True while the process answers."""
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(  # noqa: N802
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        """True once the model is loaded and warmed, until shutdown begins."""
+        return pb.ServerReadyResponse(ready=self.service.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # noqa: N802
+        """Whether the model can serve; NOT_FOUND for a model not served here."""
+        try:
+            self.signature.check_model(request.name, request.version)
+        except VisionError as exc:
+            await abort(context, exc)
+        return pb.ModelReadyResponse(ready=self.service.ready)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        """Server name, version and the protocol extensions served."""
+        return from_dict(self.signature.server_metadata(), pb.ServerMetadataResponse())
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        """The model's versions, platform, inputs and outputs."""
+        try:
+            self.signature.check_model(request.name, request.version)
+        except VisionError as exc:
+            await abort(context, exc)
+        return from_dict(self.signature.metadata(), pb.ModelMetadataResponse())
+
+    async def ModelConfig(  # noqa: N802
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        """Triton's model configuration: what perf_analyzer reads."""
+        try:
+            self.signature.check_model(request.name, request.version)
+        except VisionError as exc:
+            await abort(context, exc)
+        return from_dict({"config": self.signature.config()}, pb.ModelConfigResponse())
+
+    async def ModelStatistics(  # noqa: N802
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        """Images and batches computed, time queued and computing (every model when unnamed)."""
+        try:
+            if request.name:
+                self.signature.check_model(request.name, request.version)
+        except VisionError as exc:
+            await abort(context, exc)
+        stats = model_statistics(self.signature, self.service)
+        return from_dict(stats, pb.ModelStatisticsResponse())
+
+    # --- inference --------------------------------------------------------------------------------
+
+    def _check_size(self, request: pb.ModelInferRequest) -> None:
+        size = request.ByteSize()
+        if size > self.max_message_bytes:
+            raise VisionError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the message is {size:,} bytes; the limit is {self.max_message_bytes:,} bytes "
+                f"(setting {SIZE_SETTING})",
+            )
+
+    @staticmethod
+    def _deadline(context: Context, request: pb.ModelInferRequest) -> float | None:
+        """The earlier of the call's deadline and the request's `timeout` parameter
+        (microseconds, as Triton's clients send it), on the monotonic clock."""
+        now = time.monotonic()
+        deadlines = []
+        remaining = context.time_remaining()
+        if remaining is not None:
+            if remaining <= 0:
+                raise VisionError(
+                    ErrorCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was computed"
+                )
+            deadlines.append(now + remaining)
+        timeout = parameter_values(request.parameters).get("timeout")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+                raise invalid(f"parameter timeout must be a positive number of microseconds, got {timeout!r}")
+            deadlines.append(now + timeout / 1e6)
+        return min(deadlines) if deadlines else None
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        signature = self.signature
+        self._check_size(request)
+        signature.check_model(request.model_name, request.model_version)
+        self.service.check_ready()
+        model_input = parse_inputs(signature, input_tensors(request))
+        outputs = requested_outputs(signature, request)
+        if isinstance(model_input, ImageBatch):
+            scores = await self.service.scores_for_images(
+                model_input.images, field=signature.image_input.name, deadline=deadline
+            )
+        else:
+            scores = await self.service.scores_for_tensor(model_input.array, deadline=deadline)
+        tensors = build_outputs(signature, scores, outputs)
+        return pb.ModelInferResponse(
+            model_name=signature.model,
+            model_version=signature.version,
+            id=request.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in tensors
+            ],
+            raw_output_contents=[t.raw() for t in tensors],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
+        """One request: a batch of preprocessed tensors or of encoded images."""
+        try:
+            return await self._infer(request, self._deadline(context, request))
+        except Exception as exc:
+            await abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests in, answers out in request order; a failed request is answered with its
+        `error_message` and the stream goes on. At most `stream_read_ahead` requests in flight."""
+        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(
+            maxsize=self.stream_read_ahead
+        )
+
+        async def start(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            return await self._infer(request, self._deadline(context, request))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.create_task(start(request)))  # waits while the window is full
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await pending.put(None)
+                raise
+            await pending.put(None)  # the client half-closed: answer what is pending, then end
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                try:
+                    response = await task
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    yield pb.ModelStreamInferResponse(error_message=_message(exc))
+                else:
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                item = pending.get_nowait()
+                if item is not None:
+                    item.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+def _message(exc: BaseException) -> str:
+    """A stream entry's `error_message`; internals never leak."""
+    if isinstance(exc, VisionError):
+        return exc.message
+    logger.error("unexpected error on one stream request", exc_info=exc)
+    return GENERIC_INTERNAL_MESSAGE
