@@ -17,7 +17,7 @@ endif
 help:
 	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite"
-	@echo "make bench      in-process vs served latency for both runtimes -> docs/benchmarks.md figures"
+	@echo "make bench      load benchmark: in-process limit vs served HTTP/gRPC (BENCH_ARGS=\"--concurrency 1,16 ...\")"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
