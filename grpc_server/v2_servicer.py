@@ -127,11 +127,12 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # noqa: N802
-        """Whether the model can serve; NOT_FOUND for a model not served here."""
+        """Whether the model (and version) can serve; false for one not served here, as a client's
+        `is_model_ready` expects a yes or no rather than an error."""
         try:
             self.signature.check_model(request.name, request.version)
-        except VisionError as exc:
-            await abort(context, exc)
+        except VisionError:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(  # noqa: N802
