@@ -274,11 +274,12 @@ class InferenceService:
         before any is queued; a bad one fails the call with an error naming `field[i]`.
         """
         self.check_ready()
+        self._check_count(len(images))
         if len(images) == 1 and self._preparing == 0 and self.batcher.idle:
             # the idle fast path, as in `predict`: decode and infer in one hand-off
             return await self.batcher.run_exclusive(self._preprocess_item_and_run, images[0], f"{field}[0]")
         count = len(images)
-        self.batcher.check_capacity(incoming=self._preparing + count - 1)  # room for all N
+        self._check_room(count)
         loop = asyncio.get_running_loop()
         self._preparing += count
         try:
@@ -306,10 +307,26 @@ class InferenceService:
         batcher is idle the whole tensor runs at once on a free instance.
         """
         self.check_ready()
+        self._check_count(len(batch))
         if self._preparing == 0 and self.batcher.idle:
             return await self.batcher.run_exclusive(self._run, batch)
-        self.batcher.check_capacity(incoming=self._preparing + len(batch) - 1)
+        self._check_room(len(batch))
         return await self._submit_rows(list(batch), deadline)
+
+    def _check_count(self, count: int) -> None:
+        """Refuse a request of more items than the queue can ever hold: it would only ever be
+        answered "at capacity", however long the client retried."""
+        limit = self.batcher.max_queue_size
+        if count > limit:
+            raise VisionError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"a request of {count} images can never be queued: the queue holds {limit} (setting "
+                "VISION_MAX_QUEUE_SIZE); send fewer at once",
+            )
+
+    def _check_room(self, count: int) -> None:
+        """Raise OVERLOADED unless the queue has room for `count` more items now."""
+        self.batcher.check_capacity(incoming=self._preparing + count - 1)
 
     async def _submit_rows(self, rows: list[np.ndarray], deadline: float | None) -> np.ndarray:
         """Queue each row as its own item; the scores in the same order. If one fails (queue full,

@@ -273,3 +273,17 @@ def test_a_v2_request_whose_timeout_passes_while_queued_gets_504_and_is_never_co
         400,
         "X-Request-Timeout",
     )
+
+
+def test_a_request_larger_than_the_queue_is_a_400_naming_the_setting(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    client = app_client(FakeRuntime(fake_entry), max_queue_size=2)
+    body, headers = binary_request(constant_batch(1.0, 2.0, 3.0))
+    assert_v2_error(
+        client.post(INFER, content=body, headers=headers), 400, "3 images", "VISION_MAX_QUEUE_SIZE"
+    )
+    body, headers = binary_request(constant_batch(1.0, 2.0))
+    response = client.post(INFER, content=body, headers=headers)
+    assert response.status_code == 200
+    np.testing.assert_allclose(logits_of(response), [expected_logits(1.0), expected_logits(2.0)], rtol=1e-6)
