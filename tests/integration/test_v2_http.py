@@ -287,3 +287,13 @@ def test_a_request_larger_than_the_queue_is_a_400_naming_the_setting(
     response = client.post(INFER, content=body, headers=headers)
     assert response.status_code == 200
     np.testing.assert_allclose(logits_of(response), [expected_logits(1.0), expected_logits(2.0)], rtol=1e-6)
+
+
+def test_the_docs_example_works_when_executed(fake_client: TestClient) -> None:
+    spec = fake_client.get("/openapi.json").json()
+    operation = spec["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert "X-Request-Timeout" in [p["name"] for p in operation["parameters"]]
+    (example,) = operation["requestBody"]["content"]["application/json"]["examples"].values()
+    response = fake_client.post(INFER, json=example["value"])
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [1, 3]

@@ -14,7 +14,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from visionserve.http.app import _deadline, _unless_disconnected
+from visionserve.http.app import _TIMEOUT_PARAMETER, _deadline, _example_image_base64, _unless_disconnected
 from visionserve.service import InferenceService
 from visionserve.settings import ServerSettings
 from visionserve.v2.codec import ImageBatch, build_outputs
@@ -26,6 +26,41 @@ PREFIX = "/v2"
 _INLINE_BYTES = 64 * 1024
 """Bodies up to this size are decoded on the event loop; larger ones (a preprocessed FP32 tensor in
 JSON is ~1.5 MB) in a worker thread, so that parsing them does not stall other requests."""
+
+
+def _infer_body(signature: Signature) -> dict[str, object]:
+    """The OpenAPI requestBody of the infer route (which reads its own body): a JSON example that
+    works when executed from /docs, and the binary extension's content type."""
+    example = {
+        "id": "docs",
+        "inputs": [
+            {
+                "name": signature.image_input.name,
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [_example_image_base64()],
+            }
+        ],
+        "outputs": [{"name": signature.outputs[-1].name, "parameters": {"classification": 3}}],
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object"},
+                    "examples": {
+                        "cat": {"summary": "A photo (base64) and its top 3 classes", "value": example}
+                    },
+                },
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"The binary tensor extension: the JSON, then the tensors; the "
+                    f"{HEADER_LENGTH} header gives the JSON's length",
+                },
+            },
+        }
+    }
 
 
 def create_v2_router(service: InferenceService, settings: ServerSettings) -> APIRouter:
@@ -89,8 +124,10 @@ def create_v2_router(service: InferenceService, settings: ServerSettings) -> API
     def decode(body: bytes, encoding: str | None, header_length: str | None) -> InferRequest:
         return parse_request(signature, decompress(body, encoding, limit=limit), header_length)
 
-    @router.post("/models/{model_name}/infer")
-    @router.post("/models/{model_name}/versions/{model_version}/infer")
+    openapi = _infer_body(signature) | _TIMEOUT_PARAMETER
+
+    @router.post("/models/{model_name}/infer", openapi_extra=openapi)
+    @router.post("/models/{model_name}/versions/{model_version}/infer", openapi_extra=openapi)
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         """Inference: JSON tensors, or the binary tensor extension (`Inference-Header-Content-Length`
         and `binary_data_size`); gzip or deflate bodies. Send one input: `input` (FP32
