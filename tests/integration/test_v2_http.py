@@ -297,3 +297,51 @@ def test_the_docs_example_works_when_executed(fake_client: TestClient) -> None:
     response = fake_client.post(INFER, json=example["value"])
     assert response.status_code == 200, response.text
     assert response.json()["outputs"][0]["shape"] == [1, 3]
+
+
+def test_tritonclient_async_requests_are_batched_and_each_gets_its_own_answer(fake_entry: ModelEntry) -> None:
+    """An unmodified tritonclient.http against uvicorn: requests sent together while the instance
+    is busy are computed in one batch (so says /metrics), and each gets the rows of its own data."""
+    import tritonclient.http as httpclient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.integration.v2_servers import http_serving
+
+    runtime = CountingSlowRuntime(fake_entry, batch_s=0.3)
+    with http_serving(runtime) as served:
+        client = httpclient.InferenceServerClient(served.url, concurrency=8)
+        try:
+
+            def send(*values: float) -> object:
+                tensor = httpclient.InferInput("input", [len(values), *SHAPE], "FP32")
+                tensor.set_data_from_numpy(constant_batch(*values))
+                return client.async_infer(
+                    "fake", [tensor], outputs=[httpclient.InferRequestedOutput("logits")]
+                )
+
+            first = send(0.0)
+            deadline = time.monotonic() + 5
+            while runtime.started == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            values = [(1.0,), (2.0, 3.0), (-4.0,), (5.0, 6.0, 7.0)]
+            pending = [send(*v) for v in values]
+            first.get_result(timeout=10)
+            for request, v in zip(pending, values, strict=True):
+                logits = request.get_result(timeout=10).as_numpy("logits")
+                np.testing.assert_allclose(logits, [expected_logits(x) for x in v], rtol=1e-6)
+        finally:
+            client.close()
+        status, text = served.get("/metrics")
+    assert status == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text.decode())
+        for sample in family.samples
+    }
+    assert samples[("visionserve_batch_size_sum", ())] == 1 + 7
+    # the first alone, then the rest together (all 7 rows, unless one was slow to arrive)
+    assert samples[("visionserve_batch_size_count", ())] <= 3
+    assert max(shape[0] for shape in runtime.batches) >= 4
+    ok = (("endpoint", "/v2/models/{model_name}/infer"), ("protocol", "http"), ("status", "200"))
+    assert samples[("visionserve_requests_total", ok)] == 5
