@@ -1,0 +1,213 @@
+"""`ApiClient`: the UI's only way to the HTTP inference API (predict, readiness, model details).
+
+Every failure comes out as a `UIError` whose words suit the page: the API's own error messages
+already say what to fix and are shown as they are; connection failures and timeouts are named
+with the address and the setting involved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx2
+
+from flask_ui.errors import Problem, UIError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """One class of a prediction."""
+
+    label: str
+    prob: float
+    index: int
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The API's answer for one image, with the time it took as seen from here."""
+
+    topk: list[ClassScore]
+    model: str
+    server_ms: float
+    """`latency_ms` of the answer: the API's own time for the request."""
+    round_trip_ms: float
+    """From sending the upload to the API until its answer was read, measured by the UI."""
+
+
+@dataclass(frozen=True)
+class ModelDetails:
+    """What `GET /models` says about the served model."""
+
+    name: str
+    runtime: str
+    device: str
+    ready: bool
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a service can serve: `state` is "ready", "not_ready" or "down"; `detail` says why."""
+
+    state: str
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the service can serve now."""
+        return self.state == "ready"
+
+
+def _error_detail(response: httpx2.Response) -> tuple[str, str]:
+    """The API's `{"error": {"code", "message"}}`, or ("", "") when the body is something else
+    (e.g. a proxy's HTML page)."""
+    try:
+        error = response.json()["error"]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return "", ""
+
+
+def error_from_response(response: httpx2.Response) -> UIError:  # noqa: PLR0911 (one per kind)
+    """Map an API error answer to what the page says (the API's message, when it has one, is
+    shown as it is: it says what to fix)."""
+    code, message = _error_detail(response)
+    message = message[:1].upper() + message[1:]
+    status = response.status_code
+    if status in (400, 422) or code in ("invalid_image", "invalid_base64", "invalid_argument"):
+        return UIError(
+            Problem.BAD_INPUT,
+            "That file is not an image we can read",
+            message or "Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+        )
+    if status == 413:
+        return UIError(Problem.TOO_LARGE, "The image is too large", message or "Try a smaller image.")
+    if status == 503 and code == "overloaded":
+        return UIError(Problem.BUSY, "The model is busy", "Too many images at once; try again in a moment.")
+    if status == 503:
+        return UIError(
+            Problem.NOT_READY,
+            "The model is not ready yet",
+            "The inference API is still loading its model; try again in a few seconds.",
+        )
+    if status == 504:
+        return UIError(Problem.TIMEOUT, "The model took too long", message or "Try again in a moment.")
+    if status == 404 and code == "model_not_found":
+        return UIError(Problem.API_ERROR, "The model is not served", message)
+    logger.warning("the API answered %s %s: %s", status, code or "(no error code)", message)
+    return UIError(
+        Problem.API_ERROR,
+        "The inference API failed",
+        f"It answered HTTP {status}; its log says why. Try again, or another image.",
+    )
+
+
+class ApiClient:
+    """Calls the HTTP inference API at `base_url`. Thread-safe (one pooled httpx2 client).
+
+    `transport` replaces the network (tests pass an `httpx2.MockTransport`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        request_timeout_s: float,
+        status_timeout_s: float,
+        transport: httpx2.BaseTransport | None = None,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.request_timeout_s = request_timeout_s
+        self.status_timeout_s = status_timeout_s
+        # NOTE: connect time is bounded by the short status timeout even for predictions: an API
+        # that does not accept a connection within it is down, and the page should say so at once.
+        self._http = httpx2.Client(
+            base_url=self.base_url,
+            timeout=httpx2.Timeout(request_timeout_s, connect=min(status_timeout_s, request_timeout_s)),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def _unreachable(self, exc: Exception) -> UIError:
+        logger.info("the API at %s is not reachable: %s", self.base_url, exc)
+        return UIError(
+            Problem.UNREACHABLE,
+            "The inference API is not reachable",
+            f"Nothing answers at {self.base_url}. Start it (`make run` starts everything) or point "
+            "VISION_UI_API_URL at it.",
+        )
+
+    def predict(self, image: bytes, filename: str, *, topk: int = 5) -> ImagePrediction:
+        """POST the image to /predict/file; the top `topk` classes."""
+        started = time.perf_counter()
+        try:
+            response = self._http.post(
+                "/predict/file",
+                params={"topk": topk},
+                files={"file": (filename or "upload", image, "application/octet-stream")},
+            )
+        except httpx2.TimeoutException as exc:
+            if isinstance(exc, httpx2.ConnectTimeout):
+                raise self._unreachable(exc) from None
+            raise UIError(
+                Problem.TIMEOUT,
+                "The model took too long",
+                f"No answer from the inference API within {self.request_timeout_s:g} s "
+                "(VISION_UI_REQUEST_TIMEOUT_S). Try again in a moment.",
+            ) from None
+        except httpx2.TransportError as exc:
+            raise self._unreachable(exc) from None
+        round_trip_ms = (time.perf_counter() - started) * 1e3
+        if response.status_code != 200:
+            raise error_from_response(response)
+        try:
+            body = response.json()
+            return ImagePrediction(
+                topk=[ClassScore(str(p["label"]), float(p["prob"]), int(p["index"])) for p in body["topk"]],
+                model=str(body["model"]),
+                server_ms=float(body["latency_ms"]),
+                round_trip_ms=round_trip_ms,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("unexpected answer from %s/predict/file: %s", self.base_url, exc)
+            raise UIError(
+                Problem.API_ERROR,
+                "Unexpected answer from the API",
+                f"{self.base_url} does not answer like a visionserve API; check VISION_UI_API_URL.",
+            ) from None
+
+    def readiness(self) -> Readiness:
+        """GET /health/ready: ready, not ready (with the API's reason) or down."""
+        try:
+            response = self._http.get("/health/ready", timeout=self.status_timeout_s)
+        except httpx2.TransportError as exc:
+            return Readiness("down", self._unreachable(exc).message)
+        if response.status_code == 200:
+            return Readiness("ready", "the model is loaded and warmed up")
+        try:
+            detail = str(response.json().get("detail") or f"HTTP {response.status_code}")
+        except (ValueError, AttributeError):
+            detail = f"HTTP {response.status_code}"
+        return Readiness("not_ready", detail)
+
+    def model_details(self) -> ModelDetails | None:
+        """GET /models: the served model, or None when the API cannot say (down, odd answer)."""
+        try:
+            response = self._http.get("/models", timeout=self.status_timeout_s)
+            response.raise_for_status()
+            first = response.json()["models"][0]
+            return ModelDetails(
+                name=str(first["name"]),
+                runtime=str(first["runtime"]),
+                device=str(first["device"]),
+                ready=bool(first.get("ready", False)),
+            )
+        except (httpx2.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            logger.debug("no model details from %s: %s", self.base_url, exc)
+            return None

@@ -1,0 +1,81 @@
+"""Serve the UI with waitress: `python -m flask_ui`.
+
+waitress is a production WSGI server in pure Python: a fixed pool of threads (a streaming video
+holds one), request bodies read in full before the app sees them (so a too-large upload gets the
+friendly 413 page rather than a reset connection), and no C extensions to build in the image.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+from waitress.server import create_server
+
+from flask_ui.app import create_app
+from flask_ui.settings import UISettings
+from visionserve.errors import ConfigurationError
+from visionserve.settings import from_env
+
+logger = logging.getLogger(__name__)
+
+# NOTE: waitress answers bodies over its own limit with a bare-text 413 before the app runs; it is
+# set well above the app's limit so that real-world oversize uploads get the app's page, while a
+# gigabyte-sized one is still cut off without being spooled to disk.
+WAITRESS_BODY_FACTOR = 4
+
+
+def _banner(url: str, settings: UISettings) -> str:
+    return (
+        f"\nvisionserve UI on {url}\n"
+        f"  HTTP API:  {settings.api_url}\n"
+        f"  gRPC API:  {settings.grpc_target}\n"
+        "  stop:      Ctrl-C\n"
+    )
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # waitress's loop ends on it and shuts its threads down
+
+
+def main() -> int:
+    """Serve until SIGTERM / Ctrl-C; exit code 0, or 2 when the settings or the port are wrong."""
+    try:
+        settings = from_env(UISettings)
+    except ConfigurationError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    app = create_app(settings)
+    try:
+        server = create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            ident="visionserve-ui",
+            max_request_body_size=settings.max_content_length * WAITRESS_BODY_FACTOR + 1024 * 1024,
+            clear_untrusted_proxy_headers=True,
+        )
+    except OSError as exc:
+        logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
+        return 2
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print(_banner(f"http://{shown}:{server.effective_port}", settings), flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.run()  # returns after KeyboardInterrupt (Ctrl-C or SIGTERM), threads shut down
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        app.extensions["visionserve_ui"]["api"].close()
+    logger.info("stopped")
+    return 0
