@@ -7,6 +7,7 @@ BACKEND ?= onnx
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := efficientnet_lite0
 MODEL_CONFIG := $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)/config.json
+CHROMIUM := /usr/bin/chromium
 
 ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
@@ -15,8 +16,8 @@ endif
 .PHONY: run test lint format bench export protos clean help
 
 help:
-	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051 (BACKEND=onnx|torch)"
-	@echo "make test       run the whole test suite"
+	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051, UI :5000 (BACKEND=onnx|torch)"
+	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
 	@echo "make bench      load benchmark: in-process limit vs served HTTP/gRPC (BENCH_ARGS=\"--concurrency 1,16 ...\")"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
@@ -27,7 +28,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # One stamp per requirements set; pip runs again only when a requirements file changes.
-$(VENV)/.installed-local: $(BIN)/python requirements/serve.txt requirements/onnx.txt requirements/torch.txt requirements/export.txt requirements/grpc.txt requirements/local.txt
+$(VENV)/.installed-local: $(BIN)/python requirements/serve.txt requirements/onnx.txt requirements/torch.txt requirements/export.txt requirements/grpc.txt requirements/ui.txt requirements/local.txt
 	$(BIN)/pip install --quiet -r requirements/local.txt
 	touch $@
 
@@ -41,11 +42,22 @@ $(MODEL_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 
 export: $(MODEL_CONFIG)
 
-# The HTTP API (:8000) and the gRPC API (:50051), each its own process; Ctrl-C stops both.
+# The HTTP API (:8000), the gRPC API (:50051) and the UI (:5000), each its own process; Ctrl-C stops all.
 run: $(VENV)/.installed-local $(MODEL_CONFIG)
 	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/stack.py --backend $(BACKEND)
 
-test: $(VENV)/.installed-dev $(MODEL_CONFIG)
+# The browser tests drive Debian's chromium with Playwright (never `playwright install`: it downloads
+# a browser). Installed once, only when missing; without apt-get the browser tests skip, saying why.
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests: apt-get install -y chromium"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium; \
+	else \
+		echo "warning: no apt-get on this machine, so no $(CHROMIUM): the browser tests will be skipped" >&2; \
+	fi
+
+test: $(VENV)/.installed-dev $(MODEL_CONFIG) $(CHROMIUM)
 	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
@@ -54,7 +66,7 @@ bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy visionserve grpc_server
+	$(BIN)/mypy visionserve grpc_server flask_ui
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .
