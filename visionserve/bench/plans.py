@@ -5,6 +5,9 @@ A backend gets one HTTP and one gRPC process per batching mode (`on`: the batche
 overload rows, and, once per run, the baseline server. A `RowPlan` is one served row: the
 `ResultRow` it will become, a `measure(requests, duration_s)` that runs one round of it, and the
 `/metrics` URL to scrape around each round.
+
+A group's HTTP and gRPC ends are anything with an address and a metrics URL (`HttpEndpoint`,
+`GrpcEndpoint`): a process the harness started, or a deployment it did not (`deployment`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -48,20 +51,41 @@ BASELINE_TARGET = "POST /predict (JSON base64, seed 004 plain endpoint)"
 _EMPTY = Measurement(latencies_s=(), wall_s=0.0)
 
 
+class HttpEndpoint(Protocol):
+    """Where an HTTP API listens (`http://host:port`) and its Prometheus endpoint, if any."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def metrics_url(self) -> str | None: ...
+
+
+class GrpcEndpoint(Protocol):
+    """Where a gRPC API listens (`host:port`) and its Prometheus endpoint, if any."""
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def metrics_url(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class ServedGroup:
-    """The served processes of one configuration: a batching mode, and whether it is the
-    overload configuration (small queue)."""
+    """The served ends of one configuration: a batching mode, and whether it is the overload
+    configuration (small queue). Ends the harness starts are `ServerProcess`es; a deployment's are
+    only addresses."""
 
     batching: str
     overload_queue_size: int | None
-    http: ServerProcess | None
-    grpc: GrpcServerProcess | None
+    http: HttpEndpoint | None
+    grpc: GrpcEndpoint | None
 
     @property
     def processes(self) -> list[ServerProcess]:
-        """Its processes (HTTP first)."""
-        return [p for p in (self.http, self.grpc) if p is not None]
+        """The processes the harness must start for it (HTTP first); none for a deployment."""
+        return [p for p in (self.http, self.grpc) if isinstance(p, ServerProcess)]
 
 
 def split_requests(total: int | None, rounds: int) -> list[int | None]:
@@ -207,7 +231,7 @@ def build_plans(
     *,
     label: str,
     groups: list[ServedGroup],
-    baseline: ServerProcess | None,
+    baseline: HttpEndpoint | None,
     images: list[BenchImage],
     runner: asyncio.Runner,
     stack: contextlib.ExitStack,
@@ -222,7 +246,7 @@ def build_plans(
     }
 
     def http_senders(
-        process: ServerProcess, level: int, chosen: dict[str, list[HttpRequestSpec]]
+        process: HttpEndpoint, level: int, chosen: dict[str, list[HttpRequestSpec]]
     ) -> dict[str, SendOnce]:
         if config.client == "raw":
             raw = RawHttpClient(process.base_url, concurrency=level, timeout_s=config.timeout_s)
