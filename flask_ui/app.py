@@ -115,7 +115,7 @@ def video_events(
         "elapsed_s": round(elapsed, 2),
         "fps": round(count / elapsed, 1) if elapsed > 0 else 0.0,
     }
-    if count >= max_frames:
+    if source.truncated:
         end["note"] = f"Stopped at {max_frames} frames (VISION_UI_MAX_VIDEO_FRAMES)."
     yield end
 

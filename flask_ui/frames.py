@@ -72,6 +72,8 @@ class VideoSource:
     frame_count: int | None
     data: bytes
     animated_image: bool
+    truncated: bool = False
+    """Set by `frames` when it stopped at `max_frames` with frames left."""
 
     def frames(self, *, every: int, max_frames: int) -> Iterator[tuple[int, bytes]]:
         """`(frame index, JPEG)` of every `every`-th frame, at most `max_frames` of them, in order.
@@ -83,6 +85,7 @@ class VideoSource:
             if index % every:
                 continue
             if sent >= max_frames:
+                self.truncated = True
                 return
             yield index, _encode(image)
             sent += 1
