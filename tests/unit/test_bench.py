@@ -1002,6 +1002,31 @@ def test_the_csv_has_one_line_per_row_with_the_notebook_columns(tmp_path: Path) 
     assert last["errors_by_status"] == "HTTP 500: 1; HTTP 503: 6"
 
 
+def test_records_are_the_csv_with_numbers_as_numbers(tmp_path: Path) -> None:
+    report = _sweep_report()
+    records = report.to_records()
+    write_csv(report, tmp_path / "bench.csv")
+    with (tmp_path / "bench.csv").open(newline="") as file:
+        lines = list(csv.DictReader(file))
+    assert [list(record) for record in records] == [list(CSV_COLUMNS)] * len(report.rows)
+    for record, line in zip(records, lines, strict=True):  # the same cells, typed
+        assert {k: "" if v is None else v for k, v in record.items()} == {
+            k: type(record[k])(v) if record[k] is not None else v for k, v in line.items()
+        }
+    first = records[0]
+    assert (first["concurrency"], first["ok"], first["errors"], first["max_queue_size"]) == (1, 4, 0, None)
+    assert (first["p50_ms"], first["req_per_s"], first["ratio_to_in_process_limit"]) == (10.0, 80.0, 0.8)
+    assert records[1]["mean_batch"] is None and records[6]["ratio_to_in_process_limit"] is None
+    assert json.loads(json.dumps(records)) == records  # plain data
+
+
+def test_notes_are_in_the_markdown_and_the_json() -> None:
+    report = _sweep_report()
+    report.notes.append("in-process limit: not measured (no local model repository)")
+    assert "\n- in-process limit: not measured (no local model repository)\n" in report.to_markdown()
+    assert report.to_dict()["notes"] == ["in-process limit: not measured (no local model repository)"]
+
+
 def test_the_plot_is_drawn_with_two_concurrency_levels_only(tmp_path: Path) -> None:
     report = _sweep_report()
     lines = plotted_rows(report)

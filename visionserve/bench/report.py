@@ -80,6 +80,9 @@ class BenchReport:
     layouts: list[LayoutRow] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     """The images sent, described (name, size, format, bytes)."""
+    notes: list[str] = field(default_factory=list)
+    """What the run left out or ignored, and why (e.g. `in-process limit: not measured (no local
+    model repository)`), one sentence each."""
 
     def limits(self) -> dict[str, LayoutRow]:
         """Runtime -> its best layout: the in-process limit served rows are held against."""
@@ -141,6 +144,11 @@ class BenchReport:
             )
         return found
 
+    def to_records(self) -> list[csvfile.Record]:
+        """The result rows as plain records with the CSV's columns (`csvfile.COLUMNS`), numbers as
+        numbers and None for empty cells: `pandas.DataFrame(report.to_records())` in a notebook."""
+        return csvfile.records(self)
+
     def to_markdown(self) -> str:
         """The report as markdown: header facts, images, the results table, server figures, the
         in-process limit, overload, stages, serving overhead."""
@@ -161,6 +169,7 @@ class BenchReport:
             "machine": self.machine,
             "settings": self.settings,
             "images": list(self.images),
+            "notes": list(self.notes),
             "results": [self._row_dict(row) for row in self.rows],
             "in_process_limit": {
                 runtime: {"layout": best.layout.label, **_layout_dict(best)}

@@ -24,6 +24,7 @@ def markdown(report: BenchReport) -> str:
     lines += _header_lines(report.machine, report.settings)
     if report.images:
         lines.append(f"- images sent (senders cycle through them): {', '.join(report.images)}")
+    lines += [f"- {note}" for note in report.notes]
     lines += ["", *results_table(report)]
     notes = []
     if any(report.limit_ratio(row) is not None for row in rows):
