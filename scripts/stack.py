@@ -1,8 +1,9 @@
-"""`make run`: start the local stack (HTTP API and gRPC API), wait until each is ready, print where
-they are, and stop them all cleanly on Ctrl-C (no orphan processes).
+"""`make run`: start the local stack (HTTP API, gRPC API and the upload UI), wait until each is
+ready, print where they are, and stop them all cleanly on Ctrl-C (no orphan processes).
 
 Each service is a separate process, as deployed; each can also be started alone
-(`python -m fastapi_onnx`, `python -m fastapi_pt`, `python -m grpc_server`).
+(`python -m fastapi_onnx`, `python -m fastapi_pt`, `python -m grpc_server`, `python -m flask_ui`).
+Ports: VISION_PORT (8000), VISION_GRPC_PORT (50051), VISION_UI_PORT (5000).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class Service:
         return self.process is not None and self.process.poll() is None
 
 
-def http_ready(url: str) -> bool:
-    """GET /health/ready answers 200."""
+def http_ready(url: str, path: str = "/health/ready") -> bool:
+    """GET `path` answers 200."""
     try:
-        with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -91,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     http_port = os.environ.get("VISION_PORT", "8000")
     grpc_port = os.environ.get("VISION_GRPC_PORT", "50051")
+    ui_port = os.environ.get("VISION_UI_PORT", "5000")
     http_url = f"http://127.0.0.1:{http_port}"
     grpc_target = f"127.0.0.1:{grpc_port}"
+    ui_url = f"http://127.0.0.1:{ui_port}"
     services = [
         Service(
             "HTTP API",
@@ -107,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             {"VISION_GRPC_PORT": grpc_port, "VISION_BACKEND": args.backend},
             lambda: grpc_ready(grpc_target),
             grpc_target,
+        ),
+        Service(
+            "UI",
+            "flask_ui",
+            {"VISION_UI_PORT": ui_port, "VISION_UI_API_URL": http_url, "VISION_UI_GRPC_TARGET": grpc_target},
+            lambda: http_ready(ui_url, "/health/live"),
+            ui_url,
         ),
     ]
     # NOTE: Ctrl-C reaches every process of the terminal's group: the children shut down
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.3)
         print(
             f"\nvisionserve stack ready ({args.backend}):\n"
+            f"  UI        {ui_url}  (image page; {ui_url}/video, {ui_url}/status)\n"
             f"  HTTP API  {http_url}  (docs: {http_url}/docs)\n"
             f"  gRPC API  {grpc_target}  (python -m grpc_server.client photo.jpg --target {grpc_target})\n"
             "  Ctrl-C stops everything\n",

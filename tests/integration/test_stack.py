@@ -1,4 +1,4 @@
-"""`make run`'s launcher: both APIs up and ready, Ctrl-C stops everything, no orphans."""
+"""`make run`'s launcher: both APIs and the UI up and ready, Ctrl-C stops everything, no orphans."""
 
 from __future__ import annotations
 
@@ -47,14 +47,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_stack_starts_both_apis_and_ctrl_c_stops_all(real_repository: Path) -> None:
-    http_port, grpc_port = _free_port(), _free_port()
+def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(real_repository: Path) -> None:
+    http_port, grpc_port, ui_port = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "VISION_MODEL_REPOSITORY": str(real_repository),
         "VISION_PORT": str(http_port),
         "VISION_GRPC_PORT": str(grpc_port),
         "VISION_GRPC_METRICS_PORT": "0",
+        "VISION_UI_PORT": str(ui_port),
         "PYTHONUNBUFFERED": "1",
     }
     process = subprocess.Popen(
@@ -74,9 +75,19 @@ def test_stack_starts_both_apis_and_ctrl_c_stops_all(real_repository: Path) -> N
             if "stack ready" in line:
                 break
         assert any("stack ready" in line for line in lines), "".join(lines)
+        banner = "".join(process.stdout.readline() for _ in range(4))
+        for address in (
+            f"http://127.0.0.1:{ui_port}",
+            f"http://127.0.0.1:{http_port}",
+            f"127.0.0.1:{grpc_port}",
+        ):
+            assert address in banner, banner
         children = _children(process.pid)
-        assert len(children) == 2
+        assert len(children) == 3
         assert httpx2.get(f"http://127.0.0.1:{http_port}/health/ready").status_code == 200
+        status = httpx2.get(f"http://127.0.0.1:{ui_port}/status").text
+        assert 'id="api-status" data-state="ready"' in status, "the UI reaches the HTTP API"
+        assert 'id="grpc-status" data-state="ready"' in status, "the UI reaches the gRPC API"
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
