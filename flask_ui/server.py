@@ -53,6 +53,9 @@ def main() -> int:
         stream=sys.stderr,
         force=True,
     )
+    if settings.log_level != "debug":
+        # NOTE: httpx2 logs every request to the API at INFO; the UI's own log says what matters.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
     app = create_app(settings)
     try:
         server = create_server(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import av
@@ -21,7 +23,7 @@ from flask_ui.errors import Problem, UIError
 from flask_ui.frames import open_video
 from flask_ui.grpc_client import FrameResult, VideoClient
 from flask_ui.settings import UISettings
-from tests.conftest import encode, photo_bytes
+from tests.conftest import ROOT, encode, photo_bytes
 from visionserve.errors import ConfigurationError
 from visionserve.settings import from_env
 
@@ -477,3 +479,17 @@ def test_what_is_not_a_video_is_refused_plainly(data: bytes) -> None:
 def test_megabytes() -> None:
     assert megabytes(16 * 1024 * 1024) == "16 MiB"
     assert megabytes(1_300_000) == "1.2 MiB"
+
+
+def test_the_ui_imports_no_model_code() -> None:
+    """Its image (flask_ui/Dockerfile) installs requirements/ui.txt only: no numpy, torch, ONNX
+    Runtime or FastAPI."""
+    code = (
+        "import sys, flask_ui.server; "
+        "heavy = {'numpy', 'torch', 'onnxruntime', 'fastapi', 'starlette', 'uvicorn'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
