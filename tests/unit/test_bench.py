@@ -832,6 +832,83 @@ def test_batching_overload_and_layout_options_are_checked(capsys: pytest.Capture
     assert parse_args(["--layouts", "1x2, 3x1,1x2"]).layouts == (Layout(1, 2), Layout(3, 1))
 
 
+def test_a_deployment_is_named_by_url_and_grpc_target() -> None:
+    config = parse_args(
+        [
+            "--url",
+            "http://10.0.0.5:8000/",
+            "--grpc-target",
+            "10.0.0.5:50051",
+            "--grpc-metrics-url",
+            "http://10.0.0.5:8002/metrics",
+            "--concurrency",
+            "1,16",
+        ]
+    )
+    assert (config.url, config.grpc_target) == ("http://10.0.0.5:8000", "10.0.0.5:50051")
+    assert config.grpc_metrics_url == "http://10.0.0.5:8002/metrics"
+    assert config.external and config.backends == () and config.batching == ("on",)
+    assert config.http_endpoints == ("file", "json", "live") and config.unmeasured_endpoints == ()
+    http_only = parse_args(["--url", "http://127.0.0.1:8000", "--backends", "torch"])
+    assert http_only.backends == ("torch",) and http_only.grpc_endpoints == ()
+    assert http_only.unmeasured_endpoints == ("grpc", "health", "stream")
+    assert not parse_args([]).external and parse_args([]).backends == ("onnx", "torch")
+    assert BenchConfig().backends == ("onnx", "torch")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000': give the HTTP API as http://HOST:PORT"),
+        (["--url", "https://example.com:443"], "give the HTTP API as http://HOST:PORT"),
+        (["--url", "http://127.0.0.1"], "give the host and the port"),
+        (["--url", "http://127.0.0.1:8000/api"], "with no path"),
+        (["--grpc-target", "http://127.0.0.1:50051"], "give HOST:PORT without a scheme"),
+        (["--grpc-target", "127.0.0.1"], "give HOST:PORT without a scheme"),
+        (
+            ["--grpc-metrics-url", "http://127.0.0.1:8002/metrics"],
+            "--grpc-metrics-url goes with --grpc-target",
+        ),
+        (["--grpc-target", "h:1", "--grpc-metrics-url", "h:8002"], "give the gRPC process's Prometheus"),
+        (["--url", "http://h:1", "--endpoints", "grpc,stream"], "nothing to measure"),
+        (["--grpc-target", "h:1", "--endpoints", "json"], "HTTP rows: add --url"),
+    ],
+)
+def test_bad_targets_are_usage_errors(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(arguments)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--batching", "on,off"], "--batching off"),
+        (["--server-env", "VISION_MAX_QUEUE_DELAY_US=500"], "--server-env VISION_MAX_QUEUE_DELAY_US"),
+        (["--overload"], "--overload"),
+        (["--backends", "onnx,torch"], "--backends onnx,torch"),
+        (["--threads", "2"], "--threads"),
+        (["--device", "cpu"], "--device"),
+    ],
+)
+def test_options_that_configure_servers_are_refused_with_a_deployment(
+    arguments: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for target in (["--url", "http://127.0.0.1:8000"], ["--grpc-target", "127.0.0.1:50051"]):
+        with pytest.raises(SystemExit) as exited:
+            parse_args([*target, *arguments])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "with --url/--grpc-target the harness starts no servers" in err
+        assert f"{named} (" in err
+    parse_args(arguments)  # fine when the harness starts the servers
+    with pytest.raises(ValueError, match=r"--threads .*; --device "):
+        BenchConfig(url="http://127.0.0.1:8000", threads=2, device="cpu")  # every one named at once
+
+
 def test_default_layouts_follow_the_issue_on_two_cores() -> None:
     labels = [layout.label for layout in default_layouts(2)]
     assert labels == ["1x1", "2x1", "3x1", "1x2", "2x2", "3x2"]  # 1-3 workers x 1-2 intra-op threads

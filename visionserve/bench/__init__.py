@@ -1,9 +1,36 @@
 """The benchmark harness: the in-process limit and served latency and throughput, for every
-runtime, concurrency level and batching mode.
+runtime, concurrency level and batching mode; against servers it starts itself, or against a
+running deployment (`--url`, `--grpc-target`).
 
-`python -m visionserve.bench` (or `make bench`) runs it; notebooks run that command as a process
-of their own and read what it writes (`--output DIR` -> `DIR/bench.json`, `DIR/bench.csv`,
-`DIR/throughput.png`). The modules:
+`python -m visionserve.bench` (or `make bench`) runs it and writes `--output DIR`:
+`DIR/bench.json`, `DIR/bench.md`, `DIR/bench.csv`, `DIR/throughput.png`. Notebooks and scripts
+call it without the command line, e.g. against `make run`'s stack:
+
+```python
+from pathlib import Path
+
+import pandas as pd
+
+from visionserve.bench import BenchConfig, run_benchmark
+
+report = run_benchmark(
+    BenchConfig(
+        url="http://127.0.0.1:8000",
+        grpc_target="127.0.0.1:50051",
+        grpc_metrics_url="http://127.0.0.1:8002/metrics",
+        endpoints=("json", "grpc"),
+        concurrency=(1, 4, 16),
+        requests=200,
+    )
+)
+frame = pd.DataFrame(report.to_records())  # the columns of bench.csv, numbers as numbers
+report.write(Path("bench-results"))  # the same files as the command line writes
+```
+
+`run_benchmark` blocks until the run is over (in a thread of its own where an event loop is
+running, as in a notebook's kernel) and raises `DeploymentError` when a target is not ready.
+
+The modules:
 
 - `stats`: percentiles and the `Measurement` / `LatencySummary` every row reports (milliseconds);
 - `closed_loop`: N closed-loop senders over any protocol, bounded by requests and/or duration;
@@ -16,10 +43,20 @@ of their own and read what it writes (`--output DIR` -> `DIR/bench.json`, `DIR/b
 - `server_metrics`: the server's /metrics scraped around a row and subtracted (batches, queue);
 - `servers`: the real services as subprocesses (`python -m fastapi_onnx` / `fastapi_pt`,
   `python -m grpc_server`, and `baseline`: seed 004's plain endpoint, for `--baseline`);
+- `deployment`: a running deployment's targets, checked ready, and its served model;
 - `machine`: the date, CPU, cores and package versions a result is only meaningful with;
 - `config`: what a run measures (`BenchConfig`); `plans`: the served processes and rows of a
   backend; `progress`: the progress bar on stderr;
-- `rows`, `report`, `tables`, `csvfile`, `plot`, `targets`: the rows, the JSON document, the
-  markdown, the CSV, the plot and the issue's targets;
-- `runner`: one whole run, wiring the above; `__main__`: its command line.
+- `rows`, `report`, `tables`, `csvfile`, `plot`, `targets`, `facts`: the rows, the JSON
+  document, the markdown, the CSV (and `BenchReport.to_records`), the plot, the issue's targets
+  and the report's header;
+- `measure`: one runtime's rows measured in turns; `runner`: one whole run (`run_benchmark`),
+  `external`: one against a deployment; `__main__`: the command line.
 """
+
+from visionserve.bench.config import BenchConfig
+from visionserve.bench.deployment import DeploymentError
+from visionserve.bench.report import BenchReport
+from visionserve.bench.runner import run_benchmark
+
+__all__ = ["BenchConfig", "BenchReport", "DeploymentError", "run_benchmark"]

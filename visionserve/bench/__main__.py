@@ -3,7 +3,11 @@ throughput, for each runtime, concurrency level and batching mode (`make bench`)
 
 Prints the markdown report to stdout, progress to stderr, and writes `bench.json`, `bench.md`,
 `bench.csv` and (with two or more concurrency levels) `throughput.png` to `--output`. Exits 1
-when an overload row lost requests (neither accepted nor refused), 2 on a setup error.
+when an overload row lost requests (neither accepted nor refused), 2 on a setup error (a server
+that does not start, a deployment that is not ready).
+
+With `--url` / `--grpc-target` it measures a running deployment instead of starting servers; see
+`EPILOG` (the end of `--help`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from visionserve.bench.config import BATCHING_MODES, ENDPOINTS, BenchConfig, parse_server_env
+from visionserve.bench.deployment import DeploymentError
 from visionserve.bench.images import DEFAULT_LONG_SIDE, DEFAULT_QUALITY
 from visionserve.bench.layouts import Layout, parse_layouts
 from visionserve.bench.progress import ProgressBar
@@ -80,23 +85,81 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DESCRIPTION = """\
+Measure the in-process limit (decode + preprocess + predict_batch over thread layouts), the
+in-process stages (batch 1), and the served HTTP and gRPC latency and throughput of the same
+images, for each runtime, concurrency level and batching mode. By default the harness starts the
+servers itself (python -m fastapi_onnx / fastapi_pt, python -m grpc_server) from
+--model-repository; with --url and/or --grpc-target it measures a running deployment instead."""
+
+EPILOG = """\
+a running deployment (--url, --grpc-target):
+  The harness starts no servers of the API: it measures the given ones at every --concurrency
+  level, in the same rounds, with the same progress, report and files. Before measuring,
+  GET URL/health/ready must answer 200 and the gRPC health check of visionserve.v1.Inference
+  must answer SERVING within --ready-timeout; otherwise it exits 2 naming the target and its
+  answer. The served model, runtime, device and threads are read from GET URL/models (with
+  --grpc-target alone: --model and --backends say them). Batching is reported "as deployed".
+  Server figures: HTTP rows from URL/metrics; gRPC rows from --grpc-metrics-url, or none.
+  In-process rows and the limit run only if --model-repository holds the served model (with the
+  deployment's runtime, device and threads); otherwise the report says "in-process limit: not
+  measured (no local model repository)" and the x limit column is empty. --baseline starts the
+  local baseline from --model-repository, and is refused without the model there.
+  Refused with a target, as they only configure servers the harness starts: --batching off,
+  --server-env, --overload, --backends with more than one runtime, --threads, --device.
+
+  e.g. against make run:
+    python -m visionserve.bench --url http://127.0.0.1:8000 --grpc-target 127.0.0.1:50051 \\
+        --grpc-metrics-url http://127.0.0.1:8002/metrics --concurrency 1,4,16"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's options."""
     parser = argparse.ArgumentParser(
         prog="python -m visionserve.bench",
-        description="Measure the in-process limit (decode + preprocess + predict_batch over thread "
-        "layouts), the in-process stages (batch 1), and the served HTTP and gRPC latency and "
-        "throughput of the same images, for each runtime, concurrency level and batching mode.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    deployment = parser.add_argument_group(
+        "a running deployment", "measure services already running instead of starting servers"
+    )
+    deployment.add_argument(
+        "--url",
+        metavar="http://HOST:PORT",
+        help="the HTTP API to measure (e.g. http://127.0.0.1:8000, make run's): rows for the HTTP "
+        "endpoints of --endpoints, server figures from URL/metrics",
+    )
+    deployment.add_argument(
+        "--grpc-target",
+        metavar="HOST:PORT",
+        help="the gRPC API to measure (e.g. 127.0.0.1:50051, make run's): rows for the gRPC "
+        "endpoints of --endpoints",
+    )
+    deployment.add_argument(
+        "--grpc-metrics-url",
+        metavar="URL",
+        help="the gRPC process's Prometheus endpoint (e.g. http://127.0.0.1:8002/metrics, make "
+        "run's); default: none, and the gRPC rows have no server figures",
+    )
     parser.add_argument(
-        "--model", dest="model_name", help="model name (default: VISION_MODEL_NAME or the default)"
+        "--model-repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="where the model is loaded from (default model_repository); with a deployment, only "
+        "for the in-process rows and --baseline, and only if it holds the served model",
+    )
+    parser.add_argument(
+        "--model",
+        dest="model_name",
+        help="model name (default: VISION_MODEL_NAME or the default; with --url: the served one, "
+        "which this must match)",
     )
     parser.add_argument(
         "--backends",
         type=_names(list(DEPLOYABLES)),
-        default=("onnx", "torch"),
-        help="comma-separated runtimes (default: onnx,torch)",
+        help="comma-separated runtimes (default: onnx,torch); with a deployment: at most one, the "
+        "one it serves (default: GET URL/models says)",
     )
     parser.add_argument(
         "--endpoints",
@@ -130,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names(list(BATCHING_MODES)),
         default=("on",),
         help="on = the server's batcher as configured; off = VISION_MAX_BATCH_SIZE=1 (one image per "
-        "batch); on,off measures both, each with processes of its own (default on)",
+        "batch); on,off measures both, each with processes of its own (default on; with a "
+        "deployment: as deployed, off refused)",
     )
     parser.add_argument(
         "--server-env",
@@ -140,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a VISION_* setting for every served process (and the in-process runtimes where it "
-        "is a model setting); repeatable, e.g. --server-env VISION_MAX_QUEUE_DELAY_US=500",
+        "is a model setting); repeatable, e.g. --server-env VISION_MAX_QUEUE_DELAY_US=500 (refused "
+        "with a deployment: set it there)",
     )
     parser.add_argument(
         "--layouts",
@@ -159,13 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         action="store_true",
         help="also measure seed 004's plain endpoint (python -m visionserve.bench.baseline: sync "
-        "FastAPI, batch 1, ONNX Runtime) with HTTP JSON at each concurrency level",
+        "FastAPI, batch 1, ONNX Runtime) with HTTP JSON at each concurrency level; started on this "
+        "machine from --model-repository, with a deployment too",
     )
     parser.add_argument(
         "--overload",
         action="store_true",
         help="also load HTTP JSON and gRPC unary with --overload-concurrency senders against "
-        "servers with a queue of --overload-queue-size: refusals must be immediate, none lost",
+        "servers with a queue of --overload-queue-size: refusals must be immediate, none lost "
+        "(refused with a deployment: it needs servers the harness starts)",
     )
     parser.add_argument(
         "--overload-concurrency",
@@ -209,8 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="split each row into this many rounds, the rows taking turns (default 5; 1 = in sequence)",
     )
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: VISION_DEVICE or cpu")
-    parser.add_argument("--threads", type=int, help="runtime threads (default: the usable cores, as served)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="default: VISION_DEVICE or cpu (refused with a deployment: its own is used)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="runtime threads (default: the usable cores, as served; refused with a deployment: "
+        "its own are used)",
+    )
     parser.add_argument(
         "--no-torch-eager",
         dest="torch_eager",
@@ -222,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ready_timeout_s",
         type=float,
         default=300.0,
-        help="seconds to wait for a server to be ready (default 300)",
+        help="seconds to wait for a server, or a deployment's targets, to be ready (default 300)",
     )
     parser.add_argument(
         "--timeout",
@@ -264,6 +340,8 @@ def _parse(argv: list[str] | None) -> tuple[BenchConfig, str]:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     progress = args.pop("progress")
+    if args["backends"] is None:
+        del args["backends"]  # BenchConfig's default: onnx,torch, or a deployment's own runtime
     if args["requests"] == 0:
         args["requests"] = None
     args["server_env"] = dict(args["server_env"])
@@ -282,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = ProgressBar(live=None if mode == "auto" else mode == "bar")
     try:
         report = run_benchmark(config, progress=progress)
-    except (ServerError, ConfigurationError, FileNotFoundError, ValueError) as exc:
+    except (ServerError, DeploymentError, ConfigurationError, FileNotFoundError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

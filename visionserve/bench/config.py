@@ -7,6 +7,11 @@ KEY=VALUE` for anything else, so that a new server setting needs no harness chan
 `--server-env` variable is a setting the in-process measurement also uses (e.g.
 `VISION_ONNX_ALLOW_SPINNING`, `VISION_MAX_BATCH_SIZE`), it applies there too, so that both sides
 measure the same configuration.
+
+With `url` and/or `grpc_target` (`--url`, `--grpc-target`) the harness starts no servers of the
+project's API: it measures that deployment as it is (`deployment`, `external`). The options that
+only configure servers it starts (`--batching off`, `--server-env`, `--overload`, more than one
+of `--backends`, `--threads`, `--device`) are refused then, by `external_conflicts`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, TypeVar
 
 from pydantic_settings import BaseSettings
 
+from visionserve.bench.deployment import normalise_grpc_target, normalise_metrics_url, normalise_url
 from visionserve.bench.grpc_load import GRPC_ENDPOINTS
 from visionserve.bench.http_load import REQUESTS
 from visionserve.bench.layouts import Layout, default_layouts
@@ -106,10 +112,24 @@ def _settings(cls: type[SettingsT], env: Mapping[str, str], **overrides: Any) ->
 class BenchConfig:
     """What to measure and how hard; every field has the CLI's default."""
 
+    url: str | None = None
+    """The HTTP API of a running deployment (`http://HOST:PORT`) to measure instead of starting
+    servers: rows for the HTTP endpoints, server figures from `{url}/metrics`."""
+    grpc_target: str | None = None
+    """The gRPC API of a running deployment (`HOST:PORT`) to measure instead of starting servers."""
+    grpc_metrics_url: str | None = None
+    """The gRPC process's Prometheus endpoint (e.g. `http://127.0.0.1:8002/metrics`); None: the
+    gRPC rows of a deployment have no server figures."""
     model_repository: Path = Path("model_repository")
+    """Where the harness's own servers, the in-process rows and the baseline load the model from;
+    with a deployment, only the in-process rows and the baseline, and only if it holds the served
+    model."""
     model_name: str | None = None
-    """None: the `ModelSettings` default (or `VISION_MODEL_NAME`)."""
-    backends: tuple[Backend, ...] = ("onnx", "torch")
+    """None: the `ModelSettings` default (or `VISION_MODEL_NAME`); with a deployment, the model it
+    serves (`GET {url}/models`), which this must match if given."""
+    backends: tuple[Backend, ...] = ()
+    """Runtimes to start servers for; empty: onnx and torch. With a deployment: empty (its
+    runtime, from `GET {url}/models`) or the one runtime it serves."""
     endpoints: tuple[str, ...] = ("file", "json", "live", "grpc", "health", "stream")
     """Names from `ENDPOINTS`: HTTP requests (`http_load.REQUESTS`), `grpc` (unary Predict in a
     closed loop), `health` (the gRPC health check: the gRPC floor) and `stream` (one PredictStream
@@ -175,14 +195,18 @@ class BenchConfig:
         if isinstance(self.concurrency, int):  # one level given as a number
             object.__setattr__(self, "concurrency", (self.concurrency,))
         object.__setattr__(self, "server_env", dict(self.server_env))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if not self.backends and not self.external:
+            object.__setattr__(self, "backends", tuple(DEPLOYABLES))
         unknown = [b for b in self.backends if b not in DEPLOYABLES]
-        if unknown or not self.backends:
+        if unknown:
             raise ValueError(
                 f"backends must be among {', '.join(DEPLOYABLES)}; got {', '.join(self.backends)}"
             )
         strangers = [e for e in self.endpoints if e not in ENDPOINTS]
         if strangers:
             raise ValueError(f"unknown endpoints {', '.join(strangers)}; choose from {', '.join(ENDPOINTS)}")
+        self._check_targets()
         if self.requests is None and self.duration_s is None:
             raise ValueError("bound each measurement with a number of requests, a duration, or both")
         if self.requests is not None and self.requests < 1:
@@ -224,6 +248,68 @@ class BenchConfig:
         for backend in self.backends:
             self.model_settings(backend)
 
+    @property
+    def external(self) -> bool:
+        """Whether a running deployment is measured (`url` or `grpc_target`): no servers started."""
+        return self.url is not None or self.grpc_target is not None
+
+    def _check_targets(self) -> None:
+        """Normalise the deployment's addresses; refuse options that only configure servers."""
+        if self.url is not None:
+            object.__setattr__(self, "url", normalise_url(self.url))
+        if self.grpc_target is not None:
+            object.__setattr__(self, "grpc_target", normalise_grpc_target(self.grpc_target))
+        if self.grpc_metrics_url is not None:
+            if self.grpc_target is None:
+                raise ValueError("--grpc-metrics-url goes with --grpc-target (the gRPC API it counts)")
+            object.__setattr__(self, "grpc_metrics_url", normalise_metrics_url(self.grpc_metrics_url))
+        if not self.external:
+            return
+        conflicts = self.external_conflicts()
+        if conflicts:
+            raise ValueError(
+                "with --url/--grpc-target the harness starts no servers and measures the deployment "
+                "as it is, so these options do not apply: "
+                + "; ".join(f"{option} ({why})" for option, why in conflicts.items())
+                + ". Configure the deployment itself, or leave out --url/--grpc-target to let the "
+                "harness start its own servers."
+            )
+        if not self.http_endpoints and not self.grpc_endpoints:
+            raise ValueError(
+                f"nothing to measure: --endpoints {','.join(self.endpoints)} asks for "
+                + ("gRPC rows: add --grpc-target" if self.url else "HTTP rows: add --url")
+            )
+
+    def external_conflicts(self) -> dict[str, str]:
+        """Options set that only configure servers the harness starts -> why they do not apply to
+        a deployment (empty when none are set)."""
+        found: dict[str, str] = {}
+        if "off" in self.batching:
+            found["--batching off"] = (
+                "batching is as deployed; measure batching off against a deployment started with "
+                "VISION_MAX_BATCH_SIZE=1"
+            )
+        if self.server_env:
+            found["--server-env " + ",".join(self.server_env)] = "set VISION_* variables on the deployment"
+        if self.overload:
+            found["--overload"] = (
+                "it needs servers started with a small queue; start the deployment with a small "
+                "VISION_MAX_QUEUE_SIZE and raise --concurrency instead"
+            )
+        if len(self.backends) > 1:
+            found["--backends " + ",".join(self.backends)] = (
+                "a deployment serves one runtime; give at most one, the one it serves"
+            )
+        if self.threads is not None:
+            found["--threads"] = (
+                "threads are as deployed (GET /models shows them; the in-process rows use the same)"
+            )
+        if self.device is not None:
+            found["--device"] = (
+                "the device is as deployed (GET /models shows it; the in-process rows use the same)"
+            )
+        return found
+
     def resolved_stream_window(self) -> int:
         """The stream window: the setting, or the server's read-ahead (as the served process reads
         it from the environment and `--server-env`)."""
@@ -243,13 +329,24 @@ class BenchConfig:
 
     @property
     def http_endpoints(self) -> tuple[str, ...]:
-        """The HTTP endpoints asked for, in order."""
+        """The HTTP endpoints asked for, in order (with a deployment: none without `url`)."""
+        if self.external and self.url is None:
+            return ()
         return tuple(e for e in self.endpoints if e in REQUESTS)
 
     @property
     def grpc_endpoints(self) -> tuple[str, ...]:
-        """The gRPC endpoints asked for, in order."""
+        """The gRPC endpoints asked for, in order (with a deployment: none without `grpc_target`)."""
+        if self.external and self.grpc_target is None:
+            return ()
         return tuple(e for e in self.endpoints if e in GRPC_ENDPOINTS)
+
+    @property
+    def unmeasured_endpoints(self) -> tuple[str, ...]:
+        """Endpoints asked for that a deployment cannot answer: HTTP ones without `url`, gRPC ones
+        without `grpc_target` (none when the harness starts its servers)."""
+        measured = {*self.http_endpoints, *self.grpc_endpoints}
+        return tuple(e for e in self.endpoints if e not in measured)
 
     @property
     def overload_endpoints(self) -> tuple[str, ...]:

@@ -23,6 +23,10 @@ GRPC_STREAM = "gRPC stream"
 BASELINE = "HTTP baseline"
 """The naive reference server of seed 004 (`visionserve.bench.baseline`), over HTTP."""
 
+DEPLOYED = "as deployed"
+"""The batching of a deployment the harness did not start (`--url`, `--grpc-target`): whatever it
+was configured with."""
+
 REJECTIONS = ("HTTP 503", "gRPC UNAVAILABLE")
 """Failure kinds that are an overloaded server's refusal (answered at once, retry later)."""
 
@@ -44,8 +48,9 @@ class ResultRow:
     model_work: bool = True
     """False for the HTTP floor (a request that runs no model)."""
     batching: str | None = None
-    """Served rows: `on` / `off` (the server's batcher; off = `VISION_MAX_BATCH_SIZE=1`), `none`
-    for the baseline (it has no batcher); None in-process."""
+    """Served rows: `on` / `off` (the server's batcher; off = `VISION_MAX_BATCH_SIZE=1`), `as
+    deployed` for a deployment the harness did not start, `none` for the baseline (it has no
+    batcher); None in-process."""
     overload_queue_size: int | None = None
     """Overload rows: the served process's `VISION_MAX_QUEUE_SIZE`; None otherwise."""
     server: ServerFigures | None = None

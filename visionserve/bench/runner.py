@@ -1,16 +1,23 @@
 """One whole benchmark run: for each runtime, the in-process limit (thread layouts) and pipeline
 stages, and the served processes (HTTP, gRPC; batching on/off; overload; the baseline) under
 closed-loop load at each concurrency level, on the same images with the same settings, measured
-in turns (`rounds`).
+in turns (`rounds`). With `url` / `grpc_target` the served rows are those of a running
+deployment instead (`external`).
 
-Notebooks run it as a process of its own (`python -m visionserve.bench --output DIR`) and read
-`DIR/bench.json` or `DIR/bench.csv`: a kernel's running event loop and its own threads would skew
-(or refuse) the measurement. Scripts without a running event loop may call `run_benchmark`.
+`run_benchmark` is the entry point of scripts and notebooks as well as of the command line. Called
+where an event loop is running (a notebook's kernel), it runs in a thread of its own and the call
+waits for it: the harness drives its own event loop. The measurement is least disturbed in a
+process of its own (`python -m visionserve.bench --output DIR`, then read `DIR/bench.json` or
+`DIR/bench.csv`), but the kernel is idle while the call waits, so little is lost in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 from visionserve.bench.config import BenchConfig
+from visionserve.bench.external import run_external
 from visionserve.bench.facts import local_facts
 from visionserve.bench.images import BenchImage, default_images, file_image
 from visionserve.bench.machine import describe_machine
@@ -32,9 +39,26 @@ def load_images(config: BenchConfig) -> list[BenchImage]:
 
 
 def run_benchmark(config: BenchConfig, *, progress: ProgressBar | None = None) -> BenchReport:
-    """Measure every backend in `config`, one after another, and return the report."""
+    """Measure what `config` asks (every backend's servers and in-process rows, or a running
+    deployment) and return the report; nothing is written (`BenchReport.write` does that).
+
+    Raises `ServerError` (a server did not start), `DeploymentError` (a target is not ready),
+    `ConfigurationError`, `FileNotFoundError` or `ValueError` (a setting or input is wrong)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run(config, progress)
+    # NOTE: asyncio.Runner refuses to start inside a running loop (a notebook's kernel), and the
+    # harness needs its own (uvloop where installed); so the run gets a thread, and this waits.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="visionserve-bench") as pool:
+        return pool.submit(_run, config, progress).result()
+
+
+def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
     bar = progress or ProgressBar()
     images = load_images(config)
+    if config.external:
+        return run_external(config, images, bar)
     server_settings = config.server_settings()  # as the served processes read it
     first = config.model_settings(config.backends[0])
     entry = ModelRepository(first.model_repository).get(first.model_name)

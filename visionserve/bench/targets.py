@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from visionserve.bench.grpc_load import UNARY
 from visionserve.bench.http_load import json_request
-from visionserve.bench.rows import BASELINE, GRPC, HTTP, REJECTIONS, ResultRow
+from visionserve.bench.rows import BASELINE, DEPLOYED, GRPC, HTTP, REJECTIONS, ResultRow
 
 if TYPE_CHECKING:
     from visionserve.bench.report import BenchReport
@@ -56,7 +56,7 @@ def _find(report: BenchReport, mode: str, target: str, level: int, batching: str
 def check_targets(report: BenchReport) -> list[TargetCheck]:
     """Every target this run's rows can answer."""
     checks: list[TargetCheck] = []
-    modes = sorted({row.batching for row in report.rows if row.batching in ("on", "off")})
+    modes = sorted({row.batching for row in report.rows if row.batching in ("on", "off", DEPLOYED)})
     baseline_16 = _find(report, BASELINE, report_baseline_target(report), LEVEL, None)
     baseline_1 = _find(report, BASELINE, report_baseline_target(report), 1, None)
     for mode in modes:
