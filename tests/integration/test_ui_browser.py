@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import grpc
 import httpx2
 import pytest
@@ -263,6 +264,35 @@ def test_video_page_streams_a_gif_frame_by_frame_in_order(stack: Stack, page: Pa
     page.click("#submit")
     expect(page.locator("#video-state")).to_contain_text("Done: 3 frames")
     assert [rows.nth(i).get_attribute("data-frame") for i in range(3)] == ["0", "2", "4"]
+
+
+def _mp4(names: list[str], size: tuple[int, int] = (320, 240)) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        stream.bit_rate = 4_000_000
+        for name in names:
+            image = Image.open(io.BytesIO(photo_bytes(name))).convert("RGB").resize(size)
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def test_video_page_decodes_an_mp4_with_pyav(stack: Stack, page: Page) -> None:
+    page.goto(f"{stack.url}/video")
+    clip = _mp4(["chelsea.png", "coffee.png"] * 3)
+    page.set_input_files("#file", files=[_file("clip.mp4", clip, "video/mp4")])
+    page.fill("#every", "2")
+    page.click("#submit")
+    expect(page.locator("#video-state")).to_contain_text("Done: 3 frames")
+    rows = page.locator("#frames tr.frame-row")
+    assert [rows.nth(i).get_attribute("data-frame") for i in range(3)] == ["0", "2", "4"]
+    labels = rows.locator(".label").all_inner_texts()
+    assert all(label in CATS for label in labels), labels
+    expect(page.locator("#video-kind")).to_contain_text("MP4, 6 frames, every 2th frame")
 
 
 def test_status_page_says_when_the_grpc_service_is_down(stack: Stack, page: Page, shots: Path) -> None:
