@@ -15,6 +15,12 @@ document.addEventListener("DOMContentLoaded", () => {
   const state = document.getElementById("video-state");
   const errorCard = document.getElementById("video-error");
 
+  function ordinal(n) {
+    const tens = n % 100;
+    const suffix = tens >= 11 && tens <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th";
+    return `${n}${suffix}`;
+  }
+
   function cell(row, text, className) {
     const td = document.createElement("td");
     td.textContent = text;
@@ -32,7 +38,7 @@ document.addEventListener("DOMContentLoaded", () => {
   function handle(event) {
     if (event.event === "start") {
       const total = event.frames ? `${event.frames} frames` : "frame count unknown";
-      const sampling = event.every === 1 ? "every frame" : `every ${event.every}th frame`;
+      const sampling = event.every === 1 ? "every frame" : `every ${ordinal(event.every)} frame`;
       kind.textContent = `${event.kind}, ${total}, ${sampling}`;
       state.textContent = "Streaming…";
     } else if (event.event === "frame") {

@@ -292,7 +292,7 @@ def test_video_page_decodes_an_mp4_with_pyav(stack: Stack, page: Page) -> None:
     assert [rows.nth(i).get_attribute("data-frame") for i in range(3)] == ["0", "2", "4"]
     labels = rows.locator(".label").all_inner_texts()
     assert all(label in CATS for label in labels), labels
-    expect(page.locator("#video-kind")).to_contain_text("MP4, 6 frames, every 2th frame")
+    expect(page.locator("#video-kind")).to_contain_text("MP4, 6 frames, every 2nd frame")
 
 
 def test_status_page_says_when_the_grpc_service_is_down(stack: Stack, page: Page, shots: Path) -> None:
