@@ -79,8 +79,9 @@ def video_events(
     yield {"event": "start", "kind": source.kind, "frames": source.frame_count, "every": every}
     count = 0
     started = time.perf_counter()
+    results = client.stream(source.frames(every=every, max_frames=max_frames))
     try:
-        for result in client.stream(source.frames(every=every, max_frames=max_frames)):
+        for result in results:
             count += 1
             elapsed = time.perf_counter() - started
             event: dict[str, Any] = {
@@ -108,6 +109,10 @@ def video_events(
             "count": count,
         }
         return
+    finally:
+        # NOTE: when the browser goes away, the server closes this generator at a `yield`; closing
+        # the stream here cancels the gRPC call at once, so the model stops working for nobody.
+        results.close()
     elapsed = time.perf_counter() - started
     end: dict[str, Any] = {
         "event": "end",

@@ -8,7 +8,7 @@ control and the server's read-ahead take them), and the call has a deadline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -81,7 +81,7 @@ class VideoClient:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
 
-    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Iterator[FrameResult]:
+    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Generator[FrameResult]:
         """Send `(frame_id, encoded image)` pairs as one PredictStream; yield each answer as it
         arrives, in frame order. Raises UIError when the call fails (a bad frame does not: it
         comes back as a FrameResult with `error`). Closing the iterator early cancels the call."""

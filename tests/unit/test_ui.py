@@ -9,7 +9,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 
 import av
 import httpx2
@@ -17,7 +17,7 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
-from flask_ui.app import create_app, megabytes
+from flask_ui.app import create_app, megabytes, video_events
 from flask_ui.client import ApiClient, ClassScore, Readiness, error_from_response
 from flask_ui.errors import Problem, UIError
 from flask_ui.frames import open_video
@@ -85,14 +85,18 @@ class FakeVideo(VideoClient):
         self.labels = list(labels)
         self.fail = fail
         self.sent: list[int] = []
+        self.closed = False
 
-    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Iterator[FrameResult]:
-        for n, (frame_id, image) in enumerate(frames):
-            assert image[:2] == b"\xff\xd8", "frames are sent as JPEG"
-            self.sent.append(frame_id)
-            yield FrameResult(frame_id, [ClassScore(self.labels[n % len(self.labels)], 0.9, 1)], 3.0)
-        if self.fail:
-            raise self.fail
+    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Generator[FrameResult]:
+        try:
+            for n, (frame_id, image) in enumerate(frames):
+                assert image[:2] == b"\xff\xd8", "frames are sent as JPEG"
+                self.sent.append(frame_id)
+                yield FrameResult(frame_id, [ClassScore(self.labels[n % len(self.labels)], 0.9, 1)], 3.0)
+            if self.fail:
+                raise self.fail
+        finally:
+            self.closed = True  # the real client cancels its gRPC call here
 
     def health(self) -> Readiness:
         return Readiness("ready", "SERVING")
@@ -422,6 +426,14 @@ def test_video_frames_are_bounded_by_the_setting() -> None:
     )
     assert events_of(exactly)[-1] == events_of(exactly)[-1] | {"event": "end", "count": 4}
     assert "note" not in events_of(exactly)[-1], "nothing was left out"
+
+
+def test_a_page_that_goes_away_closes_the_stream_at_once() -> None:
+    video = FakeVideo()
+    events = video_events(open_video(gif(["chelsea.png", "coffee.png"] * 3)), video, every=1, max_frames=10)
+    assert [next(events)["event"], next(events)["event"]] == ["start", "frame"]
+    events.close()  # what the WSGI server does when the browser disconnects
+    assert video.closed and video.sent == [0]
 
 
 def test_video_errors_before_and_during_the_stream() -> None:
