@@ -9,6 +9,7 @@ install it, and skip (saying why) only where it cannot.
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import shutil
@@ -174,7 +175,7 @@ def test_upload_a_photo_shows_top5_with_bars_model_runtime_and_latency(
     page.screenshot(path=shots / "image-result.png", full_page=True)
 
 
-def test_a_text_file_named_jpg_gives_a_readable_error_and_the_next_upload_works(
+def test_a_text_file_named_jpg_gives_a_readable_error_and_the_next_upload_works_dropped_on_the_page(
     stack: Stack, page: Page, shots: Path
 ) -> None:
 
@@ -184,9 +185,19 @@ def test_a_text_file_named_jpg_gives_a_readable_error_and_the_next_upload_works(
     expect(page.locator("#result .error-message")).to_contain_text("not an image")
     expect(page.locator("#result .filename")).to_have_text("<b>notes</b>.jpg")  # shown as text
     page.screenshot(path=shots / "image-not-an-image.png", full_page=True)
-    page.set_input_files("#file", files=[_file("coffee.png", photo_bytes("coffee.png"))])
+    # the next one dropped on the page, as a person drags a file from their desktop
+    page.locator("#drop").evaluate(
+        """(drop, b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const files = new DataTransfer();
+            files.items.add(new File([bytes], "coffee.png", {type: "image/png"}));
+            drop.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+        }""",
+        base64.b64encode(photo_bytes("coffee.png")).decode("ascii"),
+    )
     expect(page.locator("#result .topk li")).to_have_count(5)
     assert _top_labels(page)[0] in {"espresso", "cup", "coffee mug"}, _top_labels(page)
+    expect(page.locator("#result .photo .filename")).to_have_text("coffee.png")
     expect(page.locator("#result .error")).to_have_count(0)
 
 
