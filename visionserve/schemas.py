@@ -68,7 +68,11 @@ class ModelInfo(BaseModel):
     task: str
     input_size: tuple[int, int] = Field(description="Height and width fed to the model.")
     labels_count: int
-    max_batch_size: int
+    max_batch_size: int = Field(
+        description="Largest batch the batcher forms (config.json, or VISION_MAX_BATCH_SIZE; 1 = off)."
+    )
+    max_queue_delay_us: int = Field(description="How long a batch waits for more after its first.")
+    max_queue_size: int = Field(description="Requests waiting before new ones get 503 / UNAVAILABLE.")
     runtime: str
     device: str
     instances: int = Field(description="Runtime instances computing batches at the same time.")

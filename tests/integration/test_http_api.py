@@ -102,6 +102,8 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "input_size": [32, 32],
             "labels_count": FAKE_CLASSES,
             "max_batch_size": 8,
+            "max_queue_delay_us": 0,
+            "max_queue_size": 128,
             "runtime": "fake",
             "device": "cpu",
             "instances": 1,
@@ -318,3 +320,11 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(
     samples = _metrics(client)
     assert samples[("visionserve_rejected_total", (("reason", "queue_full"),))] == len(refused)
     assert samples[("visionserve_batch_size_sum", ())] == 8 - len(refused)  # accepted = computed
+
+
+def test_models_reports_the_batching_in_effect(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    client = app_client(FakeRuntime(fake_entry), max_batch_size=1, max_queue_delay_us=500, max_queue_size=3)
+    (model,) = client.get("/models").json()["models"]
+    assert (model["max_batch_size"], model["max_queue_delay_us"], model["max_queue_size"]) == (1, 500, 3)
