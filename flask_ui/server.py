@@ -72,7 +72,10 @@ def main() -> int:
         return 2
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     print(_banner(f"http://{shown}:{server.effective_port}", settings), flush=True)
+    # NOTE: SIGINT too, explicitly: a process started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and `make run`'s Ctrl-C must still stop it (the APIs do the same).
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         server.run()  # returns after KeyboardInterrupt (Ctrl-C or SIGTERM), threads shut down
     except KeyboardInterrupt:

@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # NOTE: Ctrl-C reaches every process of the terminal's group: the children shut down
     # gracefully on their own; this parent waits for them (and SIGTERMs any that did not get it).
+    # SIGINT is handled explicitly: started from a script in the background, it would be ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for service in services:
             service.start()
