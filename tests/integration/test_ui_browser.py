@@ -154,7 +154,6 @@ def _top_labels(page: Page) -> list[str]:
 def test_upload_a_photo_shows_top5_with_bars_model_runtime_and_latency(
     stack: Stack, page: Page, shots: Path
 ) -> None:
-
     page.goto(stack.url)
     expect(page.locator("#model-line")).to_contain_text("efficientnet_lite0")
     page.screenshot(path=shots / "image-empty.png", full_page=True)
@@ -178,7 +177,6 @@ def test_upload_a_photo_shows_top5_with_bars_model_runtime_and_latency(
 def test_a_text_file_named_jpg_gives_a_readable_error_and_the_next_upload_works_dropped_on_the_page(
     stack: Stack, page: Page, shots: Path
 ) -> None:
-
     page.goto(stack.url)
     page.set_input_files("#file", files=[_file("<b>notes</b>.jpg", b"shopping list\n- milk\n", "image/jpeg")])
     expect(page.locator("#result .error-title")).to_have_text("That file is not an image we can read")
@@ -202,7 +200,6 @@ def test_a_text_file_named_jpg_gives_a_readable_error_and_the_next_upload_works_
 
 
 def test_an_oversized_file_gets_the_friendly_413_page(stack: Stack, browser: Browser, shots: Path) -> None:
-
     big = _file("huge.jpg", b"\xff" * (UPLOAD_LIMIT + 200_000), "image/jpeg")
     # Without JavaScript: the form posts, the answer is the 413 page itself.
     context = browser.new_context(java_script_enabled=False)
@@ -231,8 +228,7 @@ def test_an_oversized_file_gets_the_friendly_413_page(stack: Stack, browser: Bro
         context.close()
 
 
-def test_a_photo_without_javascript_is_a_plain_form_post(stack: Stack, browser: Browser) -> None:
-
+def test_without_javascript_photo_and_video_are_plain_form_posts(stack: Stack, browser: Browser) -> None:
     context = browser.new_context(java_script_enabled=False)
     try:
         page = context.new_page()
@@ -242,6 +238,15 @@ def test_a_photo_without_javascript_is_a_plain_form_post(stack: Stack, browser: 
             page.click("#submit")
         expect(page.locator("#result .topk li")).to_have_count(5)
         assert _top_labels(page)[0] in CATS
+        # the video page's answer is the page itself, streamed a row per frame
+        page.goto(f"{stack.url}/video")
+        clip = _animated_gif(["chelsea.png", "coffee.png", "chelsea.png"])
+        page.set_input_files("#file", files=[_file("clip.gif", clip, "image/gif")])
+        with page.expect_navigation():
+            page.click("#submit")
+        expect(page.locator("#frames tr.done")).to_contain_text("Done: 3 frames")
+        rows = page.locator("#frames tr.frame-row")
+        assert [rows.nth(i).get_attribute("data-frame") for i in range(3)] == ["0", "1", "2"]
     finally:
         context.close()
 
@@ -254,7 +259,6 @@ def _animated_gif(names: list[str]) -> bytes:
 
 
 def test_video_page_streams_a_gif_frame_by_frame_in_order(stack: Stack, page: Page, shots: Path) -> None:
-
     names = ["chelsea.png", "coffee.png", "chelsea.png", "coffee.png", "chelsea.png", "coffee.png"]
     page.goto(f"{stack.url}/video")
     page.set_input_files("#file", files=[_file("clip.gif", _animated_gif(names), "image/gif")])
