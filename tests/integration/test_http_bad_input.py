@@ -434,7 +434,7 @@ def test_unknown_model(fake_client: TestClient, endpoint: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("GET", "/nope"), ("POST", "/predict/nope"), ("POST", "/v2/models/fake/infer")]
+    ("method", "path"), [("GET", "/nope"), ("POST", "/predict/nope"), ("POST", "/v1/models/fake:predict")]
 )
 def test_unknown_path(fake_client: TestClient, method: str, path: str) -> None:
     response = fake_client.request(method, path)
