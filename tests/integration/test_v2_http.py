@@ -345,3 +345,36 @@ def test_tritonclient_async_requests_are_batched_and_each_gets_its_own_answer(fa
     assert max(shape[0] for shape in runtime.batches) >= 4
     ok = (("endpoint", "/v2/models/{model_name}/infer"), ("protocol", "http"), ("status", "200"))
     assert samples[("visionserve_requests_total", ok)] == 5
+
+
+def test_the_advertised_max_batch_size_is_the_one_served(
+    fake_entry: ModelEntry, app_client: Callable[..., TestClient]
+) -> None:
+    client = app_client(
+        FakeRuntime(fake_entry), max_batch_size=2
+    )  # VISION_MAX_BATCH_SIZE below the model's 8
+    assert client.get("/v2/models/fake/config").json()["max_batch_size"] == 2
+    body, headers = binary_request(constant_batch(1.0, 2.0, 3.0))
+    assert_v2_error(
+        client.post(INFER, content=body, headers=headers), 400, "a batch of 3 is over", "max_batch_size 2"
+    )
+
+
+def test_the_http_app_needs_neither_grpc_nor_protobuf() -> None:
+    """The HTTP deployables install neither (requirements/serve.txt): the V2 routes must not pull
+    them in."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, tempfile; from pathlib import Path; from tests.fixtures import FakeRuntime, "
+        "write_fake_entry; from visionserve.http.app import create_app; from visionserve.settings "
+        "import ServerSettings; create_app(ServerSettings(), FakeRuntime(write_fake_entry(Path("
+        "tempfile.mkdtemp())))); print(sorted(m for m in ('grpc', 'google.protobuf') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
