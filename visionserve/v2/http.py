@@ -14,6 +14,9 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+# NOTE: the app's own helpers, so that a V2 request has exactly the project API's deadline
+# (X-Request-Timeout, VISION_REQUEST_TIMEOUT_S) and disconnect handling; `create_app` imports this
+# module inside the function, so the import is not circular.
 from visionserve.http.app import _TIMEOUT_PARAMETER, _deadline, _example_image_base64, _unless_disconnected
 from visionserve.service import InferenceService
 from visionserve.settings import ServerSettings
