@@ -145,6 +145,7 @@ async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime
         f"  list:   grpcurl -plaintext {shown}:{port} list\n"
         f"  health: grpcurl -plaintext {shown}:{port} grpc.health.v1.Health/Check\n"
         f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}\n"
+        "  V2:     inference.GRPCInferenceService (Open Inference Protocol; docs/v2.md)\n"
         "  stop:   Ctrl-C\n",
         flush=True,
     )
