@@ -36,8 +36,23 @@ def _banner(url: str, settings: UISettings) -> str:
     )
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # waitress's loop ends on it and shuts its threads down
+class _Stop:
+    """The SIGTERM/SIGINT handler: the first signal ends waitress's loop (it shuts its threads
+    down on KeyboardInterrupt); later ones are ignored while that happens.
+
+    NOTE: `make run`'s Ctrl-C reaches every process of the group, then the stack SIGTERMs every
+    child still running: a second KeyboardInterrupt raised during the shutdown would escape and
+    end the process by SIGINT instead of with exit code 0.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -70,13 +85,15 @@ def main() -> int:
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
         return 2
-    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    print(_banner(f"http://{shown}:{server.effective_port}", settings), flush=True)
     # NOTE: SIGINT too, explicitly: a process started in the background by a non-interactive
-    # shell inherits SIGINT ignored, and `make run`'s Ctrl-C must still stop it (the APIs do the same).
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    # shell inherits SIGINT ignored, and `make run`'s Ctrl-C must still stop it (the APIs do the
+    # same). Installed before the banner, which tells whoever waits for it that signals work.
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     try:
+        print(_banner(f"http://{shown}:{server.effective_port}", settings), flush=True)
         server.run()  # returns after KeyboardInterrupt (Ctrl-C or SIGTERM), threads shut down
     except KeyboardInterrupt:
         pass

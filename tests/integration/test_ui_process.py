@@ -47,3 +47,18 @@ def test_serves_on_a_free_port_and_stops_cleanly(sig: int) -> None:
     finally:
         output = ui.output()
     assert "Traceback" not in output, output
+
+
+def test_ctrl_c_then_the_stack_s_sigterm_still_exits_zero() -> None:
+    """What `make run` does on Ctrl-C: the group gets SIGINT, then the stack SIGTERMs every child
+    still running, while the UI is already shutting down."""
+    ui = ServiceProcess(
+        "flask_ui", {"VISION_UI_PORT": "0", "VISION_UI_API_URL": "http://127.0.0.1:9"}, UI_BANNER
+    )
+    try:
+        ui.process.send_signal(signal.SIGINT)
+        ui.process.send_signal(signal.SIGTERM)
+        assert ui.process.wait(timeout=30) == 0
+    finally:
+        output = ui.output()
+    assert "Traceback" not in output, output
