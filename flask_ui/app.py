@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Flask, Response, render_template, request, stream_template, stream_with_context
@@ -73,7 +73,7 @@ def _every() -> int:
 
 def video_events(
     source: VideoSource, client: VideoClient, *, every: int, max_frames: int
-) -> Iterator[dict[str, Any]]:
+) -> Generator[dict[str, Any]]:
     """What the video page shows, as events: `start`, one `frame` per answer (with the running
     count and frames per second), then `end`, or `error` when the stream fails."""
     yield {"event": "start", "kind": source.kind, "frames": source.frame_count, "every": every}
@@ -123,6 +123,15 @@ def video_events(
     if source.truncated:
         end["note"] = f"Stopped at {max_frames} frames (VISION_UI_MAX_VIDEO_FRAMES)."
     yield end
+
+
+def _closing(chunks: Iterator[str], events: Generator[dict[str, Any]]) -> Iterator[str]:
+    """`chunks` (rendered from `events`), closing `events` when the server closes the response:
+    a page that went away stops its gRPC stream at once, not when the generators are collected."""
+    try:
+        yield from chunks
+    finally:
+        events.close()
 
 
 def create_app(
@@ -193,7 +202,7 @@ def create_app(
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # proxies: do not buffer
         if _wants_events():
             lines = (json.dumps(event) + "\n" for event in events)
-            return Response(stream_with_context(lines), mimetype=NDJSON, headers=headers)
+            return Response(stream_with_context(_closing(lines, events)), mimetype=NDJSON, headers=headers)
         # No JavaScript: the page itself streams, a table row per frame as its answer arrives.
         page = stream_template(
             "video.html",
@@ -203,7 +212,7 @@ def create_app(
             every=every,
             max_frames=settings.max_video_frames,
         )
-        return Response(page, mimetype="text/html", headers=headers)
+        return Response(_closing(page, events), mimetype="text/html", headers=headers)
 
     @app.get("/status")
     def status_page() -> str:

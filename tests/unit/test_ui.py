@@ -436,6 +436,24 @@ def test_a_page_that_goes_away_closes_the_stream_at_once() -> None:
     assert video.closed and video.sent == [0]
 
 
+@pytest.mark.parametrize("accept", ["application/x-ndjson", "text/html"])
+def test_closing_the_response_closes_the_stream(accept: str) -> None:
+    video = FakeVideo()
+    response = ui(video=video).post(
+        "/video",
+        data={"file": (io.BytesIO(gif(["chelsea.png", "coffee.png"] * 3)), "clip.gif")},
+        headers={"Accept": accept},
+        buffered=False,
+    )
+    received = b""
+    chunks = iter(response.response)
+    while b'"frame"' not in received and b"data-frame" not in received:
+        received += next(chunks)
+    assert not video.closed
+    response.close()  # what the WSGI server does when the browser went away
+    assert video.closed and len(video.sent) < 6
+
+
 def test_video_errors_before_and_during_the_stream() -> None:
     ndjson = {"Accept": "application/x-ndjson"}
     not_video = ui().post(
