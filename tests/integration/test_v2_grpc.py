@@ -20,6 +20,7 @@ from tests.fixtures import FAKE_CLASSES, FakeRuntime
 from tests.integration.test_grpc import (
     GOOD_IMAGE,
     CountingSlowRuntime,
+    ExpiredContext,
     GatedRuntime,
     Served,
     assert_status,
@@ -228,7 +229,7 @@ def test_malformed_requests_are_invalid_argument(
     run(scenario())
 
 
-def test_unknown_model_message_size_and_expired_deadline(fake_entry: ModelEntry) -> None:
+def test_unknown_model_message_size_and_a_passed_deadline(fake_entry: ModelEntry) -> None:
     async def scenario() -> None:
         async with serving(FakeRuntime(fake_entry), grpc_settings={"max_message_bytes": 4096}) as served:
             stub = v2_stub(served)
@@ -262,8 +263,12 @@ def test_unknown_model_message_size_and_expired_deadline(fake_entry: ModelEntry)
                 )
             assert not (await stub.ModelReady(pb.ModelReadyRequest(name="other"))).ready
             small.model_version = ""
-            error = await rpc_error(stub.ModelInfer(small, timeout=0.000001))
-            assert error.code() == StatusCode.DEADLINE_EXCEEDED
+            # a deadline already passed: the servicer's own check (end to end, whether the client,
+            # gRPC core or the servicer sees it first is a race)
+            context = ExpiredContext()
+            with pytest.raises(grpc.aio.AbortError):
+                await served.server.v2_servicer.ModelInfer(small, context)  # type: ignore[arg-type]
+            assert context.aborted is not None and context.aborted[0] == StatusCode.DEADLINE_EXCEEDED
 
     run(scenario())
 
@@ -341,5 +346,24 @@ def test_v2_and_own_api_calls_share_a_batch_and_each_gets_its_own_answer(fake_en
             assert replies[4].topk
             sizes = [shape[0] for shape in runtime.batches[1:]]  # after the warm-up
             assert sizes[0] == 1 and sum(sizes) == 1 + 6 + 1 and max(sizes) >= 4, sizes
+
+    run(scenario())
+
+
+def test_a_call_whose_deadline_passes_while_queued_is_never_computed(fake_entry: ModelEntry) -> None:
+    async def scenario() -> None:
+        runtime = CountingSlowRuntime(fake_entry, batch_s=0.4)
+        async with serving(runtime) as served:
+            stub = v2_stub(served)
+            first = asyncio.ensure_future(stub.ModelInfer(tensor_request(constant_batch(0.0))))
+            await until(lambda: runtime.started == 1, "the first call to hold the instance")
+            error = await rpc_error(stub.ModelInfer(tensor_request(constant_batch(1.0)), timeout=0.1))
+            assert error.code() == StatusCode.DEADLINE_EXCEEDED
+            late = tensor_request(constant_batch(1.0))
+            late.parameters["timeout"].int64_param = 100_000  # microseconds, as tritonclient sends it
+            error = await rpc_error(stub.ModelInfer(late))
+            assert_status(error, StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+            await first
+            assert runtime.started == 1
 
     run(scenario())
