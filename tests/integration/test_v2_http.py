@@ -187,6 +187,11 @@ def test_gzip_body_and_the_limit_on_what_it_inflates_to(
     assert_v2_error(
         client.post(INFER, content=b"{}", headers={"Content-Encoding": "br"}), 415, "not supported"
     )
+    # a declared Content-Length over the limit is refused before the app runs, in V2's shape too
+    too_big = client.post(INFER, content=b" " * (64 * 1024 + 1))
+    assert_v2_error(too_big, 413, "65,537 bytes", "VISION_MAX_REQUEST_BYTES")
+    own = client.post("/predict", content=b" " * (64 * 1024 + 1))  # the own API keeps its shape
+    assert own.status_code == 413 and own.json()["error"]["code"] == "payload_too_large"
 
 
 def test_mis_sized_tensors_never_reach_a_batch(

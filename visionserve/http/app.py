@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionserve import __version__
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
-from visionserve.http.limits import BodySizeLimit
+from visionserve.http.limits import BodySizeLimit, is_v2_path
 from visionserve.http.observe import RequestMetrics
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.schemas import (
@@ -63,9 +63,7 @@ def _example_image_base64() -> str:
 
 
 def _v2_path(request: Request) -> bool:
-    """Open Inference Protocol routes answer errors as that protocol does: `{"error": "<message>"}`."""
-    path = request.url.path
-    return path == "/v2" or path.startswith("/v2/")
+    return is_v2_path(request.url.path)
 
 
 def _error_body(request: Request, code: ErrorCode, message: str) -> dict[str, Any]:

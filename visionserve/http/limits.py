@@ -21,8 +21,14 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=message)
 
 
-def _error_response(error: VisionError) -> tuple[Message, Message]:
-    body = json.dumps(error.to_dict()).encode()
+def is_v2_path(path: str) -> bool:
+    """Open Inference Protocol routes answer errors as that protocol does: `{"error": "<message>"}`."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _error_response(error: VisionError, path: str) -> tuple[Message, Message]:
+    shape = {"error": error.message} if is_v2_path(path) else error.to_dict()
+    body = json.dumps(shape).encode()
     start: Message = {
         "type": "http.response.start",
         "status": error.status.http,
@@ -62,10 +68,10 @@ class BodySizeLimit:
                     error = VisionError(
                         ErrorCode.INVALID_ARGUMENT, "the Content-Length header is not a number"
                     )
-                    await self._send_error(send, error)
+                    await self._send_error(send, error, scope["path"])
                     return
                 if declared > self.max_bytes:
-                    await self._send_error(send, self._too_large(declared))
+                    await self._send_error(send, self._too_large(declared), scope["path"])
                     return
                 break
 
@@ -92,10 +98,10 @@ class BodySizeLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await self._send_error(send, self._too_large(None))
+            await self._send_error(send, self._too_large(None), scope["path"])
 
     @staticmethod
-    async def _send_error(send: Send, error: VisionError) -> None:
-        start, body = _error_response(error)
+    async def _send_error(send: Send, error: VisionError, path: str) -> None:
+        start, body = _error_response(error, path)
         await send(start)
         await send(body)
