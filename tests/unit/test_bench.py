@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from grpc_server.server import GrpcServer
-from tests.conftest import encode, photo_bytes
+from tests.conftest import encode, photo_bytes, wait_ready
 from tests.fixtures import FailingRuntime, FakeRuntime, SlowRuntime, write_fake_entry
 from visionserve.bench.__main__ import parse_args, parse_concurrency
 from visionserve.bench.baseline import PlainClassifier, create_baseline_app
@@ -41,6 +41,7 @@ from visionserve.bench.grpc_load import (
     grpc_sender,
     health_sender,
     measure_stream,
+    v2_grpc_sender,
 )
 from visionserve.bench.http_load import (
     HttpRequestSpec,
@@ -48,6 +49,7 @@ from visionserve.bench.http_load import (
     json_request,
     live_request,
     measure_http,
+    v2_request,
 )
 from visionserve.bench.images import default_images, file_image
 from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
@@ -605,6 +607,40 @@ def test_grpc_senders_complete_every_call_and_count_failures(tmp_path: Path) -> 
         assert all(latency > 0 for latency in result.latencies_s)
     assert bad.sent == 30 and bad.completed == 0
     assert bad.errors == {"gRPC INVALID_ARGUMENT": 30}
+
+
+def test_v2_grpc_sender_infers_over_the_open_inference_protocol(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+
+    async def scenario(target: str) -> list[Measurement]:
+        async with grpc_channel(target) as channel:
+            return [
+                await run_closed_loop(send, concurrency=2, requests=10)
+                for send in (
+                    v2_grpc_sender(channel, image, "fake"),
+                    v2_grpc_sender(channel, image, "no-such-model"),
+                    v2_grpc_sender(channel, b"not an image", "fake"),
+                )
+            ]
+
+    good, unknown, bad = asyncio.run(_with_fake_grpc_server(tmp_path, scenario))
+    assert (good.sent, good.completed, good.failed) == (10, 10, 0)
+    assert unknown.errors == {"gRPC NOT_FOUND": 10}
+    assert bad.errors == {"gRPC INVALID_ARGUMENT": 10}
+
+
+def test_v2_request_is_what_the_v2_http_route_accepts(tmp_path: Path) -> None:
+    from visionserve.http.app import create_app
+
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+    spec = v2_request(image, "fake", topk=3)
+    with TestClient(create_app(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))) as client:
+        wait_ready(client)
+        reply = client.post(spec.path, content=spec.body, headers=dict(spec.headers))
+    assert reply.status_code == 200, reply.text
+    (output,) = reply.json()["outputs"]
+    assert output["name"] == "probabilities" and output["datatype"] == "BYTES"
+    assert len(output["data"]) == 3 and output["data"][0].endswith(":9:class_9")  # value:index:label
 
 
 def test_a_stream_answers_every_frame_and_measures_frames_per_second(tmp_path: Path) -> None:

@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=("file", "json", "live", "grpc", "health", "stream"),
         help="file = POST /predict/file, json = POST /predict, live = GET /health/live "
         "(the HTTP floor), grpc = unary Predict, health = gRPC health check (the gRPC floor), "
-        "stream = frames/s of one PredictStream; default: all of them",
+        "stream = frames/s of one PredictStream, v2 = Open Inference Protocol HTTP infer (binary "
+        "extension, BYTES image), v2grpc = its gRPC ModelInfer; default: all but v2 and v2grpc",
     )
     parser.add_argument(
         "--requests",

@@ -176,6 +176,7 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
         in_process=in_process,
         images=images,
         bar=bar,
+        model_name=name,
     )
     report.rows += rows
     report.layouts += layout_rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,7 +30,8 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 UNARY = "Inference/Predict (unary)"
 HEALTH = "Health/Check (gRPC floor)"
 STREAM = "Inference/PredictStream (1 stream)"
-GRPC_ENDPOINTS = {"grpc": UNARY, "health": HEALTH, "stream": STREAM}
+V2_UNARY = "GRPCInferenceService/ModelInfer (V2, BYTES)"
+GRPC_ENDPOINTS = {"grpc": UNARY, "health": HEALTH, "stream": STREAM, "v2grpc": V2_UNARY}
 """The CLI's gRPC endpoint names -> what the report calls them."""
 
 
@@ -57,6 +59,36 @@ def grpc_sender(
     async def send() -> None:
         try:
             await predict(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(f"gRPC {exc.code().name}") from exc
+
+    return send
+
+
+def v2_grpc_sender(
+    channel: grpc.aio.Channel, image: bytes, model: str, *, topk: int = 5, timeout_s: float = 30.0
+) -> SendOnce:
+    """A `send` for `run_closed_loop`: one Open Inference Protocol `ModelInfer` with the image as a
+    BYTES element in `raw_input_contents` (as tritonclient sends it), the top-k asked for as a
+    classification; a failed call raises `RequestFailed("gRPC <STATUS>")`."""
+    from visionserve.v2 import grpc_service_pb2 as v2
+    from visionserve.v2 import grpc_service_pb2_grpc as v2_grpc
+
+    infer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer  # type: ignore[no-untyped-call]
+    request = v2.ModelInferRequest(
+        model_name=model,
+        inputs=[v2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])],
+        outputs=[
+            v2.ModelInferRequest.InferRequestedOutputTensor(
+                name="probabilities", parameters={"classification": v2.InferParameter(int64_param=topk)}
+            )
+        ],
+        raw_input_contents=[struct.pack("<I", len(image)) + image],
+    )
+
+    async def send() -> None:
+        try:
+            await infer(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(f"gRPC {exc.code().name}") from exc
 

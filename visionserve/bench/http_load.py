@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import mimetypes
+import struct
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -64,6 +65,36 @@ def json_request(image: bytes, *, topk: int = 5) -> HttpRequestSpec:
     )
 
 
+def v2_request(image: bytes, model: str, *, topk: int = 5) -> HttpRequestSpec:
+    """POST /v2/models/{model}/infer with the binary tensor extension (as tritonclient sends it):
+    a JSON header naming one BYTES input `image` of shape [1], then the image as a BYTES element
+    (4-byte little-endian length, the bytes); the top-k asked for as a classification."""
+    element = struct.pack("<I", len(image)) + image
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(element)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": topk}}],
+        }
+    ).encode("ascii")
+    return HttpRequestSpec(
+        name="POST /v2/models/{model}/infer (V2, binary)",
+        method="POST",
+        path=f"/v2/models/{model}/infer",
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+        body=header + element,
+    )
+
+
 def live_request() -> HttpRequestSpec:
     """GET /health/live: no model work, so its latency is the HTTP floor (client + server)."""
     return HttpRequestSpec(
@@ -71,12 +102,13 @@ def live_request() -> HttpRequestSpec:
     )
 
 
-REQUESTS: dict[str, Callable[[bytes, str], HttpRequestSpec]] = {
-    "file": file_request,
-    "json": lambda image, filename: json_request(image),
-    "live": lambda image, filename: live_request(),
+REQUESTS: dict[str, Callable[[bytes, str, str], HttpRequestSpec]] = {
+    "file": lambda image, filename, model: file_request(image, filename),
+    "json": lambda image, filename, model: json_request(image),
+    "live": lambda image, filename, model: live_request(),
+    "v2": lambda image, filename, model: v2_request(image, model),
 }
-"""The endpoints the CLI knows by name: name -> builder(image bytes, file name)."""
+"""The endpoints the CLI knows by name: name -> builder(image bytes, file name, model name)."""
 
 
 def http_client(base_url: str, *, concurrency: int = 1, timeout_s: float = 30.0) -> httpx2.AsyncClient:

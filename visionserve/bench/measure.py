@@ -101,6 +101,7 @@ def measure_runtime(
     in_process: InProcess | None,
     images: list[BenchImage],
     bar: ProgressBar,
+    model_name: str | None = None,
 ) -> tuple[list[ResultRow], list[LayoutRow]]:
     """One runtime: the processes of `groups` and the `baseline` started (a deployment's ends are
     only addresses), the in-process runtimes loaded, then every row measured in turns. Served rows
@@ -165,6 +166,7 @@ def measure_runtime(
             runner=runner,
             stack=stack,
             bar=bar,
+            model_name=model_name,
         )
 
         bar.note(f"{label}: warming up every row ({config.warmup} requests each)")

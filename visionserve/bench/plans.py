@@ -29,10 +29,12 @@ from visionserve.bench.grpc_load import (
     HEALTH,
     STREAM,
     UNARY,
+    V2_UNARY,
     grpc_channel,
     grpc_sender,
     health_sender,
     measure_stream,
+    v2_grpc_sender,
 )
 from visionserve.bench.http_load import REQUESTS, HttpRequestSpec, http_client, http_sender
 from visionserve.bench.images import BenchImage
@@ -236,13 +238,18 @@ def build_plans(
     runner: asyncio.Runner,
     stack: contextlib.ExitStack,
     bar: ProgressBar,
+    model_name: str | None = None,
 ) -> list[RowPlan]:
     """Every served row of one backend, in the order they take their turns: each concurrency level
     (each group's HTTP then gRPC rows, then the baseline), the streams, the overload rows. Clients
     are made on `runner`'s loop and closed by `stack`."""
     datas = [image.data for image in images]
+    if model_name is None and ("v2" in config.http_endpoints or "v2grpc" in config.grpc_endpoints):
+        raise ValueError("the V2 endpoints (v2, v2grpc) name the model in each request: give --model")
+    model = model_name or ""
     specs = {
-        name: [REQUESTS[name](image.data, image.name) for image in images] for name in config.http_endpoints
+        name: [REQUESTS[name](image.data, image.name, model) for image in images]
+        for name in config.http_endpoints
     }
 
     def http_senders(
@@ -270,6 +277,11 @@ def build_plans(
     def unary(target: str) -> SendOnce:
         return cycling([grpc_sender(channel(target), data, timeout_s=config.timeout_s) for data in datas])
 
+    def v2_unary(target: str) -> SendOnce:
+        return cycling(
+            [v2_grpc_sender(channel(target), data, model, timeout_s=config.timeout_s) for data in datas]
+        )
+
     plans: list[RowPlan] = []
     sweep = [g for g in groups if g.overload_queue_size is None]
     for level in config.concurrency:
@@ -287,6 +299,13 @@ def build_plans(
                     row = template(label, GRPC, UNARY, level, batching=group.batching)
                     plans.append(
                         RowPlan(row, closed_loop(unary(target), level, bar.advance), group.grpc.metrics_url)
+                    )
+                if "v2grpc" in config.grpc_endpoints:
+                    row = template(label, GRPC, V2_UNARY, level, batching=group.batching)
+                    plans.append(
+                        RowPlan(
+                            row, closed_loop(v2_unary(target), level, bar.advance), group.grpc.metrics_url
+                        )
                     )
                 if "health" in config.grpc_endpoints:
                     send = health_sender(channel(target), timeout_s=config.timeout_s)

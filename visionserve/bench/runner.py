@@ -92,6 +92,7 @@ def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
             ),
             images=images,
             bar=bar,
+            model_name=settings.model_name,
         )
         report.rows += rows
         report.layouts += layout_rows
