@@ -32,7 +32,7 @@ from visionserve.bench.baseline import PlainClassifier, create_baseline_app
 from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
 from visionserve.bench.config import parse_server_env
 from visionserve.bench.csvfile import COLUMNS as CSV_COLUMNS
-from visionserve.bench.csvfile import write_csv
+from visionserve.bench.csvfile import KEY_COLUMNS, write_csv
 from visionserve.bench.grpc_load import (
     HEALTH,
     STREAM,
@@ -1131,6 +1131,42 @@ def test_records_are_the_csv_with_numbers_as_numbers(tmp_path: Path) -> None:
     assert (first["p50_ms"], first["req_per_s"], first["ratio_to_in_process_limit"]) == (10.0, 80.0, 0.8)
     assert records[1]["mean_batch"] is None and records[6]["ratio_to_in_process_limit"] is None
     assert json.loads(json.dumps(records)) == records  # plain data
+
+
+def test_latency_records_are_every_measured_request_in_ms_with_its_row() -> None:
+    report = _report()
+    records = report.latency_records()
+    assert len(records) == sum(row.measurement.completed for row in report.rows)  # failures untimed
+    first = records[0]
+    assert list(first) == [*KEY_COLUMNS, "latency_ms"]
+    assert (first["scenario"], first["protocol"], first["backend"], first["concurrency"]) == (
+        "in-process",
+        IN_PROCESS,
+        "onnx",
+        1,
+    )
+    served = [r["latency_ms"] for r in records if r["endpoint"] == "POST /predict/file (multipart)"]
+    assert served[:3] == pytest.approx([11.5, 12.5, 13.5])  # seconds in the rows, ms here
+    keys = {tuple(r[c] for c in KEY_COLUMNS) for r in records}
+    assert keys <= {tuple(r[c] for c in KEY_COLUMNS) for r in report.to_records()}  # joinable
+    assert json.loads(json.dumps(records)) == records
+
+
+def test_batch_size_records_are_the_servers_histogram_by_bucket() -> None:
+    report = _sweep_report()
+    records = report.batch_size_records()
+    # only the first row has server figures: 2 batches of 1 and 2 of 2 (none above)
+    assert [(r["batch_size"], r["batch_size_max"], r["batches"]) for r in records] == [
+        ("1", 1, 2),
+        ("2", 2, 2),
+    ]
+    assert all(r["concurrency"] == 1 and r["batching"] == "on" for r in records)
+    assert list(records[0]) == [*KEY_COLUMNS, "batch_size", "batch_size_max", "batches"]
+    wide = Histogram(bounds=(1.0, 4.0, 8.0, math.inf), cumulative=(1.0, 1.0, 3.0, 4.0), count=4.0, total=40.0)
+    assert wide.buckets() == [("1", 1.0, 1), ("5-8", 8.0, 2), (">8", math.inf, 1)]
+    row = replace(report.rows[0], server=replace(report.rows[0].server, batch_size=wide))
+    only = BenchReport(machine={}, settings={}, rows=[row]).batch_size_records()
+    assert [(r["batch_size"], r["batch_size_max"]) for r in only] == [("1", 1), ("5-8", 8), (">8", None)]
 
 
 def test_notes_are_in_the_markdown_and_the_json() -> None:

@@ -24,6 +24,8 @@ report = run_benchmark(
     )
 )
 frame = pd.DataFrame(report.to_records())  # the columns of bench.csv, numbers as numbers
+latencies = pd.DataFrame(report.latency_records())  # one line per measured request (ms)
+batches = pd.DataFrame(report.batch_size_records())  # the servers' batch sizes, per row
 report.write(Path("bench-results"))  # the same files as the command line writes
 ```
 
@@ -48,8 +50,9 @@ The modules:
 - `config`: what a run measures (`BenchConfig`); `plans`: the served processes and rows of a
   backend; `progress`: the progress bar on stderr;
 - `rows`, `report`, `tables`, `csvfile`, `plot`, `targets`, `facts`: the rows, the JSON
-  document, the markdown, the CSV (and `BenchReport.to_records`), the plot, the issue's targets
-  and the report's header;
+  document, the markdown, the CSV (and the records of `BenchReport.to_records`,
+  `latency_records`, `batch_size_records`), the plot, the issue's targets and the report's
+  header;
 - `measure`: one runtime's rows measured in turns; `runner`: one whole run (`run_benchmark`),
   `external`: one against a deployment; `__main__`: the command line.
 """

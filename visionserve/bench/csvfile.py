@@ -1,13 +1,18 @@
-"""`bench.csv`: one line per result row, the columns a notebook plots or filters on."""
+"""`bench.csv`: one line per result row, the columns a notebook plots or filters on; and, for
+notebooks, the same rows' per-request latencies and server batch sizes as records."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from visionserve.bench.stats import MS_PER_S
+
 if TYPE_CHECKING:
     from visionserve.bench.report import BenchReport
+    from visionserve.bench.rows import ResultRow
 
 COLUMNS = (
     "scenario",
@@ -32,6 +37,10 @@ COLUMNS = (
     "queue_p99_ms_estimate",
 )
 """The header, in order. Empty cells mean "not applicable" (e.g. no /metrics in-process)."""
+
+KEY_COLUMNS = COLUMNS[:7]
+"""The columns that say which row a record belongs to (scenario ... max_queue_size); every kind of
+record starts with them, so that records of one report can be joined on them."""
 
 
 DIGITS = {
@@ -64,13 +73,7 @@ def records(report: BenchReport) -> list[Record]:
         s = m.summary()
         server = row.server
         record: Record = {
-            "scenario": row.scenario,
-            "protocol": row.mode,
-            "endpoint": row.target,
-            "backend": row.runtime,
-            "batching": row.batching,
-            "concurrency": row.concurrency,
-            "max_queue_size": row.overload_queue_size,
+            **_key(row),
             "ok": m.completed,
             "errors": m.failed,
             "rejected": row.rejected,
@@ -89,6 +92,46 @@ def records(report: BenchReport) -> list[Record]:
             value = record[column]
             record[column] = _rounded(column, None if value is None else float(value))
         found.append(record)
+    return found
+
+
+def _key(row: ResultRow) -> Record:
+    """The row's `KEY_COLUMNS`, as in `records`."""
+    return {
+        "scenario": row.scenario,
+        "protocol": row.mode,
+        "endpoint": row.target,
+        "backend": row.runtime,
+        "batching": row.batching,
+        "concurrency": row.concurrency,
+        "max_queue_size": row.overload_queue_size,
+    }
+
+
+def latency_records(report: BenchReport) -> list[Record]:
+    """One record per measured request that succeeded, in the report's order: the row's
+    `KEY_COLUMNS` and `latency_ms` (warm-up requests are never measured, failures never timed),
+    for histograms: `pandas.DataFrame(latency_records(report))`."""
+    found: list[Record] = []
+    for row in report.rows:
+        key = _key(row)
+        found += [{**key, "latency_ms": value * MS_PER_S} for value in row.measurement.latencies_s]
+    return found
+
+
+def batch_size_records(report: BenchReport) -> list[Record]:
+    """One record per served row and batch-size bucket its server's /metrics counted during the
+    row: the row's `KEY_COLUMNS`, `batch_size` (the bucket, e.g. `1` or `5-6`), `batch_size_max`
+    (its upper bound, to sort by; None above the last bound) and `batches` (`predict_batch`
+    calls). Rows without server figures (in-process, no metrics endpoint) have no records."""
+    found: list[Record] = []
+    for row in report.rows:
+        if row.server is None:
+            continue
+        key = _key(row)
+        for label, bound, count in row.server.batch_size.buckets():
+            upper = None if math.isinf(bound) else int(bound)
+            found.append({**key, "batch_size": label, "batch_size_max": upper, "batches": count})
     return found
 
 

@@ -149,6 +149,16 @@ class BenchReport:
         numbers and None for empty cells: `pandas.DataFrame(report.to_records())` in a notebook."""
         return csvfile.records(self)
 
+    def latency_records(self) -> list[csvfile.Record]:
+        """Every measured request's latency (ms, successes only, warm-up excluded) with its row's
+        key columns: a latency histogram's data (`csvfile.latency_records`)."""
+        return csvfile.latency_records(self)
+
+    def batch_size_records(self) -> list[csvfile.Record]:
+        """The batch sizes the servers' /metrics counted during each served row, by bucket: the
+        batch-size histogram's data (`csvfile.batch_size_records`)."""
+        return csvfile.batch_size_records(self)
+
     def to_markdown(self) -> str:
         """The report as markdown: header facts, images, the results table, server figures, the
         in-process limit, overload, stages, serving overhead."""

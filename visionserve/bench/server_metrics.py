@@ -78,7 +78,12 @@ class Histogram:
     def per_bucket(self) -> dict[str, int]:
         """Observations in each bucket that has any, keyed by its range: `1`, `5-6`, `>128`.
         Meant for integer-valued histograms (batch sizes); ranges are inclusive."""
-        found: dict[str, int] = {}
+        return {label: count for label, _, count in self.buckets()}
+
+    def buckets(self) -> list[tuple[str, float, int]]:
+        """(range, upper bound, observations) of each bucket that has any, ascending; the range as
+        in `per_bucket`, the bound `math.inf` for the last bucket."""
+        found: list[tuple[str, float, int]] = []
         previous = 0.0
         below = 0.0
         for bound, cumulative in zip(self.bounds, self.cumulative, strict=True):
@@ -89,7 +94,7 @@ class Histogram:
                 else:
                     low = math.floor(previous) + 1
                     key = f"{bound:g}" if low >= bound else f"{low}-{bound:g}"
-                found[key] = count
+                found.append((key, bound, count))
             previous, below = bound, cumulative
         return found
 
