@@ -1196,6 +1196,18 @@ def test_the_plot_is_drawn_with_two_concurrency_levels_only(tmp_path: Path) -> N
     assert not (tmp_path / "none.png").exists()
 
 
+def test_the_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but Agg, as a notebook's inline backend
+    try:
+        assert plot_throughput(_sweep_report(), tmp_path / "throughput.png")
+        assert matplotlib.get_backend() == "svg"  # drawn without pyplot: no `matplotlib.use("Agg")`
+    finally:
+        matplotlib.use(backend)
+
+
 # --- progress -------------------------------------------------------------------------------------
 
 
