@@ -13,7 +13,7 @@ ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format bench export protos clean help
+.PHONY: run test lint format bench export protos clean help up down
 
 help:
 	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051, UI :5000 (BACKEND=onnx|torch)"
@@ -22,6 +22,8 @@ help:
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
+	@echo "make up         Docker Compose: export, HTTP :8000, gRPC :50051, UI :5000, JupyterLab :8888 (BACKEND=onnx|torch, GPU=1)"
+	@echo "make down       stop the Compose stack (the model volume is kept)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +81,27 @@ protos: $(VENV)/.installed-dev
 		protos/visionserve/v1/inference.proto
 	$(BIN)/python -m grpc_tools.protoc -Ivisionserve/v2=protos/inference --python_out=. --pyi_out=. \
 		--grpc_python_out=. protos/inference/grpc_service.proto
+
+# Docker Compose (docs/docker.md). BACKEND picks the APIs' runtime; GPU=1 adds the CUDA override.
+COMPOSE_FILES := -f docker/docker-compose.yaml $(if $(filter 1,$(GPU)),-f docker/docker-compose.gpu.yaml)
+COMPOSE = BACKEND=$(BACKEND) docker compose $(COMPOSE_FILES)
+
+# Fails early, saying what is missing, where there is no Docker CLI, no compose plugin or no engine.
+define check_docker
+	@command -v docker >/dev/null 2>&1 || { echo "make $@: no docker command here; install Docker (docs/docker.md), or use 'make run' (no Docker)" >&2; exit 1; }
+	@docker compose version >/dev/null 2>&1 || { echo "make $@: 'docker compose' is not available (install the Docker Compose plugin), or use 'make run' (no Docker)" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make $@: no Docker engine is reachable (is the daemon running? may this user use it?); or use 'make run' (no Docker)" >&2; exit 1; }
+endef
+
+up:
+	$(check_docker)
+	$(COMPOSE) up --build --detach
+	@echo "visionserve starting on Docker ($(BACKEND)$(if $(filter 1,$(GPU)), on CUDA)): UI http://localhost:5000, HTTP http://localhost:8000,"
+	@echo "  gRPC localhost:50051, JupyterLab http://127.0.0.1:8888. Health: $(COMPOSE) ps; JupyterLab's token: $(COMPOSE) logs jupyter"
+
+down:
+	$(check_docker)
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) $(MODEL_REPOSITORY) .pytest_cache .mypy_cache .ruff_cache

@@ -512,7 +512,7 @@ def test_megabytes() -> None:
 
 
 def test_the_ui_imports_no_model_code() -> None:
-    """Its image (flask_ui/Dockerfile) installs requirements/ui.txt only: no numpy, torch, ONNX
+    """Its image (target `ui` of docker/Dockerfile) installs requirements/ui.txt only: no numpy, torch, ONNX
     Runtime or FastAPI."""
     code = (
         "import sys, flask_ui.server; "
