@@ -601,7 +601,16 @@ ENTRY_MODULES = {
     "grpc-torch": ["grpc_server.server", "visionserve.runtimes.torch"],
     "ui": ["flask_ui.server"],
     "export": ["export.cli", "export.pipeline"],
-    "jupyter": ["visionserve.bench.__main__", "grpc_server.client"],
+    # The notebooks: the benchmark harness, both runtimes (the in-process limit), the export step.
+    "jupyter": [
+        "visionserve.bench",
+        "visionserve.bench.layouts",
+        "visionserve.bench.plot",
+        "visionserve.runtimes.onnx",
+        "visionserve.runtimes.torch",
+        "export.pipeline",
+        "grpc_server.client",
+    ],
 }
 
 
