@@ -684,3 +684,42 @@ def test_image_requirements_cover_what_its_entrypoint_imports(target: str) -> No
         top: sorted(d) for top, d in imported_owners(ENTRY_MODULES[target]).items() if not d & available
     }
     assert not missing, f"{target} imports {missing}, which its requirements do not install"
+
+
+# --- make up / make down without Docker ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fake_docker", "message"),
+    [
+        (None, "no docker command here"),
+        ("exit 1", "'docker compose' is not available"),
+        ('[ "$1" = compose ] && exit 0; exit 1', "no Docker engine is reachable"),
+    ],
+    ids=["no-cli", "no-compose", "no-engine"],
+)
+@pytest.mark.parametrize("target", ["up", "down"])
+def test_make_up_and_down_fail_clearly_without_docker(
+    target: str, fake_docker: str | None, message: str, tmp_path: Path
+) -> None:
+    """Before anything runs, with a message naming what is missing (and `make run` as the way
+    without Docker). A stand-in `docker` plays each missing piece; nothing else is on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("make", "bash", "sh", "env"):
+        found = next(Path(d) / tool for d in ("/usr/bin", "/bin") if (Path(d) / tool).exists())
+        (bin_dir / tool).symlink_to(found)
+    if fake_docker is not None:
+        (bin_dir / "docker").write_text(f"#!/bin/sh\n{fake_docker}\n")
+        (bin_dir / "docker").chmod(0o755)
+    done = subprocess.run(
+        ["make", "--no-print-directory", target],
+        cwd=ROOT,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"make {target}: {message}" in done.stderr and "make run" in done.stderr, done.stderr
