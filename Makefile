@@ -13,12 +13,13 @@ ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format bench export protos clean help up down
+.PHONY: run test lint format bench notebooks export protos clean help up down
 
 help:
 	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051, UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
 	@echo "make bench      load benchmark: in-process limit vs served HTTP/gRPC (BENCH_ARGS=\"--concurrency 1,16 ...\")"
+	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
@@ -64,6 +65,16 @@ test: $(VENV)/.installed-dev $(MODEL_CONFIG) $(CHROMIUM)
 
 bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
 	$(BIN)/python -m visionserve.bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
+
+$(VENV)/.installed-notebooks: $(VENV)/.installed-dev requirements/notebooks.txt
+	$(BIN)/pip install --quiet -r requirements/notebooks.txt
+	touch $@
+
+# JupyterLab on 127.0.0.1:8888 with notebooks/, no Docker. The notebooks measure the stack of
+# `make run` (start it in another terminal) and start their own servers for the comparisons.
+notebooks: $(VENV)/.installed-notebooks $(MODEL_CONFIG)
+	PYTHONPATH=$(CURDIR) VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/jupyter lab \
+		--no-browser --ip=127.0.0.1 --port=8888 --ServerApp.root_dir=notebooks
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
