@@ -72,9 +72,11 @@ $(VENV)/.installed-notebooks: $(VENV)/.installed-dev requirements/notebooks.txt
 
 # JupyterLab on 127.0.0.1:8888 with notebooks/, no Docker. The notebooks measure the stack of
 # `make run` (start it in another terminal) and start their own servers for the comparisons.
+# JupyterLab refuses to run as root unless told (root: a CI machine or a throwaway VM).
 notebooks: $(VENV)/.installed-notebooks $(MODEL_CONFIG)
 	PYTHONPATH=$(CURDIR) VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/jupyter lab \
-		--no-browser --ip=127.0.0.1 --port=8888 --ServerApp.root_dir=notebooks
+		--no-browser --ip=127.0.0.1 --port=8888 --ServerApp.root_dir=notebooks \
+		$$([ "$$(id -u)" -eq 0 ] && echo --allow-root)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
