@@ -15,6 +15,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,15 +55,7 @@ def grpc_sender(
     """A `send` for `run_closed_loop`: one `Predict` of `image`, the answer read; a failed call
     raises `RequestFailed("gRPC <STATUS>")`."""
     predict = pb_grpc.InferenceStub(channel).Predict  # type: ignore[no-untyped-call]
-    request = pb.PredictRequest(image=image, topk=topk)
-
-    async def send() -> None:
-        try:
-            await predict(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise RequestFailed(f"gRPC {exc.code().name}") from exc
-
-    return send
+    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s)
 
 
 def v2_grpc_sender(
@@ -85,10 +78,16 @@ def v2_grpc_sender(
         ],
         raw_input_contents=[struct.pack("<I", len(image)) + image],
     )
+    return _unary_sender(infer, request, timeout_s)
+
+
+def _unary_sender(call: Any, request: Any, timeout_s: float) -> SendOnce:
+    """A `send` that makes one unary `call` with `request` (built once); a failed call raises
+    `RequestFailed("gRPC <STATUS>")`."""
 
     async def send() -> None:
         try:
-            await infer(request, timeout=timeout_s)
+            await call(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(f"gRPC {exc.code().name}") from exc
 
