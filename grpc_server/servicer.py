@@ -12,6 +12,7 @@ from typing import TypeAlias
 import grpc
 
 from grpc_server.status import abort, error_message
+from grpc_server.streams import answered_in_order
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.service import InferenceResult, InferenceService
 from visionserve.v1 import inference_pb2 as pb
@@ -129,45 +130,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.service.check_ready()
         except Exception as exc:
             await abort(context, exc)
-        pending: asyncio.Queue[tuple[int, asyncio.Task[InferenceResult]] | None] = asyncio.Queue(
-            maxsize=self.stream_read_ahead
-        )
-
-        async def read() -> None:
-            try:
-                async for frame in request_iterator:
-                    task = asyncio.create_task(self._predict_frame(frame))
-                    await pending.put((frame.frame_id, task))  # waits while the window is full
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                await pending.put(None)
-                raise
-            await pending.put(None)  # the client half-closed: answer what is pending, then end
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await pending.get()) is not None:
-                frame_id, task = item
-                try:
-                    result = await task
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    yield pb.FramePrediction(frame_id=frame_id, error=error_message(exc))
+        answers = answered_in_order(request_iterator, self._predict_frame, self.stream_read_ahead)
+        async with contextlib.aclosing(answers):
+            async for frame, outcome in answers:
+                if isinstance(outcome, Exception):
+                    yield pb.FramePrediction(frame_id=frame.frame_id, error=error_message(outcome))
                 else:
                     yield pb.FramePrediction(
-                        frame_id=frame_id, topk=to_predictions(result), latency_ms=result.total_ms
+                        frame_id=frame.frame_id, topk=to_predictions(outcome), latency_ms=outcome.total_ms
                     )
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                item = pending.get_nowait()
-                if item is not None:
-                    item[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
 
     async def _predict_frame(self, frame: pb.Frame) -> InferenceResult:
         self._check_size(frame)

@@ -8,7 +8,6 @@ Requests are pulled apart into the codec's `InputTensor`s (from `raw_input_conte
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -19,6 +18,7 @@ import grpc
 from google.protobuf import json_format
 
 from grpc_server.status import abort
+from grpc_server.streams import answered_in_order
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ErrorCode, VisionError
 from visionserve.service import InferenceService
 from visionserve.v2 import grpc_service_pb2 as pb
@@ -242,44 +242,17 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests in, answers out in request order; a failed request is answered with its
         `error_message` and the stream goes on. At most `stream_read_ahead` requests in flight."""
-        pending: asyncio.Queue[asyncio.Task[pb.ModelInferResponse] | None] = asyncio.Queue(
-            maxsize=self.stream_read_ahead
-        )
 
         async def start(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
             return await self._infer(request, self._deadline(context, request))
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.create_task(start(request)))  # waits while the window is full
-            except asyncio.CancelledError:
-                raise
-            except BaseException:
-                await pending.put(None)
-                raise
-            await pending.put(None)  # the client half-closed: answer what is pending, then end
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                try:
-                    response = await task
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    yield pb.ModelStreamInferResponse(error_message=_message(exc))
+        answers = answered_in_order(request_iterator, start, self.stream_read_ahead)
+        async with contextlib.aclosing(answers):
+            async for _, outcome in answers:
+                if isinstance(outcome, Exception):
+                    yield pb.ModelStreamInferResponse(error_message=_message(outcome))
                 else:
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                item = pending.get_nowait()
-                if item is not None:
-                    item.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+                    yield pb.ModelStreamInferResponse(infer_response=outcome)
 
 
 def _message(exc: BaseException) -> str:
