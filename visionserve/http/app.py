@@ -62,12 +62,8 @@ def _example_image_base64() -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _v2_path(request: Request) -> bool:
-    return is_v2_path(request.url.path)
-
-
 def _error_body(request: Request, code: ErrorCode, message: str) -> dict[str, Any]:
-    if _v2_path(request):
+    if is_v2_path(request.url.path):
         return {"error": message}
     return {"error": {"code": code.value, "message": message}}
 
