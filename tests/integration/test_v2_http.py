@@ -307,6 +307,7 @@ def test_the_docs_example_works_when_executed(fake_client: TestClient) -> None:
 def test_tritonclient_async_requests_are_batched_and_each_gets_its_own_answer(fake_entry: ModelEntry) -> None:
     """An unmodified tritonclient.http against uvicorn: requests sent together while the instance
     is busy are computed in one batch (so says /metrics), and each gets the rows of its own data."""
+    import gevent
     import tritonclient.http as httpclient
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -328,7 +329,9 @@ def test_tritonclient_async_requests_are_batched_and_each_gets_its_own_answer(fa
             deadline = time.monotonic() + 30  # generous: a loaded 2-core machine starts slowly
             while runtime.started == 0:
                 assert time.monotonic() < deadline
-                time.sleep(0.005)
+                # NOTE: tritonclient.http's async requests run in gevent greenlets: waiting must
+                # yield to gevent's hub, or the request may not be sent until get_result().
+                gevent.sleep(0.005)
             values = [(1.0,), (2.0, 3.0), (-4.0,), (5.0, 6.0, 7.0)]
             pending = [send(*v) for v in values]
             first.get_result(timeout=10)
