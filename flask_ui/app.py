@@ -144,12 +144,17 @@ def create_app(
         settings.api_url,
         request_timeout_s=settings.request_timeout_s,
         status_timeout_s=settings.status_timeout_s,
+        api_key=settings.api_key_value,
+        ca_file=settings.tls_ca_file,
     )
     video = video or VideoClient(
         settings.grpc_target,
         timeout_s=settings.video_timeout_s,
         status_timeout_s=settings.status_timeout_s,
         max_message_bytes=settings.grpc_max_message_bytes,
+        api_key=settings.api_key_value,
+        tls=settings.grpc_tls,
+        ca_file=settings.tls_ca_file,
     )
     app.extensions["visionserve_ui"] = {"settings": settings, "api": api, "video": video}
 

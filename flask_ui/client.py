@@ -8,8 +8,10 @@ with the address and the setting involved.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 
@@ -84,6 +86,13 @@ def error_from_response(response: httpx2.Response) -> UIError:  # noqa: PLR0911 
             "That file is not an image we can read",
             message or "Choose a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
         )
+    if status == 401:
+        return UIError(
+            Problem.API_ERROR,
+            "The inference API refused this page's key",
+            "It needs an API key and the UI's is missing or wrong: set VISION_UI_API_KEY to the "
+            "API's VISION_API_KEY.",
+        )
     if status == 413:
         return UIError(Problem.TOO_LARGE, "The image is too large", message or "Try a smaller image.")
     if status == 503 and code == "overloaded":
@@ -109,7 +118,9 @@ def error_from_response(response: httpx2.Response) -> UIError:  # noqa: PLR0911 
 class ApiClient:
     """Calls the HTTP inference API at `base_url`. Thread-safe (one pooled httpx2 client).
 
-    `transport` replaces the network (tests pass an `httpx2.MockTransport`)."""
+    `api_key` is sent as `Authorization: Bearer` on every call; `ca_file` is trusted for an
+    https:// API (default: the system's authorities). `transport` replaces the network (tests
+    pass an `httpx2.MockTransport`)."""
 
     def __init__(
         self,
@@ -117,6 +128,8 @@ class ApiClient:
         *,
         request_timeout_s: float,
         status_timeout_s: float,
+        api_key: str | None = None,
+        ca_file: Path | None = None,
         transport: httpx2.BaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
@@ -127,6 +140,8 @@ class ApiClient:
         self._http = httpx2.Client(
             base_url=self.base_url,
             timeout=httpx2.Timeout(request_timeout_s, connect=min(status_timeout_s, request_timeout_s)),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+            verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True,
             transport=transport,
         )
 

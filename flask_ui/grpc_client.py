@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,6 +61,13 @@ def error_from_rpc(exc: grpc.RpcError, target: str, timeout_s: float) -> UIError
             f"It was not done within {timeout_s:g} s (VISION_UI_VIDEO_TIMEOUT_S); try a shorter clip "
             "or a larger 'every Nth frame'.",
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return UIError(
+            Problem.API_ERROR,
+            "The gRPC service refused this page's key",
+            "It needs an API key and the UI's is missing or wrong: set VISION_UI_API_KEY to the "
+            "API's VISION_API_KEY.",
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return UIError(Problem.TOO_LARGE, "A frame is too large", details or "Try a smaller video.")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -72,8 +80,24 @@ class VideoClient:
     """Streams frames to the gRPC API at `target`. One channel per stream, so that a restarted
     server or a changed address never leaves a stale connection behind."""
 
-    def __init__(self, target: str, *, timeout_s: float, status_timeout_s: float, max_message_bytes: int):
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float,
+        status_timeout_s: float,
+        max_message_bytes: int,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_file: Path | None = None,
+    ):
         self.target = target
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes() if ca_file else None)
+            if tls
+            else None
+        )
         self.timeout_s = timeout_s
         self.status_timeout_s = status_timeout_s
         self._options = [
@@ -81,14 +105,19 @@ class VideoClient:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
 
+    def _channel(self, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options=options)
+        return grpc.insecure_channel(self.target, options=options)
+
     def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Generator[FrameResult]:
         """Send `(frame_id, encoded image)` pairs as one PredictStream; yield each answer as it
         arrives, in frame order. Raises UIError when the call fails (a bad frame does not: it
         comes back as a FrameResult with `error`). Closing the iterator early cancels the call."""
         requests = (pb.Frame(image=image, frame_id=frame_id, topk=topk) for frame_id, image in frames)
-        channel = grpc.insecure_channel(self.target, options=self._options)
+        channel = self._channel(self._options)
         stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]  # generated stub
-        call = stub.PredictStream(requests, timeout=self.timeout_s)
+        call = stub.PredictStream(requests, timeout=self.timeout_s, metadata=self._metadata)
         try:
             for answer in call:
                 if answer.HasField("error") and answer.error.code:
@@ -104,7 +133,7 @@ class VideoClient:
 
     def health(self) -> Readiness:
         """The standard health check for the Inference service: SERVING, NOT_SERVING or down."""
-        with grpc.insecure_channel(self.target) as channel:
+        with self._channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 reply = stub.Check(

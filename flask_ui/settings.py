@@ -6,9 +6,10 @@ container they are other hosts), never through hard-coded addresses.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -53,6 +54,18 @@ class UISettings(BaseSettings):
     video_timeout_s: float = Field(default=120.0, gt=0)
     """Deadline of one video's gRPC stream, decoding included."""
 
+    api_key: SecretStr | None = None
+    """The inference APIs' key (their VISION_API_KEY), sent with every call to them as
+    `Authorization: Bearer <key>`. Never shown on a page. Empty: none."""
+
+    grpc_tls: bool = False
+    """Reach the gRPC API over TLS (its VISION_TLS_CERT_FILE is set). HTTPS for the HTTP API is
+    chosen by `api_url`'s scheme."""
+
+    tls_ca_file: Path | None = None
+    """PEM certificate(s) trusted for the APIs' TLS (e.g. a private CA or a self-signed
+    certificate). Default: the system's trusted authorities."""
+
     grpc_max_message_bytes: int = Field(default=32 * MiB, ge=MiB)
     """Largest gRPC message sent or received (the gRPC server's VISION_GRPC_MAX_MESSAGE_BYTES)."""
 
@@ -81,6 +94,18 @@ class UISettings(BaseSettings):
             raise ValueError(f"must be host:port such as 127.0.0.1:50051 (no scheme), got {value!r}")
         return value
 
+    @field_validator("api_key", "tls_ca_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a readable file")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -91,6 +116,11 @@ class UISettings(BaseSettings):
         if self.api_public_url is None:
             self.api_public_url = self.api_url
         return self
+
+    @property
+    def api_key_value(self) -> str | None:
+        """The key to send, or None."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
     @property
     def docs_url(self) -> str:

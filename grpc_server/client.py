@@ -59,7 +59,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help=f"seconds per call (default {SINGLE_CALL_TIMEOUT_S:g}; none for --stream)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VISION_API_KEY") or None,
+        help="the server's API key, sent as 'authorization: Bearer' metadata (default: VISION_API_KEY)",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (the system's trusted CAs)")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="connect over TLS trusting these certificates (implies --tls)",
+    )
     args = parser.parse_args(argv)
+    args.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else None
     if args.every < 1:
         parser.error("--every must be at least 1")
     if args.topk < 1:
@@ -109,14 +122,16 @@ def show_error(name: str, error: pb.Error) -> None:
 async def predict_each(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
     for path in args.images:
         image = path.read_bytes()
-        reply = await stub.Predict(pb.PredictRequest(image=image, topk=args.topk), timeout=args.timeout)
+        reply = await stub.Predict(
+            pb.PredictRequest(image=image, topk=args.topk), timeout=args.timeout, metadata=args.metadata
+        )
         show_result(path.name, reply)
     return 0
 
 
 async def predict_batch(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
     request = pb.PredictBatchRequest(images=[p.read_bytes() for p in args.images], topk=args.topk)
-    reply = await stub.PredictBatch(request, timeout=args.timeout)
+    reply = await stub.PredictBatch(request, timeout=args.timeout, metadata=args.metadata)
     for path, slot in zip(args.images, reply.results, strict=True):
         if slot.HasField("error"):
             show_error(path.name, slot.error)
@@ -133,7 +148,7 @@ async def predict_stream(stub: pb_grpc.InferenceStub, args: argparse.Namespace) 
 
     answered = failed = 0
     started = time.perf_counter()
-    async for answer in stub.PredictStream(requests(), timeout=args.timeout):
+    async for answer in stub.PredictStream(requests(), timeout=args.timeout, metadata=args.metadata):
         answered += 1
         if answer.HasField("error"):
             failed += 1
@@ -159,7 +174,13 @@ async def run(args: argparse.Namespace) -> int:
     if args.timeout is None and not args.stream:
         args.timeout = SINGLE_CALL_TIMEOUT_S
     call = predict_stream if args.stream else predict_batch if args.batch else predict_each
-    async with grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS) as channel:
+    if args.tls or args.tls_ca:
+        roots = args.tls_ca.read_bytes() if args.tls_ca else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        channel = grpc.aio.secure_channel(args.target, credentials, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS)
+    async with channel:
         return await call(pb_grpc.InferenceStub(channel), args)
 
 

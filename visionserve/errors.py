@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAUTHENTICATED = "unauthenticated"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -44,6 +45,7 @@ STATUS_TABLE: dict[ErrorCode, ProtocolStatus] = {
     ErrorCode.IMAGE_TOO_LARGE: ProtocolStatus(413, "RESOURCE_EXHAUSTED"),
     ErrorCode.PAYLOAD_TOO_LARGE: ProtocolStatus(413, "RESOURCE_EXHAUSTED"),
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: ProtocolStatus(415, "INVALID_ARGUMENT"),
+    ErrorCode.UNAUTHENTICATED: ProtocolStatus(401, "UNAUTHENTICATED"),
     ErrorCode.NOT_FOUND: ProtocolStatus(404, "NOT_FOUND"),
     ErrorCode.MODEL_NOT_FOUND: ProtocolStatus(404, "NOT_FOUND"),
     ErrorCode.METHOD_NOT_ALLOWED: ProtocolStatus(405, "UNIMPLEMENTED"),

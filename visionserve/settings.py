@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from visionserve.cpu import available_cpus
@@ -26,12 +26,20 @@ def from_env(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         return cls(**overrides)
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix") or "")
-        problems = [
-            f"{prefix}{'_'.join(str(part) for part in error['loc']).upper()}={error.get('input')!r}: "
-            f"{error['msg']}"
-            for error in exc.errors()
-        ]
+        problems = [_problem(cls, prefix, error) for error in exc.errors()]
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None
+
+
+def _problem(cls: type[BaseSettings], prefix: str, error: Any) -> str:
+    """One settings error as a line naming the variable; the values of secrets are never shown."""
+    if not error["loc"]:  # a check across several settings: its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0])
+    name = prefix + "_".join(str(part) for part in error["loc"]).upper()
+    info = cls.model_fields.get(field)
+    if info is not None and "SecretStr" in str(info.annotation):
+        return f"{name}: {error['msg']}"
+    return f"{name}={error.get('input')!r}: {error['msg']}"
 
 
 class ServerSettings(BaseSettings):
@@ -179,3 +187,84 @@ class GrpcSettings(BaseSettings):
 
     metrics_port: int = Field(default=8002, ge=0, le=65535)
     """Port of the gRPC process's metrics endpoint; 0 picks a free one (announced at start)."""
+
+
+MIN_API_KEY_CHARS = 16
+_NEW_KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+class SecuritySettings(BaseSettings):
+    """Who may call the APIs and how they reach them: an optional API key and optional TLS.
+
+    Read by the HTTP and the gRPC processes alike (the same variables for both). Both are off by
+    default, for local use on 127.0.0.1; docs/security.md says when to turn them on.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VISION_", extra="ignore")
+
+    api_key: SecretStr | None = None
+    """Turns the API key on: every request except the health checks must present it, over HTTP
+    as `Authorization: Bearer <key>` or `X-API-Key: <key>`, over gRPC as the same metadata
+    (`authorization` / `x-api-key`). At least 16 characters. Empty: off."""
+
+    api_key_file: Path | None = None
+    """The key read from a file instead (a Docker/Kubernetes secret); surrounding whitespace is
+    ignored. Not together with `api_key`."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the server; with `tls_key_file` turns on TLS (HTTPS, and TLS on
+    the gRPC port and the gRPC process's metrics endpoint)."""
+
+    tls_key_file: Path | None = None
+    """PEM private key matching `tls_cert_file`."""
+
+    @field_validator("api_key", "api_key_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_CHARS:
+            raise ValueError(f"an API key must have at least {MIN_API_KEY_CHARS} characters; {_NEW_KEY_HINT}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySettings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set VISION_API_KEY or VISION_API_KEY_FILE, not both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both VISION_TLS_CERT_FILE and VISION_TLS_KEY_FILE (or neither)")
+        for name, path in (
+            ("VISION_API_KEY_FILE", self.api_key_file),
+            ("VISION_TLS_CERT_FILE", self.tls_cert_file),
+            ("VISION_TLS_KEY_FILE", self.tls_key_file),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}={str(path)!r} is not a readable file")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The key in force (from `api_key` or `api_key_file`), or None when the key is off."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is None:
+            return None
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(
+                f"cannot read VISION_API_KEY_FILE={str(self.api_key_file)!r}: {exc}"
+            ) from None
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ConfigurationError(
+                f"the key in VISION_API_KEY_FILE={str(self.api_key_file)!r} has fewer than "
+                f"{MIN_API_KEY_CHARS} characters; {_NEW_KEY_HINT}"
+            )
+        return key
+
+    @property
+    def tls(self) -> bool:
+        """True when TLS is on."""
+        return self.tls_cert_file is not None

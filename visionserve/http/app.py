@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionserve import __version__
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
+from visionserve.http.auth import ApiKeyAuth, add_security_to_openapi
 from visionserve.http.limits import BodySizeLimit, is_v2_path
 from visionserve.http.observe import RequestMetrics
 from visionserve.runtimes.base import ModelRuntime
@@ -221,12 +222,14 @@ def create_app(
     runtime: ModelRuntime,
     *,
     on_fatal: Callable[[BaseException], None] | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """Build the FastAPI app serving `runtime`'s model with `settings`.
 
     The model loads and warms up in the background once the app starts, so `/health/live`
     answers at once and `/health/ready` turns 200 when the model can serve. If loading fails,
-    `on_fatal` is called with the error (the entrypoint exits); readiness stays 503.
+    `on_fatal` is called with the error (the entrypoint exits); readiness stays 503. With
+    `api_key`, every request but the health checks and the docs must present it (401 otherwise).
     """
     service = InferenceService.from_settings(runtime, settings)
 
@@ -265,6 +268,8 @@ def create_app(
     app.state.service = service
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKeyAuth, key=api_key)  # NOTE: outside BodySizeLimit: 401 before 413
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: sees every answer
     _install_error_handlers(app)
 
@@ -373,4 +378,13 @@ def create_app(
     async def root() -> dict[str, str]:
         return {"name": "visionserve", "version": __version__, "docs": "/docs", "models": "/models"}
 
+    if api_key is not None:
+        describe = app.openapi
+
+        def openapi_with_security() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                app.openapi_schema = add_security_to_openapi(describe())
+            return app.openapi_schema
+
+        app.openapi = openapi_with_security  # type: ignore[method-assign]
     return app

@@ -26,13 +26,20 @@ def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def _error_response(error: VisionError, path: str) -> tuple[Message, Message]:
+def error_response(
+    error: VisionError, path: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[Message, Message]:
+    """The two ASGI messages of an error answer, in the error shape of `path`'s protocol."""
     shape = {"error": error.message} if is_v2_path(path) else error.to_dict()
     body = json.dumps(shape).encode()
     start: Message = {
         "type": "http.response.start",
         "status": error.status.http,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(headers or []),
+        ],
     }
     return start, {"type": "http.response.body", "body": body}
 
@@ -102,6 +109,6 @@ class BodySizeLimit:
 
     @staticmethod
     async def _send_error(send: Send, error: VisionError, path: str) -> None:
-        start, body = _error_response(error, path)
+        start, body = error_response(error, path)
         await send(start)
         await send(body)

@@ -12,7 +12,7 @@ import uvicorn
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
 from visionserve.runtimes import runtime_from_settings
-from visionserve.settings import ModelSettings, ServerSettings, from_env
+from visionserve.settings import ModelSettings, SecuritySettings, ServerSettings, from_env
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _banner(host: str, port: int, backend: str, model: str) -> str:
+def _banner(host: str, port: int, backend: str, model: str, *, tls: bool = False, key: bool = False) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    base = f"http://{shown}:{port}"
+    base = f"{'https' if tls else 'http'}://{shown}:{port}"
+    curl = "curl --cacert ca.pem" if tls else "curl"
+    auth = ' -H "Authorization: Bearer $VISION_API_KEY"' if key else ""
     return (
         f"\nvisionserve HTTP API ({backend}, model {model}) on {base}\n"
         f"  docs:   {base}/docs\n"
-        f"  ready:  curl {base}/health/ready\n"
-        f"  try:    curl -F file=@photo.jpg '{base}/predict/file?topk=5'\n"
-        "  stop:   Ctrl-C\n"
+        f"  ready:  {curl} {base}/health/ready\n"
+        f"  try:    {curl}{auth} -F file=@photo.jpg '{base}/predict/file?topk=5'\n"
+        + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if key else "")
+        + "  stop:   Ctrl-C\n"
     )
 
 
@@ -53,6 +56,8 @@ def serve(backend: str) -> int:
     try:
         server_settings = from_env(ServerSettings)
         model_settings = from_env(ModelSettings, backend=backend)
+        security = from_env(SecuritySettings)
+        api_key = security.resolved_api_key()
     except ConfigurationError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -71,7 +76,7 @@ def serve(backend: str) -> int:
         server.should_exit = True
 
     try:
-        app = create_app(server_settings, runtime, on_fatal=on_fatal)
+        app = create_app(server_settings, runtime, on_fatal=on_fatal, api_key=api_key)
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)
         return 2
@@ -83,10 +88,20 @@ def serve(backend: str) -> int:
         timeout_graceful_shutdown=int(server_settings.graceful_shutdown_s),
         timeout_keep_alive=int(server_settings.keep_alive_s),
         lifespan="on",
+        ssl_certfile=security.tls_cert_file,
+        ssl_keyfile=security.tls_key_file,
     )
     server = uvicorn.Server(config)
     port = sock.getsockname()[1]
-    print(_banner(server_settings.host, port, backend, runtime.model.name), flush=True)
+    try:
+        config.load()  # NOTE: reads the certificate now, so a bad one stops the start with its reason
+    except (OSError, ValueError) as exc:
+        logger.error("cannot start: VISION_TLS_CERT_FILE/VISION_TLS_KEY_FILE: %s", exc)
+        return 2
+    print(
+        _banner(server_settings.host, port, backend, runtime.model.name, tls=security.tls, key=bool(api_key)),
+        flush=True,
+    )
     # NOTE: uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal so that the
     # previous handler runs; these handlers turn that into a clean exit (status 0, no traceback).
     previous = signal.signal(signal.SIGTERM, _stop)
