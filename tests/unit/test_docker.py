@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings
 
 from flask_ui.settings import UISettings
 from visionserve.cpu import plan_threads
-from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
+from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings, from_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -461,7 +461,13 @@ def container_env(service: dict[str, Any], stages: dict[str, Stage]) -> dict[str
 
 
 def unknown_variables(name: str, env: dict[str, str]) -> list[str]:
-    known = _fields(ServerSettings) | _fields(ModelSettings) | _fields(GrpcSettings) | _fields(UISettings)
+    known = (
+        _fields(ServerSettings)
+        | _fields(ModelSettings)
+        | _fields(GrpcSettings)
+        | _fields(SecuritySettings)
+        | _fields(UISettings)
+    )
     problems = []
     for key in env:
         if key in known or key in THIRD_PARTY_VARIABLES:
@@ -490,6 +496,7 @@ def test_every_variable_is_known_and_accepted(
         server = from_env(ServerSettings)
         model = from_env(ModelSettings)
         from_env(GrpcSettings)
+        from_env(SecuritySettings)
         from_env(UISettings)
         # The runtime's threads fit the cores the container may use (a CPU limit is read as the
         # usable cores): the thread layout the service will compute is accepted.
@@ -729,3 +736,57 @@ def test_make_up_and_down_fail_clearly_without_docker(
     )
     assert done.returncode != 0
     assert f"make {target}: {message}" in done.stderr and "make run" in done.stderr, done.stderr
+
+
+# --- credentials: none in the images or the compose files ----------------------------------------
+
+SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET|CREDENTIAL", re.IGNORECASE)
+PASSED_THROUGH = re.compile(r"^\$\{[A-Z_]+(:-)?\}$")
+"""`${NAME}` or `${NAME:-}`: the host's value, empty (off) when unset."""
+
+
+def _secret_problems(where: str, values: dict[str, object]) -> list[str]:
+    problems = []
+    for name, value in values.items():
+        if not SECRET_NAME.search(name) or name.endswith("_FILE"):
+            continue
+        if value is None or value == "" or PASSED_THROUGH.match(str(value)):
+            continue
+        problems.append(f"{where}: {name} holds a value ({value!r}); pass it from the host instead")
+    return problems
+
+
+def credential_problems() -> list[str]:
+    """Secret-looking variables with a literal value in a compose file or the Dockerfile."""
+    problems = []
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, service in (load(path).get("services") or {}).items():
+            environment = service.get("environment") or {}
+            if isinstance(environment, list):
+                environment = dict(item.partition("=")[::2] for item in environment)
+            problems += _secret_problems(f"{path.name} {name}", environment)
+            problems += _secret_problems(
+                f"{path.name} {name} build args", service.get("build", {}).get("args") or {}
+            )
+    for stage in dockerfile_stages().values():
+        problems += _secret_problems(f"Dockerfile {stage.name}", {**stage.args, **stage.env})
+    return problems
+
+
+def test_no_credentials_in_the_images_or_the_compose_files() -> None:
+    assert not credential_problems()
+    # the API key reaches every service that needs it from the host, off when unset
+    services = load(COMPOSE)["services"]
+    assert services["api"]["environment"]["VISION_API_KEY"] == "${VISION_API_KEY:-}"
+    assert services["grpc"]["environment"]["VISION_API_KEY"] == "${VISION_API_KEY:-}"
+    assert services["ui"]["environment"]["VISION_UI_API_KEY"] == "${VISION_API_KEY:-}"
+
+
+def test_the_credential_check_catches_a_literal() -> None:
+    """The check above is not vacuous."""
+    assert _secret_problems("x", {"VISION_API_KEY": "hunter2-hunter2-hunter2", "JUPYTER_TOKEN": None}) == [
+        "x: VISION_API_KEY holds a value ('hunter2-hunter2-hunter2'); pass it from the host instead"
+    ]
+    assert not _secret_problems(
+        "x", {"VISION_API_KEY": "${VISION_API_KEY:-}", "VISION_TLS_KEY_FILE": "/run/k"}
+    )
