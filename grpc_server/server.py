@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_wsgi_server
 
 from grpc_server.interceptors import LoggingInterceptor
+from grpc_server.messages import MessageCheckInterceptor
 from grpc_server.servicer import InferenceServicer
 from grpc_server.v2_servicer import V2InferenceServicer
 from visionserve.errors import ConfigurationError
@@ -58,7 +59,10 @@ class GrpcServer:
         # refuses messages just over it, with a message naming the setting; beyond that, core
         # refuses them (also RESOURCE_EXHAUSTED) before they take memory.
         self.server = grpc.aio.server(
-            interceptors=[LoggingInterceptor(self.service.metrics, access_log=server_settings.access_log)],
+            interceptors=[
+                LoggingInterceptor(self.service.metrics, access_log=server_settings.access_log),
+                MessageCheckInterceptor(),  # NOTE: last: requests that do not parse -> INVALID_ARGUMENT
+            ],
             options=[
                 ("grpc.max_receive_message_length", 2 * limit),
                 ("grpc.max_send_message_length", limit),

@@ -145,7 +145,13 @@ class Signature:
         return next((spec for spec in self.outputs if spec.name == name), None)
 
     def check_model(self, name: str, version: str | None = None) -> None:
-        """Raise MODEL_NOT_FOUND unless `name` (and `version`, if given) is the served model."""
+        """Raise MODEL_NOT_FOUND unless `name` (and `version`, if given) is the served model;
+        INVALID_ARGUMENT when `name` is empty (a gRPC request without its model_name)."""
+        if not name:
+            raise VisionError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the request names no model; set the model name to {self.model!r}",
+            )
         if name != self.model:
             raise VisionError(
                 ErrorCode.MODEL_NOT_FOUND,
