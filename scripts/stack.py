@@ -3,7 +3,10 @@ ready, print where they are, and stop them all cleanly on Ctrl-C (no orphan proc
 
 Each service is a separate process, as deployed; each can also be started alone
 (`python -m fastapi_onnx`, `python -m fastapi_pt`, `python -m grpc_server`, `python -m flask_ui`).
-Ports: VISION_PORT (8000), VISION_GRPC_PORT (50051), VISION_UI_PORT (5000).
+Ports: VISION_PORT (8000), VISION_GRPC_PORT (50051), VISION_UI_PORT (5000). With VISION_API_KEY
+set, the UI gets the key too (VISION_UI_API_KEY); with VISION_TLS_CERT_FILE/_KEY_FILE set, both APIs
+serve TLS and the UI and the ready checks trust VISION_UI_TLS_CA_FILE, else the certificate itself
+(a self-signed one).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -40,26 +44,40 @@ class Service:
         return self.process is not None and self.process.poll() is None
 
 
-def http_ready(url: str, path: str = "/health/ready") -> bool:
-    """GET `path` answers 200."""
+def http_ready(url: str, path: str = "/health/ready", ca_file: str | None = None) -> bool:
+    """GET `path` answers 200 (over https:// trusting `ca_file`)."""
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}{path}", timeout=2, context=context) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 
 
-def grpc_ready(target: str) -> bool:
-    """The standard health check says SERVING."""
+def grpc_ready(target: str, ca_file: str | None = None) -> bool:
+    """The standard health check says SERVING (over TLS trusting `ca_file`, when given)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if ca_file is not None:
+        with open(ca_file, "rb") as pem:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(pem.read()))
+    else:
+        channel = grpc.insecure_channel(target)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
+
+
+def _read_key(path: str | None) -> str | None:
+    """The key in VISION_API_KEY_FILE, if set and readable (the APIs report a bad one)."""
+    try:
+        return open(path, encoding="utf-8").read().strip() if path else None
+    except OSError:
+        return None
 
 
 def stop_all(services: list[Service]) -> int:
@@ -93,28 +111,37 @@ def main(argv: list[str] | None = None) -> int:
     http_port = os.environ.get("VISION_PORT", "8000")
     grpc_port = os.environ.get("VISION_GRPC_PORT", "50051")
     ui_port = os.environ.get("VISION_UI_PORT", "5000")
-    http_url = f"http://127.0.0.1:{http_port}"
+    tls_cert = os.environ.get("VISION_TLS_CERT_FILE") or None
+    ca_file = (os.environ.get("VISION_UI_TLS_CA_FILE") or tls_cert) if tls_cert else None
+    http_url = f"{'https' if tls_cert else 'http'}://127.0.0.1:{http_port}"
     grpc_target = f"127.0.0.1:{grpc_port}"
     ui_url = f"http://127.0.0.1:{ui_port}"
+    ui_env = {"VISION_UI_PORT": ui_port, "VISION_UI_API_URL": http_url, "VISION_UI_GRPC_TARGET": grpc_target}
+    if not os.environ.get("VISION_UI_API_KEY"):
+        key = os.environ.get("VISION_API_KEY") or _read_key(os.environ.get("VISION_API_KEY_FILE"))
+        if key:
+            ui_env["VISION_UI_API_KEY"] = key
+    if ca_file:
+        ui_env |= {"VISION_UI_GRPC_TLS": "true", "VISION_UI_TLS_CA_FILE": ca_file}
     services = [
         Service(
             "HTTP API",
             HTTP_MODULES[args.backend],
             {"VISION_PORT": http_port},
-            lambda: http_ready(http_url),
+            lambda: http_ready(http_url, ca_file=ca_file),
             http_url,
         ),
         Service(
             "gRPC API",
             "grpc_server",
             {"VISION_GRPC_PORT": grpc_port, "VISION_BACKEND": args.backend},
-            lambda: grpc_ready(grpc_target),
+            lambda: grpc_ready(grpc_target, ca_file),
             grpc_target,
         ),
         Service(
             "UI",
             "flask_ui",
-            {"VISION_UI_PORT": ui_port, "VISION_UI_API_URL": http_url, "VISION_UI_GRPC_TARGET": grpc_target},
+            ui_env,
             lambda: http_ready(ui_url, "/health/live"),
             ui_url,
         ),

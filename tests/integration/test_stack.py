@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -13,9 +14,10 @@ from pathlib import Path
 import grpc
 import httpx2
 import pytest
+import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, photo_bytes
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -47,7 +49,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(real_repository: Path) -> None:
+KEY = "stack-test-key-0123456789"
+
+
+def _secured(folder: Path) -> dict[str, str]:
+    """The key and TLS on (a throwaway CA's certificate), as a user would turn them on."""
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    authority.cert_pem.write_to_path(str(folder / "ca.pem"))
+    certificate.private_key_pem.write_to_path(str(folder / "key.pem"))
+    certificate.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    return {
+        "VISION_API_KEY": KEY,
+        "VISION_TLS_CERT_FILE": str(folder / "cert.pem"),
+        "VISION_TLS_KEY_FILE": str(folder / "key.pem"),
+        "VISION_UI_TLS_CA_FILE": str(folder / "ca.pem"),
+    }
+
+
+@pytest.mark.parametrize("secured", [False, True], ids=["plain", "key-and-tls"])
+def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(
+    real_repository: Path, secured: bool, tmp_path: Path
+) -> None:
     http_port, grpc_port, ui_port = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
@@ -57,7 +80,10 @@ def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(real_repository:
         "VISION_GRPC_METRICS_PORT": "0",
         "VISION_UI_PORT": str(ui_port),
         "PYTHONUNBUFFERED": "1",
+        **(_secured(tmp_path) if secured else {}),
     }
+    scheme = "https" if secured else "http"
+    verify = ssl.create_default_context(cafile=str(tmp_path / "ca.pem")) if secured else True
     process = subprocess.Popen(
         [sys.executable, "scripts/stack.py", "--backend", "onnx"],
         cwd=ROOT,
@@ -78,19 +104,35 @@ def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(real_repository:
         banner = "".join(process.stdout.readline() for _ in range(4))
         for address in (
             f"http://127.0.0.1:{ui_port}",
-            f"http://127.0.0.1:{http_port}",
+            f"{scheme}://127.0.0.1:{http_port}",
             f"127.0.0.1:{grpc_port}",
         ):
             assert address in banner, banner
         children = _children(process.pid)
         assert len(children) == 3
-        assert httpx2.get(f"http://127.0.0.1:{http_port}/health/ready").status_code == 200
+        api = f"{scheme}://127.0.0.1:{http_port}"
+        assert httpx2.get(f"{api}/health/ready", verify=verify).status_code == 200
         status = httpx2.get(f"http://127.0.0.1:{ui_port}/status").text
         assert 'id="api-status" data-state="ready"' in status, "the UI reaches the HTTP API"
         assert 'id="grpc-status" data-state="ready"' in status, "the UI reaches the gRPC API"
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        if secured:
+            channel = grpc.secure_channel(
+                f"127.0.0.1:{grpc_port}", grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes())
+            )
+        else:
+            channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # the UI classifies through the API (with the key the stack passed it, when secured)
+        page = httpx2.post(
+            f"http://127.0.0.1:{ui_port}/",
+            files={"file": ("coffee.png", photo_bytes("coffee.png"))},
+            timeout=60,
+        ).text
+        assert "espresso" in page and KEY not in page
+        if secured:
+            assert httpx2.get(f"{api}/models", verify=verify).status_code == 401
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
         assert process.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
