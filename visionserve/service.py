@@ -138,6 +138,7 @@ class InferenceService:
         self.state = ServiceState.LOADING
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        self.metrics.watch_event_loop(loop)  # the loop every request of this service runs on
         try:
             await loop.run_in_executor(self._runtime_thread, self.runtime.load)
             await loop.run_in_executor(self._runtime_thread, self.runtime.warmup)
