@@ -1,10 +1,19 @@
 """Prometheus metrics of one serving process (text format at GET /metrics).
 
 Each `Metrics` has its own registry, so that several apps in one process (tests) do not share
-counters; the names are what dashboards and the benchmark read.
+counters; the names are what dashboards and the benchmark read. Besides the request figures, the
+registry holds the process's own (sampled when scraped): prometheus-client's standard `process_*`
+(resident and virtual memory, open and max file descriptors, CPU seconds, start time; Linux only),
+`process_threads` (OS threads, every native pool included) and `visionserve_event_loop_tasks`
+(asyncio tasks on the serving event loop), which the soak test watches for growth.
 """
 
 from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -12,8 +21,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PROC_STATUS = Path("/proc/self/status")
 
 # NOTE: dense around 5-20 ms, where one image's compute time lies on CPU, so that percentiles
 # estimated from the buckets (the benchmark does) are not off by a whole 10 ms bucket.
@@ -86,7 +100,88 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # NOTE: the process figures, standard names (process_resident_memory_bytes,
+        # process_open_fds, ...); prometheus-client registers them only on its default registry.
+        ProcessCollector(registry=self.registry)
+        if os_threads() is not None:
+            threads = Gauge(
+                "process_threads",
+                "OS threads of this process (/proc/self/status), the runtime's and the "
+                "gRPC core's native threads included.",
+                registry=self.registry,
+            )
+            threads.set_function(lambda: float(os_threads() or 0))
+        self.event_loop = EventLoopCollector()
+        self.registry.register(self.event_loop)
+
+    def watch_event_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Report the asyncio tasks of `loop` (the serving loop) in `visionserve_event_loop_tasks`."""
+        self.event_loop.loop = loop
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def os_threads() -> int | None:
+    """The OS threads of this process, from /proc/self/status; None where there is no /proc."""
+    try:
+        text = PROC_STATUS.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return None
+
+
+class EventLoopCollector(Collector):
+    """`visionserve_event_loop_tasks`: the tasks not done on the watched event loop, counted on
+    the loop's own thread when scraped.
+
+    A scrape on the loop (the HTTP app's /metrics) counts at once; a scrape from another thread
+    (the gRPC process's metrics server) asks the loop to count (`call_soon_threadsafe`) and
+    waits up to `timeout_s`: `asyncio.all_tasks` is not safe from a thread other than the
+    loop's. If the loop does not answer in time (it is blocked), the last count is reported.
+    Nothing is reported before a loop is watched, or once it is closed.
+    """
+
+    def __init__(self, timeout_s: float = 1.0):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timeout_s = timeout_s
+        self._last: int | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        count = self.count()
+        if count is not None:
+            yield GaugeMetricFamily(
+                "visionserve_event_loop_tasks",
+                "asyncio tasks not yet done on the serving event loop (requests in flight, "
+                "connections, background tasks), counted on the loop's thread when scraped.",
+                value=count,
+            )
+
+    def count(self) -> int | None:
+        """The loop's tasks now (or the last count, if the loop is busy); None without a loop."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._last = len(asyncio.all_tasks(loop))
+            return self._last
+        counted = threading.Event()
+
+        def count_on_loop() -> None:
+            self._last = len(asyncio.all_tasks(loop))
+            counted.set()
+
+        try:
+            loop.call_soon_threadsafe(count_on_loop)
+        except RuntimeError:  # closed in the meantime
+            return None
+        counted.wait(self.timeout_s)
+        return self._last
