@@ -83,9 +83,9 @@ def test_a_short_run_writes_every_report_file_with_consistent_counts(
     baseline = [r for r in results if r["scenario"] == "baseline"]
     overload = [r for r in results if r["scenario"] == "overload"]
     assert len(in_process) == 1
-    # (json, file, grpc) x 2 levels x batching on/off; the baseline at each level; overload: json
-    # and grpc for each batching mode
-    assert len(sweep) == 3 * len(LEVELS) * 2 and len(baseline) == len(LEVELS) and len(overload) == 4
+    # (json, file, grpc) x 2 levels x batching on/off; the baseline at each level; overload: json,
+    # file and grpc for each batching mode
+    assert len(sweep) == 3 * len(LEVELS) * 2 and len(baseline) == len(LEVELS) and len(overload) == 6
     assert sorted({(r["concurrency"], r["batching"]) for r in sweep}) == [
         (level, mode) for level in LEVELS for mode in ("off", "on")
     ]

@@ -854,14 +854,14 @@ def test_batching_overload_and_layout_options_are_checked(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         parse_args(["--batching", "maybe"])
     with pytest.raises(SystemExit):
-        parse_args(["--overload", "--endpoints", "file,stream"])
-    assert "add json or grpc to --endpoints" in capsys.readouterr().err
+        parse_args(["--overload", "--endpoints", "live,stream"])
+    assert "add json, file or grpc to --endpoints" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--layouts", "2x"])
     assert "WORKERSxTHREADS" in capsys.readouterr().err
     config = parse_args(["--overload", "--overload-concurrency", "16", "--requests", "10"])
     assert (config.overload_concurrency, config.overload_queue_size) == (16, 8)
-    assert config.overload_endpoints == ("json", "grpc")
+    assert config.overload_endpoints == ("json", "file", "grpc")
     assert config.resolved_overload_requests() == 64  # at least 4 per sender, or the queue never fills
     assert parse_args(["--overload", "--overload-requests", "7"]).resolved_overload_requests() == 7
     assert parse_args(["--layouts", "none"]).resolved_layouts() == ()

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overload",
         action="store_true",
-        help="also load HTTP JSON and gRPC unary with --overload-concurrency senders against "
+        help="also load HTTP JSON, HTTP multipart and gRPC unary (those of --endpoints) with "
+        "--overload-concurrency senders against "
         "servers with a queue of --overload-queue-size: refusals must be immediate, none lost "
         "(refused with a deployment: it needs servers the harness starts)",
     )

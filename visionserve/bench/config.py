@@ -42,8 +42,9 @@ ENDPOINTS = [*REQUESTS, *GRPC_ENDPOINTS]
 BATCHING_MODES = ("on", "off")
 """`on`: the server's batcher as configured; `off`: `VISION_MAX_BATCH_SIZE=1` (one image per batch)."""
 
-OVERLOAD_ENDPOINTS = ("json", "grpc")
-"""The endpoints an overload run loads (HTTP JSON and gRPC unary), where they are measured."""
+OVERLOAD_ENDPOINTS = ("json", "file", "grpc")
+"""The endpoints an overload run loads (HTTP JSON, HTTP multipart and gRPC unary), where they are
+measured."""
 
 HTTP_CLIENTS = {
     "raw": "minimal HTTP/1.1 client (visionserve.bench.raw_http)",
@@ -238,7 +239,8 @@ class BenchConfig:
                 raise ValueError(f"overload requests must be at least 1, got {self.overload_requests}")
             if not self.overload_endpoints:
                 raise ValueError(
-                    "--overload loads HTTP JSON and/or gRPC unary: add json or grpc to --endpoints"
+                    "--overload loads HTTP JSON, HTTP multipart and/or gRPC unary: add json, file "
+                    "or grpc to --endpoints"
                 )
         for key in self.server_env:
             check_server_env_key(key)
@@ -350,7 +352,7 @@ class BenchConfig:
 
     @property
     def overload_endpoints(self) -> tuple[str, ...]:
-        """The endpoints an overload run loads: HTTP JSON and gRPC unary, where asked for."""
+        """The endpoints an overload run loads: HTTP JSON, multipart and gRPC unary, where asked for."""
         return tuple(e for e in OVERLOAD_ENDPOINTS if e in self.endpoints)
 
     def server_settings(self) -> ServerSettings:

@@ -14,7 +14,7 @@ import math
 import struct
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -35,6 +35,11 @@ V2_UNARY = "GRPCInferenceService/ModelInfer (V2, BYTES)"
 GRPC_ENDPOINTS = {"grpc": UNARY, "health": HEALTH, "stream": STREAM, "v2grpc": V2_UNARY}
 """The CLI's gRPC endpoint names -> what the report calls them."""
 
+CheckOutcome = Callable[[Any], None]
+"""Called with a unary call's reply, or its `grpc.aio.AioRpcError`, before the outcome is counted;
+it may raise `RequestFailed` to count the call as a failure of its own kind (a test verifies
+answers with it)."""
+
 
 def grpc_channel(target: str) -> grpc.aio.Channel:
     """An insecure grpc.aio channel to `host:port` with 32 MiB messages; proxies from the
@@ -50,16 +55,27 @@ def grpc_channel(target: str) -> grpc.aio.Channel:
 
 
 def grpc_sender(
-    channel: grpc.aio.Channel, image: bytes, *, topk: int = 5, timeout_s: float = 30.0
+    channel: grpc.aio.Channel,
+    image: bytes,
+    *,
+    topk: int = 5,
+    timeout_s: float = 30.0,
+    check: CheckOutcome | None = None,
 ) -> SendOnce:
     """A `send` for `run_closed_loop`: one `Predict` of `image`, the answer read; a failed call
     raises `RequestFailed("gRPC <STATUS>")`."""
     predict = pb_grpc.InferenceStub(channel).Predict  # type: ignore[no-untyped-call]
-    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s)
+    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s, check)
 
 
 def v2_grpc_sender(
-    channel: grpc.aio.Channel, image: bytes, model: str, *, topk: int = 5, timeout_s: float = 30.0
+    channel: grpc.aio.Channel,
+    image: bytes,
+    model: str,
+    *,
+    topk: int = 5,
+    timeout_s: float = 30.0,
+    check: CheckOutcome | None = None,
 ) -> SendOnce:
     """A `send` for `run_closed_loop`: one Open Inference Protocol `ModelInfer` with the image as a
     BYTES element in `raw_input_contents` (as tritonclient sends it), the top-k asked for as a
@@ -78,18 +94,22 @@ def v2_grpc_sender(
         ],
         raw_input_contents=[struct.pack("<I", len(image)) + image],
     )
-    return _unary_sender(infer, request, timeout_s)
+    return _unary_sender(infer, request, timeout_s, check)
 
 
-def _unary_sender(call: Any, request: Any, timeout_s: float) -> SendOnce:
+def _unary_sender(call: Any, request: Any, timeout_s: float, check: CheckOutcome | None = None) -> SendOnce:
     """A `send` that makes one unary `call` with `request` (built once); a failed call raises
-    `RequestFailed("gRPC <STATUS>")`."""
+    `RequestFailed("gRPC <STATUS>")`; `check` sees the reply or the error first."""
 
     async def send() -> None:
         try:
-            await call(request, timeout=timeout_s)
+            reply = await call(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if check is not None:
+                check(exc)
             raise RequestFailed(f"gRPC {exc.code().name}") from exc
+        if check is not None:
+            check(reply)
 
     return send
 

@@ -116,7 +116,7 @@ def served_groups(config: BenchConfig, backend: str, env: dict[str, str]) -> lis
         (mode, None, bool(config.http_endpoints), bool(config.grpc_endpoints)) for mode in config.batching
     ]
     if config.overload:
-        wants_http = "json" in config.overload_endpoints
+        wants_http = bool({"json", "file"} & set(config.overload_endpoints))
         wants_grpc = "grpc" in config.overload_endpoints
         plans += [(mode, config.overload_queue_size, wants_http, wants_grpc) for mode in config.batching]
     for mode, queue_size, wants_http, wants_grpc in plans:
@@ -330,7 +330,7 @@ def build_plans(
         if queue is None:
             continue
         if group.http is not None:
-            chosen = {"json": specs["json"]} if "json" in specs else {}
+            chosen = {name: specs[name] for name in config.overload_endpoints if name in specs}
             for name, send in http_senders(group.http, level, chosen).items():
                 row = template(
                     label,

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from visionserve.bench.closed_loop import RequestFailed, SendOnce
 from visionserve.bench.http_load import HttpRequestSpec
 
 _HEADER_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    """One response as read: the status, the headers (names lower-case) and the body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+CheckResponse = Callable[[RawResponse], None]
+"""Called with every response before its status is counted; it may raise `RequestFailed` to count
+the request as a failure of its own kind (e.g. a wrong answer, a 503 without Retry-After)."""
 
 
 def encode_request(spec: HttpRequestSpec, host: str) -> bytes:
@@ -32,8 +48,8 @@ class _Connection:
         self.reader = reader
         self.writer = writer
 
-    async def exchange(self, request: bytes) -> int:
-        """Send one request, read the whole response; return its status."""
+    async def exchange(self, request: bytes) -> RawResponse:
+        """Send one request, read the whole response."""
         self.writer.write(request)
         head = await self.reader.readuntil(_HEADER_END)
         status_line, _, header_block = head.partition(b"\r\n")
@@ -41,30 +57,34 @@ class _Connection:
         length: int | None = None
         chunked = False
         keep_alive = True
+        headers: dict[str, str] = {}
         for line in header_block.split(b"\r\n"):
             name, _, value = line.partition(b":")
             key = name.strip().lower()
+            if key:
+                headers[key.decode("latin-1")] = value.strip().decode("latin-1")
             if key == b"content-length":
                 length = int(value)
             elif key == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
             elif key == b"connection" and value.strip().lower() == b"close":
                 keep_alive = False
+        body = b""
         if chunked:
             while True:
                 size = int((await self.reader.readline()).split(b";")[0], 16)
-                await self.reader.readexactly(size + 2)
+                body += (await self.reader.readexactly(size + 2))[:size]
                 if size == 0:
                     break
         elif length is not None:
-            await self.reader.readexactly(length)
+            body = await self.reader.readexactly(length)
         else:
-            await self.reader.read()
+            body = await self.reader.read()
             keep_alive = False
         if not keep_alive:
             self.close()
             raise ConnectionResetError("the server closed the connection")
-        return status
+        return RawResponse(status, headers, body)
 
     def close(self) -> None:
         self.writer.close()
@@ -83,8 +103,9 @@ class RawHttpClient:
         for _ in range(concurrency):
             self._idle.put_nowait(None)  # a slot; connected on first use
 
-    def sender(self, spec: HttpRequestSpec) -> SendOnce:
-        """A `send` for `run_closed_loop`: one request of `spec`; non-2xx raises RequestFailed."""
+    def sender(self, spec: HttpRequestSpec, *, check: CheckResponse | None = None) -> SendOnce:
+        """A `send` for `run_closed_loop`: one request of `spec`; non-2xx raises RequestFailed.
+        `check`, if given, sees every response first (a test verifies answers with it)."""
         request = encode_request(spec, f"{self.host}:{self.port}")
 
         async def send() -> None:
@@ -92,7 +113,7 @@ class RawHttpClient:
             try:
                 if connection is not None:
                     try:
-                        status = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
+                        response = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
                     except (asyncio.IncompleteReadError, ConnectionError):
                         # NOTE: the server may have closed an idle keep-alive connection (uvicorn
                         # does after its keep-alive timeout); retry once on a fresh one, as
@@ -102,15 +123,17 @@ class RawHttpClient:
                 if connection is None:
                     reader, writer = await asyncio.open_connection(self.host, self.port)
                     connection = _Connection(reader, writer)
-                    status = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
+                    response = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
             except BaseException:
                 if connection is not None:
                     connection.close()
                 self._idle.put_nowait(None)
                 raise
             self._idle.put_nowait(connection)
-            if not 200 <= status < 300:
-                raise RequestFailed(f"HTTP {status}")
+            if check is not None:
+                check(response)
+            if not 200 <= response.status < 300:
+                raise RequestFailed(f"HTTP {response.status}")
 
         return send
 

@@ -129,6 +129,9 @@ class MetricsSnapshot:
     """Rejected requests by reason (`queue_full`, `deadline`, `cancelled`)."""
     requests: Mapping[str, float] = field(default_factory=dict)
     """Answered requests keyed `<protocol> <endpoint> <status>`."""
+    gauges: Mapping[str, float] = field(default_factory=dict)
+    """Gauges without labels, by sample name (`process_resident_memory_bytes`, `process_threads`,
+    `visionserve_event_loop_tasks`, ...): the process's figures when scraped."""
 
 
 def parse_metrics(text: str) -> MetricsSnapshot:
@@ -136,8 +139,11 @@ def parse_metrics(text: str) -> MetricsSnapshot:
     histograms: dict[str, Histogram] = {}
     rejected: dict[str, float] = {}
     requests: dict[str, float] = {}
+    gauges: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.type == "histogram":
+        if family.type == "gauge":
+            gauges.update((sample.name, sample.value) for sample in family.samples if not sample.labels)
+        elif family.type == "histogram":
             buckets: dict[float, float] = {}
             count = total = 0.0
             for sample in family.samples:
@@ -163,7 +169,7 @@ def parse_metrics(text: str) -> MetricsSnapshot:
                     parts = (sample.labels.get(name, "") for name in ("protocol", "endpoint", "status"))
                     key = " ".join(parts)
                     requests[key] = requests.get(key, 0.0) + sample.value
-    return MetricsSnapshot(histograms=histograms, rejected=rejected, requests=requests)
+    return MetricsSnapshot(histograms=histograms, rejected=rejected, requests=requests, gauges=gauges)
 
 
 def scrape(url: str, *, timeout_s: float = 10.0) -> MetricsSnapshot:

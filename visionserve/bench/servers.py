@@ -119,6 +119,11 @@ class ServerProcess:
         return self.address
 
     @property
+    def pid(self) -> int | None:
+        """The process id, once launched."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def module(self) -> str:
         """The module `python -m` runs."""
         return DEPLOYABLES[self.backend]

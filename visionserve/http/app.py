@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib import resources
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionserve import __version__
@@ -135,6 +136,54 @@ def _json_body(model: type[BaseModel], example: dict[str, object]) -> dict[str, 
             },
         }
     }
+
+
+FILE_FIELD = "file"
+"""The multipart form field /predict/file reads the image from."""
+
+_MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "title": "Body_predict_file_predict_file_post",
+                    "type": "object",
+                    "properties": {
+                        FILE_FIELD: {
+                            "title": "File",
+                            "type": "string",
+                            "contentMediaType": "application/octet-stream",
+                            "description": "The image file (JPEG, PNG, WebP, GIF, BMP, TIFF).",
+                        }
+                    },
+                    "required": [FILE_FIELD],
+                }
+            }
+        },
+    }
+}
+"""The OpenAPI requestBody of /predict/file, which parses its own form (as FastAPI declared it for
+an `UploadFile` parameter, inline instead of a component)."""
+
+
+async def _read_upload(request: Request) -> bytes:
+    """The bytes of the form's `file` upload; errors are the same 422 as FastAPI's for an
+    `UploadFile` parameter, a malformed multipart body Starlette's 400."""
+    async with request.form() as form:
+        upload = form.get(FILE_FIELD)
+        if isinstance(upload, UploadFile):
+            return await upload.read()
+    if upload is None:
+        error = {"type": "missing", "loc": ("body", FILE_FIELD), "msg": "Field required", "input": None}
+    else:
+        error = {
+            "type": "value_error",
+            "loc": ("body", FILE_FIELD),
+            "msg": f"Value error, Expected UploadFile, received: {type(upload)}",
+            "input": upload,
+        }
+    raise RequestValidationError([error])
 
 
 def _parse_json(model: type[ModelT], body: bytes) -> ModelT:
@@ -318,18 +367,20 @@ def create_app(
         response_model=PredictResponse,
         responses=_ERROR_RESPONSES,
         tags=["predict"],
-        openapi_extra=_TIMEOUT_PARAMETER,
+        openapi_extra=_MULTIPART_BODY | _TIMEOUT_PARAMETER,
     )
     async def predict_file(
         request: Request,
-        file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
         topk: Annotated[int | None, Query(ge=1, description="How many classes to return.")] = None,
         model: Annotated[str | None, Query(description="Model to use; default: the served model.")] = None,
     ) -> JSONResponse:
         """Classify an uploaded image file (multipart/form-data, field `file`)."""
         started = time.perf_counter()
         deadline = _deadline(request, time.monotonic(), settings.request_timeout_s)
-        image = await file.read()
+        # NOTE: admission before the multipart body is read and parsed (FastAPI would parse an
+        # `UploadFile` parameter before this function runs): a refusal costs the headers only.
+        service.check_admission()
+        image = await _read_upload(request)
         work = service.predict(image, topk=topk, model=model, deadline=deadline)
         return _response(await _unless_disconnected(request, work), started)
 
