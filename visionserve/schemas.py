@@ -98,3 +98,9 @@ class ErrorResponse(BaseModel):
     """Every error answer: `{"error": {"code", "message"}}`."""
 
     error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """Every error answer under `/v2`, in the Open Inference Protocol's shape: `{"error": "<message>"}`."""
+
+    error: str

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,9 +19,10 @@ from fastapi.responses import Response
 # (X-Request-Timeout, VISION_REQUEST_TIMEOUT_S) and disconnect handling; `create_app` imports this
 # module inside the function, so the import is not circular.
 from visionserve.http.app import _TIMEOUT_PARAMETER, _deadline, _example_image_base64, _unless_disconnected
+from visionserve.schemas import V2ErrorResponse
 from visionserve.service import InferenceService
 from visionserve.settings import ServerSettings
-from visionserve.v2.codec import ImageBatch, build_outputs
+from visionserve.v2.codec import DATATYPES, ImageBatch, build_outputs
 from visionserve.v2.rest import HEADER_LENGTH, InferRequest, decompress, encode_response, parse_request
 from visionserve.v2.signature import Signature
 from visionserve.v2.statistics import model_statistics
@@ -29,6 +31,99 @@ PREFIX = "/v2"
 _INLINE_BYTES = 64 * 1024
 """Bodies up to this size are decoded on the event loop; larger ones (a preprocessed FP32 tensor in
 JSON is ~1.5 MB) in a worker thread, so that parsing them does not stall other requests."""
+
+_ERROR_DESCRIPTIONS = {
+    400: "Bad input: the message says what is wrong (JSON, tensors, binary sizes, images, parameters)",
+    404: "The model, or the model version, is not served here",
+    413: "The body (decompressed) or an image is over the configured limits (the message names the setting)",
+    415: "The Content-Encoding is not gzip, deflate or identity",
+    422: "The request does not match the schema",
+    503: "The model is not loaded yet, or the server is at capacity (see Retry-After)",
+    504: "The request's deadline (X-Request-Timeout, the `timeout` parameter, "
+    "VISION_REQUEST_TIMEOUT_S) passed while it was queued; it was not computed",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route's error statuses, in the protocol's error shape.
+
+    NOTE: a route with parameters lists 422 too, or FastAPI documents its own 422 body
+    (`{"detail": [...]}`), which this API never sends.
+    """
+    return {
+        status: {"model": V2ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses
+    }
+
+
+_INFER_RESPONSES = _errors(400, 404, 413, 415, 422, 503, 504) | {
+    200: {
+        "description": "The outputs: JSON, or with binary outputs the JSON then the tensors (the "
+        f"{HEADER_LENGTH} header gives the JSON's length)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+_INFER_HEADERS = [
+    {
+        "name": HEADER_LENGTH,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "With binary tensors after the JSON: the JSON part's length in bytes.",
+    },
+    {
+        "name": "Content-Encoding",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+        "description": "The body's compression; the size limit applies to the decompressed body.",
+    },
+]
+"""The request headers the infer route reads, besides X-Request-Timeout."""
+
+_INFER_REQUEST_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_output": {"type": "boolean"},
+                "timeout": {"type": "integer", "exclusiveMinimum": 0, "description": "Microseconds."},
+            },
+        },
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "datatype": {"type": "string", "enum": list(DATATYPES)},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "data": {"type": "array"},
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+                    },
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+"""The JSON request of the infer route, as far as a JSON schema can say it; the model's signature
+(input names, datatypes, shapes) is checked by the route and answered 400."""
 
 
 def _infer_body(signature: Signature) -> dict[str, object]:
@@ -51,7 +146,7 @@ def _infer_body(signature: Signature) -> dict[str, object]:
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"type": "object"},
+                    "schema": _INFER_REQUEST_SCHEMA,
                     "examples": {
                         "cat": {"summary": "A photo (base64) and its top 3 classes", "value": example}
                     },
@@ -83,7 +178,7 @@ def create_v2_router(service: InferenceService, settings: ServerSettings) -> API
         """200 while the process is up."""
         return {"live": True}
 
-    @router.get("/health/ready")
+    @router.get("/health/ready", responses=_errors(503))
     async def server_ready() -> dict[str, bool]:
         """200 once the model can serve; 503 while it loads, after it failed, and during shutdown."""
         service.check_ready()
@@ -94,31 +189,31 @@ def create_v2_router(service: InferenceService, settings: ServerSettings) -> API
         """Statistics of every model served (this server serves one)."""
         return model_statistics(signature, service)
 
-    @router.get("/models/{model_name}")
-    @router.get("/models/{model_name}/versions/{model_version}")
+    @router.get("/models/{model_name}", responses=_errors(404, 422))
+    @router.get("/models/{model_name}/versions/{model_version}", responses=_errors(404, 422))
     async def model_metadata(model_name: str, model_version: str | None = None) -> dict[str, object]:
         """The model's versions, platform, inputs and outputs (-1: the batch dimension)."""
         signature.check_model(model_name, model_version)
         return signature.metadata()
 
-    @router.get("/models/{model_name}/ready")
-    @router.get("/models/{model_name}/versions/{model_version}/ready")
+    @router.get("/models/{model_name}/ready", responses=_errors(404, 422, 503))
+    @router.get("/models/{model_name}/versions/{model_version}/ready", responses=_errors(404, 422, 503))
     async def model_ready(model_name: str, model_version: str | None = None) -> dict[str, object]:
         """200 when the model can serve; 404 for a model not served here; 503 while not ready."""
         signature.check_model(model_name, model_version)
         service.check_ready()
         return {"name": model_name, "ready": True}
 
-    @router.get("/models/{model_name}/config")
-    @router.get("/models/{model_name}/versions/{model_version}/config")
+    @router.get("/models/{model_name}/config", responses=_errors(404, 422))
+    @router.get("/models/{model_name}/versions/{model_version}/config", responses=_errors(404, 422))
     async def model_config(model_name: str, model_version: str | None = None) -> dict[str, object]:
         """Triton's model configuration (name, platform, max_batch_size, inputs, outputs, dynamic
         batching): what perf_analyzer and Triton's clients read."""
         signature.check_model(model_name, model_version)
         return signature.config()
 
-    @router.get("/models/{model_name}/stats")
-    @router.get("/models/{model_name}/versions/{model_version}/stats")
+    @router.get("/models/{model_name}/stats", responses=_errors(404, 422))
+    @router.get("/models/{model_name}/versions/{model_version}/stats", responses=_errors(404, 422))
     async def statistics(model_name: str, model_version: str | None = None) -> dict[str, object]:
         """Images and batches computed, time queued and computing, batch sizes, requests dropped."""
         signature.check_model(model_name, model_version)
@@ -127,10 +222,14 @@ def create_v2_router(service: InferenceService, settings: ServerSettings) -> API
     def decode(body: bytes, encoding: str | None, header_length: str | None) -> InferRequest:
         return parse_request(signature, decompress(body, encoding, limit=limit), header_length)
 
-    openapi = _infer_body(signature) | _TIMEOUT_PARAMETER
+    openapi = _infer_body(signature) | {"parameters": _TIMEOUT_PARAMETER["parameters"] + _INFER_HEADERS}
 
-    @router.post("/models/{model_name}/infer", openapi_extra=openapi)
-    @router.post("/models/{model_name}/versions/{model_version}/infer", openapi_extra=openapi)
+    @router.post("/models/{model_name}/infer", openapi_extra=openapi, responses=_INFER_RESPONSES)
+    @router.post(
+        "/models/{model_name}/versions/{model_version}/infer",
+        openapi_extra=openapi,
+        responses=_INFER_RESPONSES,
+    )
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         """Inference: JSON tensors, or the binary tensor extension (`Inference-Header-Content-Length`
         and `binary_data_size`); gzip or deflate bodies. Send one input: `input` (FP32
