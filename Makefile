@@ -13,12 +13,13 @@ ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format bench notebooks export protos clean help up down
+.PHONY: run test lint format bench soak notebooks export protos clean help up down
 
 help:
 	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051, UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
 	@echo "make bench      load benchmark: in-process limit vs served HTTP/gRPC (BENCH_ARGS=\"--concurrency 1,16 ...\")"
+	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
@@ -65,6 +66,10 @@ test: $(VENV)/.installed-dev $(MODEL_CONFIG) $(CHROMIUM)
 
 bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
 	$(BIN)/python -m visionserve.bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
+
+# Steady load on the real HTTP and gRPC processes; writes bench-results/soak/soak.{md,json}.
+soak: $(VENV)/.installed-dev $(MODEL_CONFIG)
+	$(BIN)/python -m visionserve.bench.soak --model-repository $(MODEL_REPOSITORY) $(SOAK_ARGS)
 
 $(VENV)/.installed-notebooks: $(VENV)/.installed-dev requirements/notebooks.txt
 	$(BIN)/pip install --quiet -r requirements/notebooks.txt
