@@ -35,7 +35,11 @@ async def answered_in_order(
         try:
             async for request in requests:
                 task = asyncio.ensure_future(start(request))
-                await pending.put((request, task))  # waits while the window is full
+                try:
+                    await pending.put((request, task))  # waits while the window is full
+                except asyncio.CancelledError:
+                    task.cancel()  # NOTE: not in the window yet, so not cancelled with it below
+                    raise
         except asyncio.CancelledError:
             raise
         except BaseException:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,10 +27,20 @@ from visionserve.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], np.ndarray]
+_DEADLINE_SLACK_S = 0.005
+"""A caller cancelled this close to its deadline was cancelled by it: gRPC core ends a call at its
+deadline on its own clock, which may run a little ahead of the deadline computed here."""
 T = TypeVar("T")
 
 
-@dataclass
+def drop_reason(deadline: float | None, now: float) -> str:
+    """The `visionserve_rejected` reason of a request cancelled at `now` before it was computed:
+    `deadline` if its deadline (time.monotonic()) had passed, else `cancelled` (its client went)."""
+    expired = deadline is not None and now >= deadline - _DEADLINE_SLACK_S
+    return "deadline" if expired else "cancelled"
+
+
+@dataclass(eq=False)  # NOTE: compared by identity (`deque.remove`); == on its arrays is ambiguous
 class _Pending:
     tensor: np.ndarray
     future: asyncio.Future[np.ndarray]
@@ -102,12 +112,22 @@ class DynamicBatcher:
     async def run_exclusive(self, function: Callable[..., T], *args: object) -> T:
         """Run `function(*args)` on a free runtime instance's thread (the idle fast path: one
         request decoded and computed in a single hand-off)."""
-        async with self._slots:
-            self._busy += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
-            finally:
-                self._busy -= 1
+        await self._slots.acquire()
+        self._busy += 1
+        job = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        job.add_done_callback(self._job_done)
+        # NOTE: shielded, so that a caller cancelled mid-computation (its client went away) does not
+        # free the instance while its thread still computes: the next request would otherwise
+        # wait in the executor's queue, outside the bound of max_queue_size, where no cancelled or
+        # expired request can be dropped.
+        return await asyncio.shield(job)
+
+    def _job_done(self, job: asyncio.Future[Any]) -> None:
+        """A `run_exclusive` job has ended (its caller may have gone): free its instance."""
+        self._busy -= 1
+        self._slots.release()
+        if not job.cancelled():
+            job.exception()  # NOTE: retrieved, else asyncio logs it as lost when its caller has gone
 
     def start(self) -> None:
         """Start the background task (on the running loop)."""
@@ -136,10 +156,31 @@ class DynamicBatcher:
             raise VisionError(ErrorCode.NOT_READY, "the server is shutting down", retry_after_s=None)
         self.check_capacity()
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(tensor, future, time.monotonic(), deadline))
+        item = _Pending(tensor, future, time.monotonic(), deadline)
+        self._queue.append(item)
         self._set_depth()
         self._wakeup.set()
-        return await future  # cancelling the caller cancels the future: the loop skips it
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._drop_cancelled(item)
+            raise
+
+    def _drop_cancelled(self, item: _Pending) -> None:
+        """The caller of a queued item was cancelled (its client went away, or gRPC cancelled the
+        call at its deadline): take the item out of the queue, uncomputed, and count it, as a
+        `deadline` rejection if its deadline had passed, else as `cancelled`. An item already in a
+        batch is being computed: nothing to drop, nothing counted."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self._set_depth()
+        self._count_rejected(self._drop_reason(item, time.monotonic()))
+
+    @staticmethod
+    def _drop_reason(item: _Pending, now: float) -> str:
+        return drop_reason(item.deadline, now)
 
     async def stop(self) -> None:
         """Refuse new items, compute the ones already queued, then end the background task."""
@@ -154,8 +195,8 @@ class DynamicBatcher:
         batch: list[_Pending] = []
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
-            if item.future.done():  # cancelled by its caller (client went away)
-                self._count_rejected("cancelled")
+            if item.future.done():  # cancelled by its caller, which has not yet dropped it
+                self._count_rejected(self._drop_reason(item, now))
                 continue
             if item.deadline is not None and now >= item.deadline:
                 item.future.set_exception(

@@ -18,7 +18,7 @@ from importlib import resources
 
 import numpy as np
 
-from visionserve.batching import DynamicBatcher
+from visionserve.batching import DynamicBatcher, drop_reason
 from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.metrics import Metrics
@@ -90,6 +90,7 @@ class InferenceService:
         self._preprocess_pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
         self._runtime_thread = ThreadPoolExecutor(runtime.instances, thread_name_prefix="runtime")
         self._preparing = 0  # requests in the preprocessing pool (event loop only)
+        self._admitting = False  # set when ready; cleared by refuse_new_requests
         self.metrics = metrics or Metrics()
         config = self.model.config
         batch = max_batch_size or config.max_batch_size
@@ -129,6 +130,29 @@ class InferenceService:
         return self.state is ServiceState.READY
 
     @property
+    def admitting(self) -> bool:
+        """True while inference requests are taken: when ready, and during a shutdown's drain
+        delay (`begin_shutdown`) until `refuse_new_requests`."""
+        return self._admitting
+
+    def begin_shutdown(self) -> None:
+        """Shutdown's first step: readiness turns not-ready (state STOPPING), so that load balancers
+        and health checks send no more traffic here, while requests still arriving are served.
+
+        NOTE: during the drain delay (VISION_SHUTDOWN_DELAY_S) a load balancer may still route
+        requests here (Kubernetes removes a terminating pod's endpoints a few seconds late);
+        refusing them would fail requests that this process can still answer.
+        """
+        if self.state in (ServiceState.CREATED, ServiceState.LOADING, ServiceState.READY):
+            self.state = ServiceState.STOPPING
+
+    def refuse_new_requests(self) -> None:
+        """Shutdown's second step: new inference requests are refused (NOT_READY, "shutting
+        down": 503 / UNAVAILABLE); those already admitted run to their answers."""
+        self.begin_shutdown()
+        self._admitting = False
+
+    @property
     def num_classes(self) -> int:
         """Number of classes the model outputs."""
         return self.model.config.output.classes
@@ -150,7 +174,10 @@ class InferenceService:
             self.state = ServiceState.FAILED
             self.failure = str(exc) or type(exc).__name__
             raise
+        if self.state is not ServiceState.LOADING:  # shutdown began while loading
+            return
         self.state = ServiceState.READY
+        self._admitting = True
         logger.info(
             "model %s ready on %s/%s in %.1f s: %d instance(s) x %d intra-op thread(s), %d "
             "preprocessing thread(s), %d usable core(s)",
@@ -169,6 +196,7 @@ class InferenceService:
         if self.state is ServiceState.STOPPED:
             return
         self.state = ServiceState.STOPPING
+        self._admitting = False
         await self.batcher.stop()  # computes what is queued
         await asyncio.to_thread(self._shutdown_pools)
         self.runtime.close()
@@ -188,8 +216,14 @@ class InferenceService:
 
     def check_ready(self) -> None:
         """Raise NOT_READY unless the service takes requests."""
-        if self.state is ServiceState.READY:
+        if self._admitting:
             return
+        if self.state in (ServiceState.STOPPING, ServiceState.STOPPED):
+            raise VisionError(
+                ErrorCode.NOT_READY,
+                "the server is shutting down; retry on another instance",
+                retry_after_s=1,
+            )
         if self.state is ServiceState.FAILED:
             raise VisionError(ErrorCode.NOT_READY, "the model failed to load; the server log says why")
         retry = 5 if self.state in (ServiceState.CREATED, ServiceState.LOADING) else None
@@ -249,6 +283,9 @@ class InferenceService:
             self._preparing += 1
             try:
                 tensor = await loop.run_in_executor(self._preprocess_pool, self._preprocess, image, field)
+            except asyncio.CancelledError:
+                self._count_dropped(deadline)
+                raise
             finally:
                 self._preparing -= 1
             preprocessed = time.perf_counter()
@@ -291,6 +328,9 @@ class InferenceService:
                 ),
                 return_exceptions=True,
             )
+        except asyncio.CancelledError:
+            self._count_dropped(deadline, count)
+            raise
         finally:
             self._preparing -= count
         tensors: list[np.ndarray] = []
@@ -313,6 +353,11 @@ class InferenceService:
             return await self.batcher.run_exclusive(self._run, batch)
         self._check_room(len(batch))
         return await self._submit_rows(list(batch), deadline)
+
+    def _count_dropped(self, deadline: float | None, count: int = 1) -> None:
+        """Count `count` items whose caller was cancelled while they were decoded, before they
+        reached the batcher's queue (which counts those cancelled there)."""
+        self.metrics.rejected.labels(drop_reason(deadline, time.monotonic())).inc(count)
 
     def _check_count(self, count: int) -> None:
         """Refuse a request of more items than the queue can ever hold: it would only ever be
@@ -373,7 +418,7 @@ class InferenceService:
         if scores.ndim != 2 or scores.shape[0] != batch.shape[0] or scores.shape[1] != self.num_classes:
             logger.error("runtime returned shape %s for a batch of %d", scores.shape, len(batch))
             raise VisionError(ErrorCode.INTERNAL, "inference returned a malformed result")
-        if self.ready:  # warm-up batches are not traffic
+        if self.state is not ServiceState.LOADING:  # warm-up batches are not traffic
             self.metrics.compute_time.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(batch))
         return scores

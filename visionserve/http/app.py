@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from visionserve import __version__
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode, VisionError
@@ -88,7 +89,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request does not match the schema"
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (visionserve_requests{status="499"}, nginx's convention) for a request whose
+client went away before its answer; nobody receives it."""
+
+
+class _ClientGone(Exception):  # noqa: N818 - a departure, not an error
+    """The client disconnected while its request was in the service (queued, or computing)."""
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # NOTE: gone mid-body: the request never reached the service, so it is counted here as
+        # dropped before it was computed; one gone later is counted by the service, if at all.
+        request.app.state.service.metrics.rejected.labels("cancelled").inc()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(VisionError)
     async def vision_error(request: Request, exc: VisionError) -> JSONResponse:
         return _error_json(exc, request)
@@ -100,7 +121,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's form parsing wraps it in a 400
+            return await client_disconnected(request, exc.__cause__)
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_ARGUMENT)
         if exc.status_code >= 500:
             code = ErrorCode.INTERNAL
@@ -195,23 +218,33 @@ def _parse_json(model: type[ModelT], body: bytes) -> ModelT:
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, ResultT]) -> ResultT:
-    """Await `work`, cancelling it if the client disconnects first.
+    """Await `work`, cancelling it if the client disconnects first (then raise `_ClientGone`).
 
     NOTE: once the body is read, the ASGI `receive` waits until the client goes away; a request
     that is cancelled while it waits in the batcher's queue is dropped there, never computed.
     """
     task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if gone and current is not None and not current.cancelling():
+            # NOTE: a normal end for this request, not a server error (uvicorn would log the
+            # CancelledError as "Exception in ASGI application", with a traceback)
+            raise _ClientGone from None
+        raise
     finally:
         watcher.cancel()
 
