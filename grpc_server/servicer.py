@@ -24,6 +24,22 @@ Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
 SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
 
 
+def check_response_size(response: object, limit: int, hint: str) -> None:
+    """Refuse an answer over the limit with a message naming the setting (PAYLOAD_TOO_LARGE).
+
+    NOTE: the server sends at most VISION_GRPC_MAX_MESSAGE_BYTES too; without this check, an answer
+    over it (many small images with a large topk) ends the call with gRPC core's RESOURCE_EXHAUSTED
+    "Sent message larger than max", which names nothing a client can change.
+    """
+    size = response.ByteSize()  # type: ignore[attr-defined]
+    if size > limit:
+        raise VisionError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the response would be {size:,} bytes; the limit is {limit:,} bytes (setting "
+            f"{SIZE_SETTING}): {hint}",
+        )
+
+
 def to_predictions(result: InferenceResult) -> list[pb.Prediction]:
     """Core predictions -> protobuf."""
     return [pb.Prediction(label=p.label, prob=p.prob, index=p.index) for p in result.predictions]
@@ -87,10 +103,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 model=request.model or None,
                 deadline=self._deadline(context),
             )
+            response = to_response(result)
+            check_response_size(response, self.max_message_bytes, "ask for fewer classes (topk)")
         except Exception as exc:
             await abort(context, exc)
             raise  # unreachable: abort raises
-        return to_response(result)
+        return response
 
     async def PredictBatch(  # noqa: N802
         self, request: pb.PredictBatchRequest, context: Context
@@ -120,7 +138,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 results.append(pb.BatchResult(error=error_message(outcome)))
             else:
                 results.append(pb.BatchResult(result=to_response(outcome)))
-        return pb.PredictBatchResponse(results=results, model=self.service.model.name)
+        response = pb.PredictBatchResponse(results=results, model=self.service.model.name)
+        try:
+            check_response_size(
+                response, self.max_message_bytes, "send fewer images per call or ask for fewer classes (topk)"
+            )
+        except VisionError as exc:
+            await abort(context, exc)
+        return response
 
     async def PredictStream(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.Frame], context: Context
@@ -133,12 +158,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         answers = answered_in_order(request_iterator, self._predict_frame, self.stream_read_ahead)
         async with contextlib.aclosing(answers):
             async for frame, outcome in answers:
-                if isinstance(outcome, Exception):
-                    yield pb.FramePrediction(frame_id=frame.frame_id, error=error_message(outcome))
-                else:
-                    yield pb.FramePrediction(
-                        frame_id=frame.frame_id, topk=to_predictions(outcome), latency_ms=outcome.total_ms
-                    )
+                yield self._frame_answer(frame, outcome)
+
+    def _frame_answer(self, frame: pb.Frame, outcome: InferenceResult | Exception) -> pb.FramePrediction:
+        """A frame's predictions, or its error (an answer over the size limit is one)."""
+        if not isinstance(outcome, Exception):
+            answer = pb.FramePrediction(
+                frame_id=frame.frame_id, topk=to_predictions(outcome), latency_ms=outcome.total_ms
+            )
+            try:
+                check_response_size(answer, self.max_message_bytes, "ask for fewer classes (topk)")
+                return answer
+            except VisionError as exc:
+                outcome = exc
+        return pb.FramePrediction(frame_id=frame.frame_id, error=error_message(outcome))
 
     async def _predict_frame(self, frame: pb.Frame) -> InferenceResult:
         self._check_size(frame)

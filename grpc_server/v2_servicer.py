@@ -17,6 +17,7 @@ from typing import TypeAlias, TypeVar
 import grpc
 from google.protobuf import json_format
 
+from grpc_server.servicer import check_response_size
 from grpc_server.status import abort
 from grpc_server.streams import answered_in_order
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ErrorCode, VisionError
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
 SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
 MessageT = TypeVar("MessageT")
+RESPONSE_HINT = "send fewer images per request, or ask for fewer outputs (or a classification)"
 
 
 def from_dict(values: Mapping[str, object], message: MessageT) -> MessageT:
@@ -232,7 +234,9 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # noqa: N802
         """One request: a batch of preprocessed tensors or of encoded images."""
         try:
-            return await self._infer(request, self._deadline(context, request))
+            response = await self._infer(request, self._deadline(context, request))
+            check_response_size(response, self.max_message_bytes, RESPONSE_HINT)
+            return response
         except Exception as exc:
             await abort(context, exc)
             raise  # unreachable: abort raises
@@ -249,10 +253,18 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers = answered_in_order(request_iterator, start, self.stream_read_ahead)
         async with contextlib.aclosing(answers):
             async for _, outcome in answers:
-                if isinstance(outcome, Exception):
-                    yield pb.ModelStreamInferResponse(error_message=_message(outcome))
-                else:
-                    yield pb.ModelStreamInferResponse(infer_response=outcome)
+                yield self._stream_answer(outcome)
+
+    def _stream_answer(self, outcome: pb.ModelInferResponse | Exception) -> pb.ModelStreamInferResponse:
+        """A stream entry: the response, or its error (a response over the size limit is one)."""
+        if not isinstance(outcome, Exception):
+            answer = pb.ModelStreamInferResponse(infer_response=outcome)
+            try:
+                check_response_size(answer, self.max_message_bytes, RESPONSE_HINT)
+                return answer
+            except VisionError as exc:
+                outcome = exc
+        return pb.ModelStreamInferResponse(error_message=_message(outcome))
 
 
 def _message(exc: BaseException) -> str:

@@ -339,6 +339,33 @@ def test_a_message_far_over_the_limit_is_refused_by_the_transport(fake_entry: Mo
     run(scenario())
 
 
+@pytest.mark.parametrize(
+    "path", ["/visionserve.v1.Inference/Predict", "/inference.GRPCInferenceService/ModelStreamInfer"]
+)
+def test_a_compressed_message_that_inflates_far_over_the_limit_is_refused_by_the_transport(
+    fake_entry: ModelEntry, path: str
+) -> None:
+    # 1 MiB of zeros: about 1 KB gzipped, well under the transport's 2x the setting on the wire
+    image = bytes(1024 * 1024)
+    message = (
+        v1.PredictRequest(image=image) if "Predict" in path else image_request(image)
+    ).SerializeToString()
+
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry), grpc_settings={"max_message_bytes": LIMIT}) as served:
+            streaming, _ = _method(path)
+            call = (
+                served.channel.stream_stream(path)(iter([message]), compression=grpc.Compression.Gzip)
+                if streaming
+                else served.channel.unary_unary(path)(message, compression=grpc.Compression.Gzip)
+            )
+            error = await rpc_error(call)
+            assert error.code() == StatusCode.RESOURCE_EXHAUSTED, error
+            await assert_both_serving(served)
+
+    run(scenario())
+
+
 def test_model_stream_infer_answers_a_request_over_the_limit_and_goes_on(fake_entry: ModelEntry) -> None:
     async def scenario() -> None:
         async with serving(FakeRuntime(fake_entry), grpc_settings={"max_message_bytes": LIMIT}) as served:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -32,7 +34,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from tests.conftest import encode, photo_bytes
-from tests.fixtures import FAKE_CLASSES, FakeRuntime
+from tests.fixtures import FAKE_CLASSES, FakeRuntime, write_fake_entry
 from tests.integration.test_grpc import (
     CATS,
     SIZE_SETTING,
@@ -256,6 +258,29 @@ def test_http_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413(
     run(scenario())
 
 
+def test_http_v2_gzip_body_inflating_to_exactly_the_limit_is_served_and_one_byte_more_is_413(
+    fake_entry: ModelEntry,
+) -> None:
+    def gzipped(body: Body) -> Body:
+        headers = {**body.headers, "Content-Encoding": "gzip"}
+        return Body(body.path, gzip.compress(body.content), headers, body.image)
+
+    exact = gzipped(body_of("v2", PNG, FAKE_LIMIT, "fake"))
+    over = gzipped(body_of("v2", PNG, FAKE_LIMIT + 1, "fake"))
+    assert len(over.content) < FAKE_LIMIT // 10  # the limit is on what the body inflates to
+
+    async def scenario() -> None:
+        async with http_serving(FakeRuntime(fake_entry), max_request_bytes=FAKE_LIMIT) as port:
+            assert top_label("v2", await post(port, exact, chunked=False))[0] == TOP
+            answer = await post(port, over, chunked=True)
+            assert answer.status == 413, answer
+            message = answer.json()["error"]
+            assert f"decompresses to more than {FAKE_LIMIT:,} bytes" in message and BODY_SETTING in message
+            assert top_label("v2", await post(port, exact, chunked=True))[0] == TOP
+
+    run(scenario())
+
+
 @pytest.mark.real_model
 def test_http_real_photo_padded_to_the_limit_classifies_as_the_photo(real_entry: ModelEntry) -> None:
     from visionserve.runtimes.onnx import OnnxRuntime
@@ -325,6 +350,11 @@ def test_grpc_message_of_exactly_the_limit_is_served_and_one_byte_more_is_refuse
                 if method == "Predict":
                     assert_good(await stub.Predict(exact), 3)
                     error = await rpc_error(stub.Predict(over))
+                    assert_status(error, StatusCode.RESOURCE_EXHAUSTED)
+                    assert_message_too_large(error.details() or "", limit + 1, limit)
+                    # compressed on the wire: the limit is on the message, not on what was sent
+                    assert_good(await stub.Predict(exact, compression=grpc.Compression.Gzip), 3)
+                    error = await rpc_error(stub.Predict(over, compression=grpc.Compression.Gzip))
                 elif method == "PredictBatch":
                     assert_good((await stub.PredictBatch(exact)).results[0].result, 3)
                     error = await rpc_error(stub.PredictBatch(over))
@@ -344,6 +374,45 @@ def test_grpc_message_of_exactly_the_limit_is_served_and_one_byte_more_is_refuse
                     continue
                 assert_status(error, StatusCode.RESOURCE_EXHAUSTED)
                 assert_message_too_large(error.details() or "", limit + 1, limit)
+
+    run(scenario())
+
+
+def test_grpc_answer_over_the_limit_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    # NOTE: the server sends at most VISION_GRPC_MAX_MESSAGE_BYTES too: 300 classes with topk=300
+    # are ~7 KB, over a 4,096-byte limit, from a request of ~100 bytes
+    entry = write_fake_entry(tmp_path, classes=300)
+    limit = 4096
+    small, large = {"topk": 5}, {"topk": 300}
+
+    def assert_refused(message: str) -> None:
+        for fragment in ("the response would be", f"limit is {limit:,} bytes", SIZE_SETTING):
+            assert fragment in message, (fragment, message)
+
+    async def scenario() -> None:
+        async with serving(FakeRuntime(entry), grpc_settings={"max_message_bytes": limit}) as served:
+            stub, v2 = served.stub, v2_stub(served)
+            assert len((await stub.Predict(v1.PredictRequest(image=PNG, **small))).topk) == 5
+            error = await rpc_error(stub.Predict(v1.PredictRequest(image=PNG, **large)))
+            assert_status(error, StatusCode.RESOURCE_EXHAUSTED, "topk")
+            assert_refused(error.details() or "")
+            error = await rpc_error(stub.PredictBatch(v1.PredictBatchRequest(images=[PNG, PNG], **large)))
+            assert_status(error, StatusCode.RESOURCE_EXHAUSTED, "fewer images")
+            assert_refused(error.details() or "")
+            frames = [v1.Frame(image=PNG, frame_id=i, **kind) for i, kind in enumerate((small, large, small))]
+            answers = await stream(served, frames)
+            assert [(a.frame_id, len(a.topk)) for a in answers] == [(0, 5), (1, 0), (2, 5)]
+            assert answers[1].error.code == "payload_too_large"
+            assert_refused(answers[1].error.message)
+            good, bad = image_request(PNG, classification=5), image_request(PNG, classification=300)
+            assert (await v2.ModelInfer(good)).raw_output_contents
+            error = await rpc_error(v2.ModelInfer(bad))
+            assert_status(error, StatusCode.RESOURCE_EXHAUSTED, "fewer outputs")
+            assert_refused(error.details() or "")
+            answers = [a async for a in v2.ModelStreamInfer(iter([good, bad, good]))]
+            assert [a.error_message == "" for a in answers] == [True, False, True]
+            assert_refused(answers[1].error_message)
+            assert len((await stub.Predict(v1.PredictRequest(image=PNG, **small))).topk) == 5
 
     run(scenario())
 
