@@ -261,22 +261,33 @@ def test_http_body_of_exactly_the_limit_is_served_and_one_byte_more_is_413(
 def test_http_v2_gzip_body_inflating_to_exactly_the_limit_is_served_and_one_byte_more_is_413(
     fake_entry: ModelEntry,
 ) -> None:
-    def gzipped(body: Body) -> Body:
+    def gzipped(body: Body, *, members: int = 1, after: bytes = b"") -> Body:
+        """`body` gzipped, in `members` gzip members one after another (RFC 1952), then `after`."""
         headers = {**body.headers, "Content-Encoding": "gzip"}
-        return Body(body.path, gzip.compress(body.content), headers, body.image)
+        step = -(-len(body.content) // members)
+        parts = [body.content[i : i + step] for i in range(0, len(body.content), step)]
+        return Body(body.path, b"".join(map(gzip.compress, parts)) + after, headers, body.image)
 
-    exact = gzipped(body_of("v2", PNG, FAKE_LIMIT, "fake"))
-    over = gzipped(body_of("v2", PNG, FAKE_LIMIT + 1, "fake"))
-    assert len(over.content) < FAKE_LIMIT // 10  # the limit is on what the body inflates to
+    exact, over = body_of("v2", PNG, FAKE_LIMIT, "fake"), body_of("v2", PNG, FAKE_LIMIT + 1, "fake")
+    assert len(gzipped(over).content) < FAKE_LIMIT // 10  # the limit is on what the body inflates to
 
     async def scenario() -> None:
         async with http_serving(FakeRuntime(fake_entry), max_request_bytes=FAKE_LIMIT) as port:
-            assert top_label("v2", await post(port, exact, chunked=False))[0] == TOP
-            answer = await post(port, over, chunked=True)
-            assert answer.status == 413, answer
-            message = answer.json()["error"]
-            assert f"decompresses to more than {FAKE_LIMIT:,} bytes" in message and BODY_SETTING in message
-            assert top_label("v2", await post(port, exact, chunked=True))[0] == TOP
+            for members in (1, 3):  # several members: read them all (only the first was, before)
+                assert (
+                    top_label("v2", await post(port, gzipped(exact, members=members), chunked=False))[0]
+                    == TOP
+                )
+                answer = await post(port, gzipped(over, members=members), chunked=True)
+                assert answer.status == 413, answer
+                message = answer.json()["error"]
+                assert f"decompresses to more than {FAKE_LIMIT:,} bytes" in message, message
+                assert BODY_SETTING in message
+            # bytes after the compressed data that are not gzip: refused (they were ignored before)
+            answer = await post(port, gzipped(exact, after=b"trailing bytes"), chunked=False)
+            assert answer.status == 400, answer
+            assert "has 14 bytes after the end of its compressed data" in answer.json()["error"]  # type: ignore[operator]
+            assert top_label("v2", await post(port, gzipped(exact), chunked=True))[0] == TOP
 
     run(scenario())
 

@@ -35,7 +35,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 """Request and response header: the JSON part's length when binary data follows it."""
 
 SIZE_SETTING = "VISION_MAX_REQUEST_BYTES"
-_WBITS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}  # deflate: zlib, else raw
+_GZIP_WBITS = 31
+_WBITS = {"gzip": (_GZIP_WBITS,), "x-gzip": (_GZIP_WBITS,), "deflate": (15, -15)}  # deflate: zlib, else raw
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,35 @@ def decompress(body: bytes, encoding: str | None, *, limit: int) -> bytes:
             data = inflater.decompress(body, limit + 1)
         except zlib.error:
             continue
-        if len(data) > limit or inflater.unconsumed_tail:
-            raise VisionError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"the {name} body decompresses to more than {limit:,} bytes; the limit is {limit:,} "
-                f"bytes (setting {SIZE_SETTING})",
+        parts = [data]
+        size = len(data)
+        while True:
+            if size > limit or inflater.unconsumed_tail:
+                raise VisionError(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the {name} body decompresses to more than {limit:,} bytes; the limit is {limit:,} "
+                    f"bytes (setting {SIZE_SETTING})",
+                )
+            if not inflater.eof:
+                raise invalid(f"the {name} body is truncated: it ends before the compressed stream does")
+            rest = inflater.unused_data
+            if not rest:
+                return b"".join(parts)
+            # NOTE: a gzip body may hold several members, one after another (RFC 1952; what
+            # `gzip.decompress` reads): each is inflated, within what is left of the limit. Any
+            # other bytes after the end were silently dropped before; now they are refused.
+            trailing = invalid(
+                f"the {name} body has {len(rest):,} bytes after the end of its compressed data"
             )
-        if not inflater.eof:
-            raise invalid(f"the {name} body is truncated: it ends before the compressed stream does")
-        return data
+            if wbits != _GZIP_WBITS:
+                raise trailing
+            inflater = zlib.decompressobj(wbits)
+            try:
+                data = inflater.decompress(rest, limit - size + 1)
+            except zlib.error:
+                raise trailing from None
+            parts.append(data)
+            size += len(data)
     raise invalid(f"the body is not valid {name} data (Content-Encoding: {encoding})")
 
 
