@@ -150,7 +150,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def PredictStream(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.Frame], context: Context
     ) -> AsyncIterator[pb.FramePrediction]:
-        """Frames in, answers out in frame order; at most `stream_read_ahead` frames in flight."""
+        """Frames in, answers out in frame order; at most `stream_read_ahead` frames in flight.
+
+        A frame whose image is bad is answered with its `error` and the stream goes on; a frame that
+        is not a valid `Frame` message ends the call with INVALID_ARGUMENT once the frames before it
+        are answered (grpc_server/messages.py)."""
         try:
             self.service.check_ready()
         except Exception as exc:

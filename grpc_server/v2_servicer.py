@@ -245,7 +245,9 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests in, answers out in request order; a failed request is answered with its
-        `error_message` and the stream goes on. At most `stream_read_ahead` requests in flight."""
+        `error_message` and the stream goes on. At most `stream_read_ahead` requests in flight.
+        A message that does not parse ends the call with INVALID_ARGUMENT once the requests before
+        it are answered (grpc_server/messages.py)."""
 
         async def start(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
             return await self._infer(request, self._deadline(context, request))
