@@ -64,7 +64,8 @@ class GrpcServer:
                 MessageCheckInterceptor(),  # NOTE: last: requests that do not parse -> INVALID_ARGUMENT
             ],
             options=[
-                ("grpc.max_receive_message_length", 2 * limit),
+                # NOTE: gRPC channel arguments are C ints: 2x the largest setting (1 GiB) overflows
+                ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],

@@ -50,7 +50,7 @@ from tests.integration.test_v2_grpc import v2_stub
 from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
-from visionserve.settings import ServerSettings
+from visionserve.settings import GrpcSettings, ServerSettings
 from visionserve.v1 import inference_pb2 as v1
 from visionserve.v2.rest import HEADER_LENGTH
 
@@ -385,6 +385,19 @@ def test_grpc_message_of_exactly_the_limit_is_served_and_one_byte_more_is_refuse
                     continue
                 assert_status(error, StatusCode.RESOURCE_EXHAUSTED)
                 assert_message_too_large(error.details() or "", limit + 1, limit)
+
+    run(scenario())
+
+
+def test_grpc_server_starts_and_serves_at_the_largest_message_limit_allowed(fake_entry: ModelEntry) -> None:
+    # NOTE: the transport takes up to 2x the setting; 2x its largest value (1 GiB) overflowed gRPC's
+    # C int channel argument and the server could not start (OverflowError)
+    (largest,) = (m.le for m in GrpcSettings.model_fields["max_message_bytes"].metadata if hasattr(m, "le"))
+    image = pad_png(PNG, 5 * MiB)  # over gRPC's own 4 MiB default
+
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry), grpc_settings={"max_message_bytes": largest}) as served:
+            assert_good(await served.stub.Predict(v1.PredictRequest(image=image)))
 
     run(scenario())
 
