@@ -120,10 +120,17 @@ class GrpcServer:
         await self.service.start()
         await self._set_health(SERVING)
 
+    async def begin_shutdown(self) -> None:
+        """Shutdown's first step: health NOT_SERVING for every service (for good); calls that still
+        arrive are served (the drain delay, VISION_SHUTDOWN_DELAY_S)."""
+        await self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight calls finish, release the model."""
         grace = self.settings.grace_s if grace_s is None else grace_s
-        await self.health.enter_graceful_shutdown()
+        await self.begin_shutdown()
+        self.service.refuse_new_requests()  # calls racing the transport's stop: UNAVAILABLE
         if self.loaded is not None and not self.loaded.done():
             self.loaded.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -171,6 +178,13 @@ async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime
         failed = True
     else:
         await stopping
+        delay = server_settings.shutdown_delay_s
+        if delay > 0:
+            await grpc_server.begin_shutdown()
+            logger.info("shutting down: NOT_SERVING, serving %.1f s more (VISION_SHUTDOWN_DELAY_S)", delay)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):  # a second signal ends the delay
+                await asyncio.wait_for(stop.wait(), delay)
         logger.info("shutting down: NOT_SERVING, finishing in-flight calls (grace %.0f s)", settings.grace_s)
     stopping.cancel()
     await grpc_server.stop()

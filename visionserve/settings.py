@@ -95,6 +95,17 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
 
+    shutdown_delay_s: float = Field(default=0.0, ge=0, le=300)
+    """On SIGTERM/Ctrl-C, how long to keep serving before stopping (HTTP and gRPC processes).
+    Readiness turns 503 "stopping" / gRPC health NOT_SERVING at once; requests that still arrive
+    during the delay are answered (over HTTP with `Connection: close`); then new requests are
+    refused (503 / UNAVAILABLE "shutting down", or the port is closed) and in-flight ones get
+    `graceful_shutdown_s` (gRPC: `VISION_GRPC_GRACE_S`) to finish. Default 0: stop at once, right
+    for a local run and Compose, where nothing routes to a stopping container. On Kubernetes set
+    about 5-10 s: endpoints are removed a few seconds after the pod is told to stop, and requests
+    routed to it meanwhile would otherwise be refused; keep terminationGracePeriodSeconds above
+    this delay plus the grace."""
+
     def resolved_preprocess_workers(self) -> int:
         """Preprocessing threads to use: the setting, or the usable cores (see `cpu.ThreadLayout`
         for why the pool is not shrunk by the runtime's threads)."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
 import sys
+from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
 from visionserve.runtimes import runtime_from_settings
+from visionserve.service import InferenceService, ServiceState
 from visionserve.settings import ModelSettings, SecuritySettings, ServerSettings, from_env
 
 logger = logging.getLogger(__name__)
@@ -80,8 +84,9 @@ def serve(backend: str) -> int:
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)
         return 2
+    service: InferenceService = app.state.service
     config = uvicorn.Config(
-        app,
+        _CloseWhileDraining(app, service),
         log_config=None,
         log_level=server_settings.log_level,
         access_log=server_settings.access_log,
@@ -91,7 +96,7 @@ def serve(backend: str) -> int:
         ssl_certfile=security.tls_cert_file,
         ssl_keyfile=security.tls_key_file,
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, service, server_settings.shutdown_delay_s)
     port = sock.getsockname()[1]
     try:
         config.load()  # NOTE: reads the certificate now, so a bad one stops the start with its reason
@@ -102,8 +107,9 @@ def serve(backend: str) -> int:
         _banner(server_settings.host, port, backend, runtime.model.name, tls=security.tls, key=bool(api_key)),
         flush=True,
     )
-    # NOTE: uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal so that the
-    # previous handler runs; these handlers turn that into a clean exit (status 0, no traceback).
+    # NOTE: on SIGINT/SIGTERM `_DrainingServer` drains, then uvicorn shuts down gracefully; uvicorn
+    # re-raises a second signal so that the previous handler runs; these handlers turn that into a
+    # clean exit (status 0, no traceback).
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         server.run(sockets=[sock])
@@ -121,3 +127,78 @@ class _StopSignal(Exception):  # noqa: N818 - a signal, not an error
 
 def _stop(signum: int, frame: object) -> None:
     raise _StopSignal
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain step on the first SIGTERM/SIGINT.
+
+    At once: readiness 503 "stopping" (`InferenceService.begin_shutdown`); requests are still
+    served for `delay_s` (VISION_SHUTDOWN_DELAY_S). Then: new inference requests are refused
+    (503 "shutting down") and uvicorn's own graceful shutdown runs: the port closes, idle
+    connections close, in-flight requests get VISION_GRACEFUL_SHUTDOWN_S to finish. A second
+    signal skips what is left of the delay; a third SIGINT is uvicorn's forced exit.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: InferenceService, delay_s: float):
+        super().__init__(config)
+        self.service = service
+        self.delay_s = delay_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The SIGINT/SIGTERM handler uvicorn installs (it runs between two bytecodes of the event
+        loop's thread: it only schedules work on the loop)."""
+        if self._loop is None:  # not started yet: uvicorn's own handling
+            super().handle_exit(sig, frame)
+            return
+        if self._draining:
+            self._loop.call_soon_threadsafe(self.service.refuse_new_requests)
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        assert self._loop is not None
+        self.service.begin_shutdown()
+        if self.delay_s > 0:
+            logger.info(
+                "shutting down: readiness 503, still serving for %.1f s (VISION_SHUTDOWN_DELAY_S)",
+                self.delay_s,
+            )
+        self._loop.call_later(self.delay_s, self._stop_serving)
+
+    def _stop_serving(self) -> None:
+        self.service.refuse_new_requests()
+        logger.info(
+            "shutting down: refusing new requests, finishing in-flight ones (grace %.0f s)",
+            self.config.timeout_graceful_shutdown or 0,
+        )
+        self.should_exit = True
+
+
+class _CloseWhileDraining:
+    """ASGI wrapper: once shutdown has begun, every answer carries `Connection: close`, so that
+    keep-alive clients and load balancers open their next connection elsewhere rather than reuse
+    this one until it is closed under them (a request racing that close would be lost)."""
+
+    def __init__(self, app: ASGIApp, service: InferenceService):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.service.state is ServiceState.STOPPING:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
