@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +25,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
-from visionserve.bench.grpc_load import grpc_channel, grpc_sender
-from visionserve.bench.http_load import HttpRequestSpec, event_loop_runner, file_request, json_request
+from visionserve.bench.grpc_load import grpc_channel, grpc_sender, v2_grpc_sender
+from visionserve.bench.http_load import (
+    HttpRequestSpec,
+    event_loop_runner,
+    file_request,
+    json_request,
+    v2_request,
+)
 from visionserve.bench.images import as_jpeg
 from visionserve.bench.raw_http import RawHttpClient, RawResponse
 from visionserve.bench.server_metrics import MetricsSnapshot, scrape
@@ -35,6 +42,7 @@ from visionserve.errors import ErrorCode, VisionError
 from visionserve.photos import packaged_photo
 from visionserve.v1 import inference_pb2 as pb
 
+MODEL = "efficientnet_lite0"
 QUEUE = 4
 SENDERS = 64
 REQUESTS = 640  # per row: 10 per sender
@@ -144,16 +152,28 @@ def _rss_mb(url: str) -> float:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
+def _v2_top(element: str) -> tuple[str, float]:
+    """A V2 classification element `prob:index:label` -> (label, prob)."""
+    probability, _, label = element.split(":", 2)
+    return label, float(probability)
+
+
 def _http_check(expected: Expected) -> Callable[[RawResponse], None]:
     def check(response: RawResponse) -> None:
         if response.status == 503:
             body = json.loads(response.body)
-            if "retry-after" not in response.headers or body["error"]["code"] != "overloaded":
+            # the V2 routes answer the Open Inference Protocol's {"error": "<message>"}
+            overloaded = body["error"]["code"] == "overloaded" if isinstance(body["error"], dict) else True
+            if "retry-after" not in response.headers or not overloaded:
                 raise RequestFailed(f"HTTP 503 without Retry-After or code overloaded: {body}")
         elif response.status == 200:
             answer = json.loads(response.body)
-            if not expected.matches(answer["prediction"], answer["probability"]):
-                raise RequestFailed(f"wrong answer {answer['prediction']} {answer['probability']}")
+            if "outputs" in answer:
+                label, probability = _v2_top(answer["outputs"][0]["data"][0])
+            else:
+                label, probability = answer["prediction"], answer["probability"]
+            if not expected.matches(label, probability):
+                raise RequestFailed(f"wrong answer {label} {probability}")
 
     return check
 
@@ -181,7 +201,11 @@ def test_http_refuses_fast_and_answers_every_accepted_request_correctly(
 
     url = http_server.base_url
     metrics_url = f"{url}/metrics"
-    specs = {"JSON": json_request(photo), "multipart": file_request(photo, "coffee.jpg")}
+    specs = {
+        "JSON": json_request(photo),
+        "multipart": file_request(photo, "coffee.jpg"),
+        "V2 binary": v2_request(photo, MODEL),
+    }
     with httpx2.Client(base_url=url, trust_env=False, timeout=30) as client:
         for _ in range(5):  # unloaded, and the warm-up: the reference answer
             reply = client.post("/predict/file", files={"file": ("coffee.jpg", photo, "image/jpeg")})
@@ -219,9 +243,13 @@ def _grpc_check(expected: Expected) -> Callable[[Any], None]:
                 if "retry-after" not in metadata:
                     raise RequestFailed("gRPC UNAVAILABLE without retry-after")
             return
-        assert isinstance(outcome, pb.PredictResponse)
-        if not expected.matches(outcome.prediction, outcome.probability):
-            raise RequestFailed(f"wrong answer {outcome.prediction} {outcome.probability}")
+        if isinstance(outcome, pb.PredictResponse):
+            label, probability = outcome.prediction, outcome.probability
+        else:  # V2 ModelInfer: BYTES elements, 4-byte little-endian length first
+            (length,) = struct.unpack_from("<I", outcome.raw_output_contents[0])
+            label, probability = _v2_top(outcome.raw_output_contents[0][4 : 4 + length].decode())
+        if not expected.matches(label, probability):
+            raise RequestFailed(f"wrong answer {label} {probability}")
 
     return check
 
@@ -246,18 +274,24 @@ def test_grpc_refuses_fast_and_answers_every_accepted_request_correctly(
     assert expected.label == "espresso"
     warm = _rss_mb(metrics_url)
 
-    async def flood() -> Measurement:
+    async def flood(v2: bool) -> Measurement:
         async with grpc_channel(grpc_server.target) as channel:
-            send = grpc_sender(channel, photo, check=_grpc_check(expected))
+            check = _grpc_check(expected)
+            send = (
+                v2_grpc_sender(channel, photo, MODEL, check=check)
+                if v2
+                else grpc_sender(channel, photo, check=check)
+            )
             return await run_closed_loop(send, concurrency=SENDERS, requests=REQUESTS)
 
-    before = scrape(metrics_url)
-    with RssSampler(grpc_server.pid) as rss, event_loop_runner() as runner:
-        m = runner.run(flood())
-    after = scrape(metrics_url)
-    line = _report("gRPC Predict", m, REFUSED_GRPC, (warm, rss.peak_mb, after.gauges[RSS] / 2**20))
-    _check_accounting(m, REFUSED_GRPC, before, after)
-    assert rss.peak_mb < warm + RSS_BOUND_MB, line
+    for name, v2 in (("gRPC Predict", False), ("gRPC V2 ModelInfer", True)):
+        before = scrape(metrics_url)
+        with RssSampler(grpc_server.pid) as rss, event_loop_runner() as runner:
+            m = runner.run(flood(v2))
+        after = scrape(metrics_url)
+        line = _report(name, m, REFUSED_GRPC, (warm, rss.peak_mb, after.gauges[RSS] / 2**20))
+        _check_accounting(m, REFUSED_GRPC, before, after)
+        assert rss.peak_mb < warm + RSS_BOUND_MB, line
 
 
 # --- refused before the body is read ------------------------------------------------------------
