@@ -136,6 +136,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float32)
+        if mode == "F":
+            # NOTE: float pixels may be NaN or infinite (a TIFF says what it likes); they count as
+            # black. Left in, they made the peak NaN or infinite and the cast to uint8 undefined.
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         peak = float(values.max()) if values.size else 0.0
         if mode.startswith("I;16"):
             # NOTE: I;16 pixels are 16-bit by definition (0..65535), whatever the peak: guessing
