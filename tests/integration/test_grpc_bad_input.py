@@ -325,6 +325,30 @@ def test_predict_batch_unknown_model_is_not_found_before_decoding(fake_entry: Mo
     run(scenario())
 
 
+def test_predict_batch_of_more_images_than_the_queue_holds_is_refused_whole(fake_entry: ModelEntry) -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime(fake_entry)
+        async with serving(runtime, max_queue_size=16) as served:
+            computed = len(runtime.batches)
+            error = await rpc_error(
+                served.stub.PredictBatch(v1.PredictBatchRequest(images=[GOOD_IMAGE] * 17))
+            )
+            assert_status(
+                error, StatusCode.INVALID_ARGUMENT, "17 images", "(16, setting VISION_MAX_QUEUE_SIZE)"
+            )
+            # 100,000 empty images in 200 KB: refused at once, none decoded or answered one by one
+            request = v1.PredictBatchRequest(images=[b""] * 100_000)
+            assert request.ByteSize() == 200_000
+            error = await rpc_error(served.stub.PredictBatch(request))
+            assert_status(error, StatusCode.INVALID_ARGUMENT, "100,000 images", "send fewer at once")
+            assert len(runtime.batches) == computed
+            response = await served.stub.PredictBatch(v1.PredictBatchRequest(images=[GOOD_IMAGE] * 16))
+            assert [r.WhichOneof("outcome") for r in response.results] == ["result"] * 16
+            await assert_both_serving(served)
+
+    run(scenario())
+
+
 # --- messages far over VISION_GRPC_MAX_MESSAGE_BYTES ----------------------------------------------
 
 
