@@ -121,9 +121,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's form parsing wraps it in a 400
-            return await client_disconnected(request, exc.__cause__)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_ARGUMENT)
         if exc.status_code >= 500:
             code = ErrorCode.INTERNAL
