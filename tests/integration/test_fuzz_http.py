@@ -33,10 +33,12 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
 
-from tests.conftest import encode
+from tests.conftest import DEFAULT_MODEL, encode
 from tests.fixtures import FakeRuntime, crafted_png, write_fake_entry
 from visionserve.http.app import create_app
 from visionserve.http.limits import is_v2_path
+from visionserve.repository import ModelEntry
+from visionserve.runtimes.onnx import OnnxRuntime
 from visionserve.settings import ServerSettings
 
 MAX_EXAMPLES = 20
@@ -71,64 +73,78 @@ def _fuzz_images() -> list[str]:
     ]
 
 
-CONFIG = SchemathesisConfig.from_dict(
-    {
-        "seed": SEED,
-        "cache": {"enabled": False},
-        "request-timeout": CALL_TIMEOUT_S,
-        "generation": {
-            "mode": "all",  # valid requests and requests that break the schema
-            "max-examples": MAX_EXAMPLES,
-            "deterministic": True,
-            "database": "none",
-            # NOTE: an HTTP server ignores query parameters and headers it does not know (proxies
-            # and clients add their own), so "an unknown header was accepted" is no failure.
-            "allow-extra-parameters": False,
-        },
-        "phases": {"stateful": {"enabled": False}},
-        # NOTE: values that get a request past the first check: every V2 route names its model
-        # in the path, and random names would stop every request at the 404, never reaching the
-        # body parsing; random bytes are almost never an image. Each is used only part of the
-        # time, the rest stays random.
-        "dictionaries": {
-            "model": {"values": ["fake"]},
-            "version": {"values": ["1"]},
-            "images": {"values": _fuzz_images()},
-            "v2-input": {"values": ["image", "input"]},
-            "v2-datatype": {"values": ["BYTES", "FP32"]},
-        },
-        "parameters": {
-            "path.model_name": {"dictionary": "model", "probability": 0.9},
-            "path.model_version": {"dictionary": "version", "probability": 0.7},
-            "body.image": {"dictionary": "images", "probability": 0.6},
-            "body.image_base64": {"dictionary": "images", "probability": 0.6},
-            "body.inputs[*].name": {"dictionary": "v2-input", "probability": 0.8},
-            "body.inputs[*].datatype": {"dictionary": "v2-datatype", "probability": 0.8},
-            "body.inputs[*].data[*]": {"dictionary": "images", "probability": 0.6},
-        },
-        "checks": {
-            # NOTE: a schema-valid body is not always a valid request here: no JSON schema can say
-            # "base64 of an image Pillow decodes" or "V2 tensors of the model's shape", so a
-            # schema-valid request may be answered 400 (not an image), 404 (unknown model or
-            # version) or 413 (image over the pixel limit). Any other status stays a failure.
-            "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404", "413"]},
-        },
+def fuzz_config(model: str, max_examples: int) -> SchemathesisConfig:
+    """The run's configuration, for a server serving `model`."""
+    bindings = {
+        "path.model_name": {"dictionary": "model", "probability": 0.9},
+        "path.model_version": {"dictionary": "version", "probability": 0.7},
+        "body.image": {"dictionary": "images", "probability": 0.6},
+        "body.image_base64": {"dictionary": "images", "probability": 0.6},
+        "body.inputs[*].name": {"dictionary": "v2-input", "probability": 0.8},
+        "body.inputs[*].datatype": {"dictionary": "v2-datatype", "probability": 0.8},
+        "body.inputs[*].data[*]": {"dictionary": "images", "probability": 0.6},
     }
-)
+    return SchemathesisConfig.from_dict(
+        {
+            "seed": SEED,
+            "cache": {"enabled": False},
+            "request-timeout": CALL_TIMEOUT_S,
+            "generation": {
+                "mode": "all",  # valid requests and requests that break the schema
+                "max-examples": max_examples,
+                "deterministic": True,
+                "database": "none",
+                # NOTE: an HTTP server ignores query parameters and headers it does not know (proxies
+                # and clients add their own), so "an unknown header was accepted" is no failure.
+                "allow-extra-parameters": False,
+            },
+            "phases": {"stateful": {"enabled": False}},
+            # NOTE: values that get a request past the first check: every V2 route names its model
+            # in the path, and random names would stop every request at the 404, never reaching the
+            # body parsing; random bytes are almost never an image. Each is used only part of the
+            # time, the rest stays random.
+            "dictionaries": {
+                "model": {"values": [model]},
+                "version": {"values": ["1"]},
+                "images": {"values": _fuzz_images()},
+                "v2-input": {"values": ["image", "input"]},
+                "v2-datatype": {"values": ["BYTES", "FP32"]},
+            },
+            "parameters": bindings,
+            # NOTE: the infer routes always name the served model (version 1): their coverage
+            # phase otherwise spends nearly every case on the model-not-found 404.
+            "operations": [
+                {
+                    "include-path-regex": "/infer$",
+                    "parameters": bindings | {"path.model_name": model, "path.model_version": "1"},
+                }
+            ],
+            "checks": {
+                # NOTE: a schema-valid body is not always a valid request here: no JSON schema can say
+                # "base64 of an image Pillow decodes" or "V2 tensors of the model's shape", so a
+                # schema-valid request may be answered 400 (not an image), 404 (unknown model or
+                # version) or 413 (image over the pixel limit). Any other status stays a failure.
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404", "413"]},
+            },
+        }
+    )
 
-CASES: collections.Counter[str] = collections.Counter()
-"""Cases sent, per operation label, and `status NNN` per status code; printed at the end."""
+
+CASES: collections.Counter[tuple[str, str, int]] = collections.Counter()
+"""Cases sent: (run, operation label, status answered) -> count; printed at the end (`-s`)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_cases() -> Iterator[None]:
     yield
-    operations = {label: n for label, n in CASES.items() if not label.startswith("status ")}
-    statuses = {label: n for label, n in CASES.items() if label.startswith("status ")}
-    print(f"\nschemathesis: {sum(operations.values())} cases over {len(operations)} operations")
-    for label, count in sorted(operations.items()):
-        print(f"  {count:5d}  {label}")
-    print("  answers: " + ", ".join(f"{label[7:]}: {n}" for label, n in sorted(statuses.items())))
+    for run in sorted({run for run, _, _ in CASES}):
+        cases = {key: n for key, n in CASES.items() if key[0] == run}
+        labels = sorted({label for _, label, _ in cases})
+        print(f"\nschemathesis, {run}: {sum(cases.values())} cases over {len(labels)} operations")
+        for label in labels:
+            statuses = {status: n for (_, name, status), n in cases.items() if name == label}
+            answers = ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
+            print(f"  {sum(statuses.values()):5d}  {label}  ({answers})")
 
 
 SETTINGS = {"max_request_bytes": 256 * 1024}
@@ -190,7 +206,7 @@ def asked_for_a_deadline(request: requests.PreparedRequest) -> bool:
     )
 
 
-schema = schemathesis.openapi.from_dict(_openapi_document(), config=CONFIG)
+schema = schemathesis.openapi.from_dict(_openapi_document(), config=fuzz_config("fake", MAX_EXAMPLES))
 
 
 @schema.parametrize()
@@ -199,9 +215,13 @@ schema = schemathesis.openapi.from_dict(_openapi_document(), config=CONFIG)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], database=None, derandomize=True)
 def test_http_surface(case: schemathesis.Case, app: FastAPI) -> None:
     """No 5xx, no hang, errors in the error shape, answers as documented."""
+    call_and_check(case, app, run="fake runtime")
+
+
+def call_and_check(case: schemathesis.Case, app: FastAPI, *, run: str) -> None:
+    """Send `case` to `app` and check its answer."""
     response = case.call(app=app, timeout=CALL_TIMEOUT_S)
-    CASES[case.operation.label] += 1
-    CASES[f"status {response.status_code}"] += 1
+    CASES[run, case.operation.label, response.status_code] += 1
     path = unquote(urlsplit(response.request.url or "").path)
     status = response.status_code
     # NOTE: the one 5xx allowed: 504 to a request that set itself a deadline (a generated
@@ -217,3 +237,71 @@ def test_http_surface(case: schemathesis.Case, app: FastAPI) -> None:
     case.validate_response(
         response, excluded_checks=excluded, transport_kwargs={"app": app, "timeout": CALL_TIMEOUT_S}
     )
+
+
+# --- a small second run against the real model ----------------------------------------------------
+
+REAL_MAX_EXAMPLES = 5
+
+
+def _model_operations(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with only the operations that reach the model: predict and infer."""
+    paths = {
+        path: ops
+        for path, ops in document["paths"].items()
+        if path.startswith("/predict") or path.endswith("/infer")
+    }
+    return document | {"paths": paths}
+
+
+real_schema = schemathesis.openapi.from_dict(
+    _model_operations(_openapi_document()), config=fuzz_config(DEFAULT_MODEL, REAL_MAX_EXAMPLES)
+)
+"""The predict and infer operations only: the rest never reach the model."""
+
+
+@pytest.fixture
+def real_app(real_entry: ModelEntry) -> Iterator[FastAPI]:
+    """An app over the real exported model (ONNX Runtime, one thread), ready."""
+    application = create_app(ServerSettings(**SETTINGS), OnnxRuntime(real_entry, threads=1))
+    with asgi.get_client(application) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the real model did not become ready"
+            time.sleep(0.05)
+    yield application
+
+
+@pytest.mark.real_model
+@real_schema.parametrize()
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], database=None, derandomize=True)
+def test_http_surface_real_model(case: schemathesis.Case, real_app: FastAPI) -> None:
+    """The same checks, with the real model computing what the generated requests get through."""
+    call_and_check(case, real_app, run="real model")
+
+
+# --- the document fixes the fuzzing called for, as plain regression tests -------------------------
+
+
+def test_every_error_answer_is_documented_in_its_shape() -> None:
+    """Each operation documents its error answers with the body they are sent with: V2 routes
+    `{"error": "<message>"}` (V2ErrorResponse), the others ErrorResponse; none documents FastAPI's
+    `{"detail": [...]}`, which the app never sends. The V2 model routes document their 404."""
+    document = _openapi_document()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if not status.startswith(("4", "5")):
+                    continue
+                refs = [c.get("schema", {}).get("$ref", "") for c in response.get("content", {}).values()]
+                expected = {
+                    "V2ErrorResponse" if is_v2_path(path) else "ErrorResponse",
+                    "HealthStatus",  # the readiness probe's 503 carries its status
+                }
+                names = {ref.rsplit("/", 1)[-1] for ref in refs}
+                assert names and names <= expected, f"{method.upper()} {path} {status}: {refs}"
+            if path.startswith("/v2/models/{model_name}"):
+                assert "404" in operation["responses"], f"{method.upper()} {path} does not document 404"
+    infer = document["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert {"400", "404", "413", "415", "503", "504"} <= set(infer["responses"])
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["required"] == ["inputs"]
