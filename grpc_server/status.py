@@ -11,6 +11,23 @@ from visionserve.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+MAX_DETAILS_BYTES = 1024
+"""Longest status message sent (UTF-8 bytes). It travels, percent-encoded, in the `grpc-message`
+trailer, which clients cap (grpc: 8 KiB soft, 16 KiB hard): a message that quotes a long name from
+the request reached the client as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"
+instead of its own status."""
+
+
+def shortened(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`message` if it fits in `limit` UTF-8 bytes, else its start and its end (where the advice
+    usually is) with what was cut between them."""
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    keep = (limit - 40) // 2
+    head, tail = data[:keep].decode(errors="ignore"), data[-keep:].decode(errors="ignore")
+    return f"{head} [... {len(data) - 2 * keep:,} bytes cut ...] {tail}"
+
 
 def grpc_code(code: ErrorCode) -> grpc.StatusCode:
     """The gRPC status for a core error code (STATUS_TABLE names it)."""
@@ -30,6 +47,6 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None: 
     if isinstance(exc, VisionError):
         if exc.retry_after_s:
             context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-        await context.abort(grpc_code(exc.code), exc.message)
+        await context.abort(grpc_code(exc.code), shortened(exc.message))
     logger.error("unexpected error in a call", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE)

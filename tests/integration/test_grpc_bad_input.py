@@ -349,6 +349,42 @@ def test_predict_batch_of_more_images_than_the_queue_holds_is_refused_whole(fake
     run(scenario())
 
 
+@pytest.mark.parametrize("name", ["x" * 100_000, "\U0001f600" * 30_000], ids=["ascii", "emoji"])
+def test_an_error_quoting_a_long_name_keeps_its_status(fake_entry: ModelEntry, name: str) -> None:
+    # NOTE: a status message travels in a trailer that clients cap at 8-16 KiB; quoting a 100 KB name
+    # whole, these calls got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"
+    long_output = image_request(GOOD_IMAGE)
+    long_output.outputs.add(name=name)
+    cases = [
+        (v1.PredictRequest(image=GOOD_IMAGE, model=name), StatusCode.NOT_FOUND, "this server serves 'fake'"),
+        (v2.ModelInferRequest(model_name=name), StatusCode.NOT_FOUND, "this server serves 'fake'"),
+        (
+            v2.ModelInferRequest(model_name="fake", inputs=[Tensor(name=name, datatype="BYTES", shape=[1])]),
+            StatusCode.INVALID_ARGUMENT,
+            "this model takes",
+        ),
+        (long_output, StatusCode.INVALID_ARGUMENT, "this model has 'logits', 'probabilities'"),
+        (v2.ModelMetadataRequest(name=name), StatusCode.NOT_FOUND, "this server serves 'fake'"),
+    ]
+
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry)) as served:
+            stub = v2_stub(served)
+            calls = {
+                v1.PredictRequest: served.stub.Predict,
+                v2.ModelInferRequest: stub.ModelInfer,
+                v2.ModelMetadataRequest: stub.ModelMetadata,
+            }
+            for request, status, advice in cases:
+                error = await rpc_error(calls[type(request)](request))
+                details = assert_status(error, status, "bytes cut", advice)
+                assert advice in details[-200:], details[-200:]  # the advice, at the end, is kept
+                assert len(details.encode()) <= 1024
+                await assert_both_serving(served)
+
+    run(scenario())
+
+
 # --- messages far over VISION_GRPC_MAX_MESSAGE_BYTES ----------------------------------------------
 
 
