@@ -178,7 +178,7 @@ async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime
         failed = True
     else:
         await stopping
-        delay = server_settings.shutdown_delay_s
+        delay = server_settings.shutdown_delay_s if grpc_server.service.ready else 0.0
         if delay > 0:
             await grpc_server.begin_shutdown()
             logger.info("shutting down: NOT_SERVING, serving %.1f s more (VISION_SHUTDOWN_DELAY_S)", delay)

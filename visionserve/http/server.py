@@ -165,13 +165,13 @@ class _DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         assert self._loop is not None
+        delay = self.delay_s if self.service.ready else 0.0  # never ready: nothing routes here
         self.service.begin_shutdown()
-        if self.delay_s > 0:
+        if delay > 0:
             logger.info(
-                "shutting down: readiness 503, still serving for %.1f s (VISION_SHUTDOWN_DELAY_S)",
-                self.delay_s,
+                "shutting down: readiness 503, still serving for %.1f s (VISION_SHUTDOWN_DELAY_S)", delay
             )
-        self._loop.call_later(self.delay_s, self._stop_serving)
+        self._loop.call_later(delay, self._stop_serving)
 
     def _stop_serving(self) -> None:
         self.service.refuse_new_requests()
