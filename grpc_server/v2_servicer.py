@@ -29,6 +29,7 @@ from visionserve.v2.codec import (
     InputTensor,
     RequestedOutput,
     build_outputs,
+    check_output_count,
     check_outputs,
     default_outputs,
     invalid,
@@ -99,6 +100,7 @@ def requested_outputs(signature: Signature, request: pb.ModelInferRequest) -> li
     """The outputs asked for (every output, as tensors, when none is named)."""
     if not request.outputs:
         return default_outputs(signature)
+    check_output_count(signature, len(request.outputs))
     outputs = [
         requested_output(signature, output.name, parameter_values(output.parameters))
         for output in request.outputs

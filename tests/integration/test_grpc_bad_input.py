@@ -385,6 +385,26 @@ def test_an_error_quoting_a_long_name_keeps_its_status(fake_entry: ModelEntry, n
     run(scenario())
 
 
+def test_a_request_for_a_huge_list_of_outputs_is_refused_at_once(fake_entry: ModelEntry) -> None:
+    # NOTE: the duplicate check was quadratic, on the event loop: 200,000 outputs (2 MB) held every
+    # call on the server for about a minute
+    request = image_request(GOOD_IMAGE)
+    for _ in range(200_000):
+        request.outputs.add(name="logits")
+
+    async def scenario() -> None:
+        async with serving(FakeRuntime(fake_entry)) as served:
+            error = await rpc_error(v2_stub(served).ModelInfer(request))
+            assert_status(
+                error, StatusCode.INVALID_ARGUMENT, "200,000 outputs are requested", "this model has 2"
+            )
+            answers = [a async for a in v2_stub(served).ModelStreamInfer(iter([request]))]
+            assert "200,000 outputs are requested" in answers[0].error_message
+            await assert_both_serving(served)
+
+    run(scenario())
+
+
 # --- messages far over VISION_GRPC_MAX_MESSAGE_BYTES ----------------------------------------------
 
 

@@ -292,6 +292,27 @@ def test_http_v2_gzip_body_inflating_to_exactly_the_limit_is_served_and_one_byte
     run(scenario())
 
 
+def test_http_v2_request_for_a_huge_list_of_outputs_is_refused_at_once(fake_entry: ModelEntry) -> None:
+    # NOTE: the duplicate check was quadratic: 200,000 outputs (a 4 MB body) took about a minute
+    image = base64.b64encode(PNG).decode()
+    content = json.dumps(
+        {
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}],
+            "outputs": [{"name": "logits"}] * 200_000,
+        }
+    ).encode()
+    body = Body(INFER.format("fake"), content, {"Content-Type": "application/json"}, PNG)
+
+    async def scenario() -> None:
+        async with http_serving(FakeRuntime(fake_entry)) as port:
+            answer = await post(port, body, chunked=False)
+            assert answer.status == 400, answer
+            assert "200,000 outputs are requested" in answer.json()["error"]  # type: ignore[operator]
+            assert top_label("v2", await post(port, v2_body(PNG, "fake"), chunked=False))[0] == TOP
+
+    run(scenario())
+
+
 @pytest.mark.real_model
 def test_http_real_photo_padded_to_the_limit_classifies_as_the_photo(real_entry: ModelEntry) -> None:
     from visionserve.runtimes.onnx import OnnxRuntime

@@ -23,6 +23,7 @@ from visionserve.v2.codec import (
     ModelInput,
     OutputTensor,
     RequestedOutput,
+    check_output_count,
     check_outputs,
     default_outputs,
     invalid,
@@ -36,6 +37,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 SIZE_SETTING = "VISION_MAX_REQUEST_BYTES"
 _GZIP_WBITS = 31
+_UINT64_MAX = 2**64 - 1
 _WBITS = {"gzip": (_GZIP_WBITS,), "x-gzip": (_GZIP_WBITS,), "deflate": (15, -15)}  # deflate: zlib, else raw
 
 
@@ -170,6 +172,7 @@ def _outputs(signature: Signature, raw_outputs: object) -> list[RequestedOutput]
         return default_outputs(signature)
     if not isinstance(raw_outputs, list):
         raise invalid("`outputs` must be a list of {name, parameters}")
+    check_output_count(signature, len(raw_outputs))
     outputs = []
     for index, raw in enumerate(raw_outputs):
         entry = _object(raw, f"outputs[{index}]")
@@ -185,8 +188,12 @@ def _timeout(parameters: Mapping[str, object]) -> float | None:
     value = parameters.get("timeout")
     if value is None:
         return None
+    # NOTE: the protocol's timeout is a uint64; a larger JSON integer overflowed the division (500)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise invalid(f"parameter timeout must be a positive number of microseconds, got {value!r}")
+        raise invalid(
+            f"parameter timeout must be a positive number of microseconds (at most {_UINT64_MAX}), "
+            f"got {value!r}"
+        )
     return value / 1e6
 
 
