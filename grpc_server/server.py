@@ -13,14 +13,19 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
-from wsgiref.simple_server import WSGIServer
+import threading
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_wsgi_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from grpc_server.auth import ApiKeyInterceptor, require_key
 from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.messages import MessageCheckInterceptor
 from grpc_server.servicer import InferenceServicer
@@ -29,8 +34,9 @@ from visionserve.errors import ConfigurationError
 from visionserve.http.server import configure_logging
 from visionserve.runtimes import runtime_from_settings
 from visionserve.runtimes.base import ModelRuntime
+from visionserve.security import server_ssl_context
 from visionserve.service import InferenceService
-from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
+from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings, from_env
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 from visionserve.v2 import grpc_service_pb2 as v2_pb
@@ -44,6 +50,19 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No line per scrape on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer6(ThreadingWSGIServer):
+    """The metrics endpoint on an IPv6 address (e.g. `::`)."""
+
+    address_family = socket.AF_INET6
+
+
 class GrpcServer:
     """One model served over gRPC: build with settings and a runtime, `start()`, `stop()`.
 
@@ -51,8 +70,16 @@ class GrpcServer:
     is ready (or raises what made loading fail).
     """
 
-    def __init__(self, settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime):
+    def __init__(
+        self,
+        settings: GrpcSettings,
+        server_settings: ServerSettings,
+        runtime: ModelRuntime,
+        security: SecuritySettings | None = None,
+    ):
         self.settings = settings
+        self.security = security or SecuritySettings(api_key=None, tls_cert_file=None, tls_key_file=None)
+        self.api_key = self.security.resolved_api_key()
         self.service = InferenceService.from_settings(runtime, server_settings)
         limit = settings.max_message_bytes
         # NOTE: the transport accepts up to twice the limit so that the servicer, not gRPC core,
@@ -61,6 +88,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[
                 LoggingInterceptor(self.service.metrics, access_log=server_settings.access_log),
+                *([ApiKeyInterceptor(self.api_key)] if self.api_key else []),
                 MessageCheckInterceptor(),  # NOTE: last: requests that do not parse -> INVALID_ARGUMENT
             ],
             options=[
@@ -94,7 +122,15 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind, start answering (NOT_SERVING), load the model in the background; return the port."""
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.security.tls:
+            assert self.security.tls_cert_file is not None and self.security.tls_key_file is not None
+            credentials = grpc.ssl_server_credentials(
+                [(self.security.tls_key_file.read_bytes(), self.security.tls_cert_file.read_bytes())]
+            )
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise ConfigurationError(f"cannot bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._set_health(NOT_SERVING)
@@ -105,15 +141,31 @@ class GrpcServer:
         return self.port
 
     def _start_metrics(self) -> None:
-        """GET /metrics over plain HTTP, in a daemon thread (Prometheus cannot scrape gRPC)."""
+        """GET /metrics over HTTP (HTTPS with TLS on; the API key when on), in a daemon thread
+        (Prometheus cannot scrape gRPC)."""
         host, port = self.settings.host, self.settings.metrics_port
+        app = make_wsgi_app(self.service.metrics.registry)
+        if self.api_key:
+            app = require_key(app, self.api_key)
         try:
-            self._metrics_server, _ = start_wsgi_server(port, host, registry=self.service.metrics.registry)
+            server_class = _MetricsServer6 if ":" in host else ThreadingWSGIServer
+            self._metrics_server = make_server(
+                host.strip("[]"), port, app, server_class, handler_class=_QuietHandler
+            )
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot serve gRPC metrics on {host}:{port} ({exc.strerror}); set "
                 "VISION_GRPC_METRICS_PORT to a free port (0 picks one) or VISION_GRPC_METRICS=false"
             ) from exc
+        if self.security.tls:
+            assert self.security.tls_cert_file is not None and self.security.tls_key_file is not None
+            context = server_ssl_context(self.security.tls_cert_file, self.security.tls_key_file)
+            # NOTE: the handshake happens in the request's own thread, not in accept(): a client that
+            # connects and never speaks TLS cannot stall the endpoint.
+            self._metrics_server.socket = context.wrap_socket(
+                self._metrics_server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        threading.Thread(target=self._metrics_server.serve_forever, name="metrics", daemon=True).start()
         self.metrics_port = int(self._metrics_server.server_address[1])
 
     async def _load(self) -> None:
@@ -143,26 +195,40 @@ class GrpcServer:
             self._metrics_server = None
 
 
-async def serve(settings: GrpcSettings, server_settings: ServerSettings, runtime: ModelRuntime) -> int:
+async def serve(
+    settings: GrpcSettings,
+    server_settings: ServerSettings,
+    runtime: ModelRuntime,
+    security: SecuritySettings | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; return the exit code (1 if the model failed to load)."""
-    grpc_server = GrpcServer(settings, server_settings, runtime)
+    grpc_server = GrpcServer(settings, server_settings, runtime, security)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await grpc_server.start()
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
+    tls = grpc_server.security.tls
+    grpcurl = "grpcurl -cacert ca.pem" if tls else "grpcurl -plaintext"
+    auth = ' -H "authorization: Bearer $VISION_API_KEY"' if grpc_server.api_key else ""
+    client = " --tls-ca ca.pem" if tls else ""
     print(
         f"\nvisionserve gRPC API ({runtime.backend}, model {runtime.model.name}) on {shown}:{port}\n"
-        f"  list:   grpcurl -plaintext {shown}:{port} list\n"
-        f"  health: grpcurl -plaintext {shown}:{port} grpc.health.v1.Health/Check\n"
-        f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}\n"
+        + ("  TLS:    on (VISION_TLS_CERT_FILE)\n" if tls else "")
+        + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if auth else "")
+        + f"  list:   {grpcurl}{auth} {shown}:{port} list\n"
+        f"  health: {grpcurl} {shown}:{port} grpc.health.v1.Health/Check\n"
+        f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}{client}\n"
         "  V2:     inference.GRPCInferenceService (Open Inference Protocol; docs/v2.md)\n"
         "  stop:   Ctrl-C\n",
         flush=True,
     )
     if grpc_server.metrics_port:
-        print(f"visionserve gRPC metrics on http://{shown}:{grpc_server.metrics_port}/metrics\n", flush=True)
+        scheme = "https" if tls else "http"
+        print(
+            f"visionserve gRPC metrics on {scheme}://{shown}:{grpc_server.metrics_port}/metrics\n", flush=True
+        )
     assert grpc_server.loaded is not None
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({grpc_server.loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -198,13 +264,15 @@ def main() -> int:
         settings = from_env(GrpcSettings)
         server_settings = from_env(ServerSettings)
         model_settings = from_env(ModelSettings)
+        security = from_env(SecuritySettings)
+        security.resolved_api_key()  # NOTE: an unreadable key file stops the start here, with its reason
     except ConfigurationError as exc:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(server_settings.log_level)
     try:
         runtime = runtime_from_settings(model_settings)
-        return asyncio.run(serve(settings, server_settings, runtime))
+        return asyncio.run(serve(settings, server_settings, runtime, security))
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)
         return 2
