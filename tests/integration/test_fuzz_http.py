@@ -27,6 +27,7 @@ import pytest
 import requests
 import schemathesis
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from PIL import Image
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
@@ -73,6 +74,11 @@ def _fuzz_images() -> list[str]:
     ]
 
 
+EXTREME_NUMBERS: list[int | float] = [10**400, -(10**400), 2**64, 2**63, -(2**63), 1e308, 3.5e38, 5e-324, 0]
+"""Numbers at and past the limits of the types a server converts JSON numbers to (JSON has none):
+Python parses any integer, and float() of one past 1.8e308 raises OverflowError."""
+
+
 def fuzz_config(model: str, max_examples: int) -> SchemathesisConfig:
     """The run's configuration, for a server serving `model`."""
     bindings = {
@@ -83,6 +89,9 @@ def fuzz_config(model: str, max_examples: int) -> SchemathesisConfig:
         "body.inputs[*].name": {"dictionary": "v2-input", "probability": 0.8},
         "body.inputs[*].datatype": {"dictionary": "v2-datatype", "probability": 0.8},
         "body.inputs[*].data[*]": {"dictionary": "images", "probability": 0.6},
+        "body.parameters.timeout": {"dictionary": "numbers", "probability": 0.3},
+        "body.topk": {"dictionary": "integers", "probability": 0.2},
+        "query.topk": {"dictionary": "integers", "probability": 0.2},
     }
     return SchemathesisConfig.from_dict(
         {
@@ -109,6 +118,10 @@ def fuzz_config(model: str, max_examples: int) -> SchemathesisConfig:
                 "images": {"values": _fuzz_images()},
                 "v2-input": {"values": ["image", "input"]},
                 "v2-datatype": {"values": ["BYTES", "FP32"]},
+                "numbers": {"values": EXTREME_NUMBERS},
+                # NOTE: no floats for topk: JSON Schema counts 1e308 as an integer, the parsers
+                # (pydantic, FastAPI's query) do not, and answer 422 with a clear message.
+                "integers": {"values": [n for n in EXTREME_NUMBERS if isinstance(n, int)]},
             },
             "parameters": bindings,
             # NOTE: the infer routes always name the served model (version 1): their coverage
@@ -305,3 +318,46 @@ def test_every_error_answer_is_documented_in_its_shape() -> None:
     infer = document["paths"]["/v2/models/{model_name}/infer"]["post"]
     assert {"400", "404", "413", "415", "503", "504"} <= set(infer["responses"])
     assert infer["requestBody"]["content"]["application/json"]["schema"]["required"] == ["inputs"]
+
+
+# --- failures found by probing the limits the fuzzing exercises, as regression tests ------------
+
+IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [_fuzz_images()[0]]}
+
+
+def tensor_input(value: object) -> dict[str, object]:
+    """The fake model's FP32 input, every element `value`."""
+    return {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [value] * 3 * 32 * 32}
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        # was 500: `timeout / 1e6` raised OverflowError
+        ({"inputs": [IMAGE_INPUT], "parameters": {"timeout": 10**400}}, "parameter timeout"),
+        ({"inputs": [IMAGE_INPUT], "parameters": {"timeout": 2**64}}, "parameter timeout"),
+        # was 500: numpy raised OverflowError converting the integer to float32
+        ({"inputs": [tensor_input(10**400)]}, "too large for FP32"),
+        # past FP32's range: infinity, refused (numpy's overflow warning was an error under pytest)
+        ({"inputs": [tensor_input(1e39)]}, "NaN or infinity"),
+    ],
+    ids=["timeout-10e400", "timeout-2e64", "fp32-10e400", "fp32-1e39"],
+)
+def test_numbers_past_any_float_are_refused(
+    fake_client: TestClient, body: dict[str, Any], fragment: str
+) -> None:
+    """JSON numbers have no limit, and Python parses any integer: numbers past what the server
+    converts them to are a 400 naming the field, never a 500."""
+    response = fake_client.post(
+        "/v2/models/fake/infer", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]
+    good = {"inputs": [IMAGE_INPUT]}
+    assert fake_client.post("/v2/models/fake/infer", json=good).status_code == 200
+
+
+def test_the_largest_timeout_is_accepted(fake_client: TestClient) -> None:
+    """The protocol's largest timeout (uint64) still works."""
+    body = {"inputs": [IMAGE_INPUT], "parameters": {"timeout": 2**64 - 1}}
+    assert fake_client.post("/v2/models/fake/infer", json=body).status_code == 200

@@ -218,6 +218,8 @@ def _tensor_batch(spec: TensorSpec, shape: tuple[int, ...], data: bytes | Sequen
             raise invalid(
                 f"input {spec.name!r}: data must be numbers (FP32), as a flat or nested row-major list"
             ) from None
+        except OverflowError:  # a JSON integer too large for any float (Python's ints are unbounded)
+            raise invalid(f"input {spec.name!r}: the data holds a number too large for FP32") from None
         if array.size != count:
             raise invalid(
                 f"input {spec.name!r}: shape {list(shape)} needs {count:,} elements; {array.size:,} were sent"

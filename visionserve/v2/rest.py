@@ -189,7 +189,7 @@ def _timeout(parameters: Mapping[str, object]) -> float | None:
     if value is None:
         return None
     # NOTE: the protocol's timeout is a uint64; a larger JSON integer overflowed the division (500)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _UINT64_MAX:
         raise invalid(
             f"parameter timeout must be a positive number of microseconds (at most {_UINT64_MAX}), "
             f"got {value!r}"
