@@ -20,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from grpc_server.server import GrpcServer
 from tests.fixtures import FAKE_CLASSES, FakeRuntime
 from tests.integration.test_grpc import (
     GOOD_IMAGE,
@@ -36,6 +37,7 @@ from tests.integration.test_grpc import (
 )
 from tests.integration.test_v2_grpc import constant_batch, expected, logits, tensor_request, v2_stub
 from visionserve.repository import ModelEntry
+from visionserve.settings import GrpcSettings, SecuritySettings, ServerSettings
 from visionserve.v1 import inference_pb2 as v1
 from visionserve.v2 import grpc_service_pb2 as v2
 from visionserve.v2.codec import pack_bytes
@@ -140,6 +142,41 @@ def test_bytes_that_do_not_parse_are_invalid_argument_on_every_method(
                 # not a server bug: no traceback logged
                 assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
                 await assert_both_serving(served)
+
+    run(scenario())
+
+
+def test_without_the_api_key_a_message_that_does_not_parse_is_unauthenticated(fake_entry: ModelEntry) -> None:
+    # NOTE: the key is checked before the message is looked at: a caller without it learns nothing
+    key = "k" * 32
+    security = SecuritySettings(api_key=key)  # type: ignore[arg-type]
+    settings = GrpcSettings(host="127.0.0.1", port=0, metrics=False)
+
+    async def scenario() -> None:
+        server = GrpcServer(settings, ServerSettings(), FakeRuntime(fake_entry), security)
+        port = await server.start()
+        try:
+            assert server.loaded is not None
+            await server.loaded
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for path in (
+                    "/visionserve.v1.Inference/Predict",
+                    "/inference.GRPCInferenceService/ModelStreamInfer",
+                ):
+                    streaming = "Stream" in path
+                    for metadata, status in (
+                        ((), StatusCode.UNAUTHENTICATED),
+                        ((("authorization", f"Bearer {key}"),), StatusCode.INVALID_ARGUMENT),
+                    ):
+                        raw = MALFORMED["corrupt"]
+                        call = (
+                            channel.stream_stream(path)(iter([raw]), metadata=metadata)
+                            if streaming
+                            else channel.unary_unary(path)(raw, metadata=metadata)
+                        )
+                        assert (await rpc_error(call)).code() == status, (path, metadata)
+        finally:
+            await server.stop(grace_s=1)
 
     run(scenario())
 
