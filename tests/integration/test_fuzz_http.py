@@ -361,3 +361,19 @@ def test_the_largest_timeout_is_accepted(fake_client: TestClient) -> None:
     """The protocol's largest timeout (uint64) still works."""
     body = {"inputs": [IMAGE_INPUT], "parameters": {"timeout": 2**64 - 1}}
     assert fake_client.post("/v2/models/fake/infer", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_deeply_nested_json_is_refused(fake_client: TestClient, depth: int) -> None:
+    """JSON nested `depth` levels deep (2 KB at 1,000): a 400 (V2) or 422 (the project's API) in the
+    error shape, never a 500 (the V2 parser's RecursionError was one)."""
+    nested = "[" * depth + "]" * depth
+    headers = {"content-type": "application/json"}
+    response = fake_client.post(
+        "/v2/models/fake/infer", content='{"inputs": ' + nested + "}", headers=headers
+    )
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.json()["error"]
+    response = fake_client.post("/predict", content='{"image": ' + nested + "}", headers=headers)
+    assert response.status_code == 422, response.text
+    check_error_shape("/predict", 422, response.json())

@@ -205,6 +205,10 @@ def parse_request(signature: Signature, body: bytes, header_length: str | None) 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" (binary data follows at byte {len(header):,})" if binary else ""
         raise invalid(f"the request's JSON is not valid: {exc}{where}") from None
+    except RecursionError:  # NOTE: json.loads recurses per nesting level; 1,000 `[` (2 KB) were a 500
+        raise invalid(
+            "the request's JSON is nested too deeply; a tensor's data nests as deep as its shape"
+        ) from None
     request = _object(document, "the request")
     parameters = _parameters(request.get("parameters"), "request")
     binary_output = parameters.get("binary_data_output", False)
