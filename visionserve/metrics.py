@@ -96,7 +96,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "visionserve_rejected",
-            "Requests dropped before they were computed: queue_full, deadline, cancelled.",
+            "Requests dropped before they were computed: queue_full, deadline, cancelled (the client "
+            "left: mid-body, while decoded or while queued).",
             ["reason"],
             registry=self.registry,
         )

@@ -52,7 +52,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "Unknown model",
         413: "Body or image over the configured limits (the message names the setting)",
         422: "The request does not match the schema",
-        503: "The model is not loaded yet, or the server is at capacity (see Retry-After)",
+        503: "The model is not loaded yet, the server is at capacity, or it is shutting down (see "
+        "Retry-After)",
         504: "The request's deadline (X-Request-Timeout, VISION_REQUEST_TIMEOUT_S) passed while it "
         "was queued; it was not computed",
     }.items()
