@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,7 +46,6 @@ class _Pending:
     future: asyncio.Future[np.ndarray]
     enqueued_at: float
     deadline: float | None = None  # time.monotonic() after which the answer is useless
-    done: bool = field(default=False)
 
 
 class DynamicBatcher:
