@@ -435,3 +435,71 @@ def test_grpc_sigterm_with_calls_in_flight(
             channel.close()
     check(Figures("gRPC", sigterm, exited, exit_code, load.outcomes, not_ready_at), server.output())
     assert re.search(r"shutting down: NOT_SERVING, serving 1\.0 s more", server.output())
+
+
+# --- a second signal ends the drain delay -------------------------------------------------------
+
+LONG_DELAY_S = 120.0
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_http_a_second_signal_ends_the_drain_delay(
+    real_repository: Path, processes: list[Server | GrpcProcess]
+) -> None:
+    server = Server(
+        "fastapi_onnx",
+        {
+            "VISION_PORT": "0",
+            "VISION_MODEL_REPOSITORY": str(real_repository),
+            "VISION_SHUTDOWN_DELAY_S": str(LONG_DELAY_S),
+        },
+    )
+    processes.append(server)
+    server.wait_ready()
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while httpx2.get(f"{server.url}/health/ready", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "readiness did not turn 503"
+        time.sleep(0.02)
+    # still serving during the delay
+    answer = httpx2.post(f"{server.url}/predict/file", files={"file": ("c.png", photo_bytes("coffee.png"))})
+    assert answer.status_code == 200 and answer.json()["prediction"] == "espresso"
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < LONG_DELAY_S / 4, "the second signal did not end the delay"
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_grpc_a_second_signal_ends_the_drain_delay(
+    real_repository: Path, processes: list[Server | GrpcProcess]
+) -> None:
+    server = GrpcProcess(
+        {
+            "VISION_GRPC_PORT": "0",
+            "VISION_GRPC_METRICS_PORT": "0",
+            "VISION_MODEL_REPOSITORY": str(real_repository),
+            "VISION_SHUTDOWN_DELAY_S": str(LONG_DELAY_S),
+        }
+    )
+    processes.append(server)
+    with grpc.insecure_channel(server.target) as channel:
+        server.wait_serving(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status != NOT_SERVING:
+            assert time.monotonic() < deadline, "health did not turn NOT_SERVING"
+            time.sleep(0.02)
+        reply = pb_grpc.InferenceStub(channel).Predict(  # type: ignore[no-untyped-call]
+            pb.PredictRequest(image=photo_bytes("coffee.png")), timeout=30
+        )
+        assert reply.prediction == "espresso"  # still serving during the delay
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < LONG_DELAY_S / 4, "the second signal did not end the delay"
+    assert "Traceback" not in server.output()
