@@ -176,3 +176,41 @@ def test_a_full_queue_refuses_at_once_without_decoding(fake_entry: ModelEntry) -
     assert sum(not isinstance(o, VisionError) for o in outcomes) == 3  # 1 computing + 2 waiting
     assert decoded == 3  # the refused ones were never decoded
     assert sorted(finished)[2] < 0.2  # the refusals came back while the first was still computing
+
+
+class _GatedLoad(FakeRuntime):
+    """Loading waits until `release` is set."""
+
+    def __init__(self, model: ModelEntry):
+        super().__init__(model)
+        self.loading = threading.Event()
+        self.release = threading.Event()
+
+    def load(self) -> None:
+        self.loading.set()
+        assert self.release.wait(10)
+        super().load()
+
+
+def test_shutdown_begun_while_loading_is_never_ready(fake_entry: ModelEntry) -> None:
+    """SIGTERM during loading: when the model is loaded, the service does not turn ready (nor take
+    requests) behind the shutdown's back."""
+    runtime = _GatedLoad(fake_entry)
+
+    async def scenario() -> None:
+        service = InferenceService(runtime, max_image_pixels=10**6, preprocess_workers=1)
+        starting = asyncio.ensure_future(service.start())
+        while not runtime.loading.is_set():
+            await asyncio.sleep(0.005)
+        assert service.state is ServiceState.LOADING
+        service.begin_shutdown()
+        runtime.release.set()
+        await starting
+        assert service.state is ServiceState.STOPPING and not service.ready
+        with pytest.raises(VisionError, match="shutting down") as caught:
+            await service.predict(IMAGE)
+        assert caught.value.code is ErrorCode.NOT_READY
+        await service.stop()
+        assert service.state is ServiceState.STOPPED
+
+    asyncio.run(scenario())
