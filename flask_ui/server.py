@@ -18,6 +18,7 @@ from flask_ui.app import create_app
 from flask_ui.settings import UISettings
 from visionserve.errors import ConfigurationError
 from visionserve.settings import from_env
+from visionserve.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -101,4 +102,5 @@ def main() -> int:
         server.close()
         app.extensions["visionserve_ui"]["api"].close()
     logger.info("stopped")
+    ignore_stop_signals()
     return 0

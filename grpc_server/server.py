@@ -37,6 +37,7 @@ from visionserve.runtimes.base import ModelRuntime
 from visionserve.security import server_ssl_context
 from visionserve.service import InferenceService
 from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings, from_env
+from visionserve.signals import ignore_stop_signals
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 from visionserve.v2 import grpc_service_pb2 as v2_pb
@@ -255,6 +256,9 @@ async def serve(
     stopping.cancel()
     await grpc_server.stop()
     logger.info("stopped")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    ignore_stop_signals()  # NOTE: before the loop closes and Python finalises (see there)
     return 1 if failed else 0
 
 

@@ -97,6 +97,9 @@ def stop_all(services: list[Service]) -> int:
             print(f"{service.name} did not stop in {STOP_TIMEOUT_S:.0f} s: killing it", file=sys.stderr)
             service.process.kill()
             code = service.process.wait()
+        if code != 0:
+            how = f"by signal {-code}" if code < 0 else f"with status {code}"
+            print(f"{service.name} exited {how}", file=sys.stderr)
         worst = max(worst, abs(code))
     return worst
 

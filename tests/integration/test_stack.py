@@ -134,7 +134,8 @@ def test_stack_starts_both_apis_and_the_ui_and_ctrl_c_stops_all(
         if secured:
             assert httpx2.get(f"{api}/models", verify=verify).status_code == 401
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
-        assert process.wait(timeout=60) == 0
+        code = process.wait(timeout=60)
+        assert code == 0, f"exit {code}:\n" + "".join(lines) + banner + process.stdout.read()
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.1)

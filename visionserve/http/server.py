@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -17,6 +18,7 @@ from visionserve.http.app import create_app
 from visionserve.runtimes import runtime_from_settings
 from visionserve.service import InferenceService, ServiceState
 from visionserve.settings import ModelSettings, SecuritySettings, ServerSettings, from_env
+from visionserve.signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +112,11 @@ def serve(backend: str) -> int:
     # NOTE: on SIGINT/SIGTERM `_DrainingServer` drains, then uvicorn shuts down gracefully; uvicorn
     # re-raises a second signal so that the previous handler runs; these handlers turn that into a
     # clean exit (status 0, no traceback).
-    previous = signal.signal(signal.SIGTERM, _stop)
-    try:
+    signal.signal(signal.SIGTERM, _Stop())
+    with contextlib.suppress(KeyboardInterrupt, _StopSignal):
         server.run(sockets=[sock])
-    except (KeyboardInterrupt, _StopSignal):
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     logger.info("stopped")
+    ignore_stop_signals()
     return 1 if failed else 0
 
 
@@ -125,8 +124,17 @@ class _StopSignal(Exception):  # noqa: N818 - a signal, not an error
     pass
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise _StopSignal
+class _Stop:
+    """SIGTERM after uvicorn's own handling: end `server.run` once; later signals are ignored (a
+    second exception raised during the shutdown would escape with a traceback)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.raised:
+            self.raised = True
+            raise _StopSignal
 
 
 class _DrainingServer(uvicorn.Server):
