@@ -30,7 +30,7 @@ from visionserve.bench.servers import GrpcServerProcess, ServerProcess, model_en
 from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
-from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
+from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings
 
 REQUESTS = 6
 LEVELS = (1, 2)
@@ -57,12 +57,27 @@ class NeverReady(FailingRuntime):
         super().__init__(model, fail_on_load=True)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway authority's certificate (`ca_file`) and a server certificate it signed."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 @contextlib.contextmanager
-def http_deployment(runtime: ModelRuntime) -> Iterator[str]:
-    """The HTTP app over `runtime` under uvicorn in a thread, on 127.0.0.1 port 0; yields its URL
-    once it listens (not waiting for the model: the harness must do that)."""
-    app = create_app(ServerSettings(preprocess_workers=1), runtime)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+def http_deployment(
+    runtime: ModelRuntime, *, api_key: str | None = None, tls: Tls | None = None
+) -> Iterator[str]:
+    """The HTTP app over `runtime` under uvicorn in a thread, on 127.0.0.1 port 0 (with the API
+    key on and HTTPS, if given); yields its URL once it listens (not waiting for the model: the
+    harness must do that)."""
+    app = create_app(ServerSettings(preprocess_workers=1), runtime, api_key=api_key)
+    files = {} if tls is None else {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **files)  # type: ignore[arg-type]
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     try:
@@ -70,7 +85,8 @@ def http_deployment(runtime: ModelRuntime) -> Iterator[str]:
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        scheme = "http" if tls is None else "https"
+        yield f"{scheme}://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -85,9 +101,17 @@ class GrpcDeployment:
 
 
 @contextlib.contextmanager
-def grpc_deployment(runtime: ModelRuntime) -> Iterator[GrpcDeployment]:
+def grpc_deployment(
+    runtime: ModelRuntime, *, api_key: str | None = None, tls: Tls | None = None
+) -> Iterator[GrpcDeployment]:
     """`GrpcServer` over `runtime` on an event loop of its own in a thread, on 127.0.0.1 port 0
-    (metrics too); yields once it listens (loading in the background, as deployed)."""
+    (metrics too; with the API key on and TLS, if given); yields once it listens (loading in the
+    background, as deployed)."""
+    security = SecuritySettings(
+        api_key=api_key,
+        tls_cert_file=None if tls is None else tls.cert_file,
+        tls_key_file=None if tls is None else tls.key_file,
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
     thread.start()
@@ -98,6 +122,7 @@ def grpc_deployment(runtime: ModelRuntime) -> Iterator[GrpcDeployment]:
             GrpcSettings(host="127.0.0.1", port=0, metrics_port=0),
             ServerSettings(preprocess_workers=1),
             runtime,
+            security,
         )
         await server.start()
         return server
@@ -105,7 +130,10 @@ def grpc_deployment(runtime: ModelRuntime) -> Iterator[GrpcDeployment]:
     server: GrpcServer | None = None
     try:
         server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
-        yield GrpcDeployment(f"127.0.0.1:{server.port}", f"http://127.0.0.1:{server.metrics_port}/metrics")
+        scheme = "http" if tls is None else "https"
+        yield GrpcDeployment(
+            f"127.0.0.1:{server.port}", f"{scheme}://127.0.0.1:{server.metrics_port}/metrics"
+        )
     finally:
         if server is not None:
             asyncio.run_coroutine_threadsafe(_stop(server), loop).result(timeout=30)
@@ -248,6 +276,170 @@ def test_the_python_entry_point_measures_a_deployment_from_a_running_event_loop(
         assert isinstance(record["p99_ms"], float) and isinstance(record["req_per_s"], float)
         assert isinstance(record["mean_batch"], float)  # from GET {url}/metrics
         assert record["ratio_to_in_process_limit"] is None and record["batching"] == "as deployed"
+
+
+# --- a deployment with the API key on (and TLS) -------------------------------------------------
+
+KEY = "bench-key-" + "k3y" * 8
+"""A key long enough for the servers; the reports must never contain it."""
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    import trustme
+
+    folder = tmp_path_factory.mktemp("tls")
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1", "localhost")
+    found = Tls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    authority.cert_pem.write_to_path(str(found.ca_file))
+    certificate.private_key_pem.write_to_path(str(found.key_file))
+    certificate.cert_chain_pems[0].write_to_path(str(found.cert_file))
+    for extra in certificate.cert_chain_pems[1:]:
+        extra.write_to_path(str(found.cert_file), append=True)
+    return found
+
+
+@pytest.fixture
+def keyed_deployment(tmp_path: Path) -> Iterator[tuple[str, GrpcDeployment]]:
+    """A deployment of the fake model with the API key on, plain HTTP and gRPC."""
+    entry = write_fake_entry(tmp_path / "deployed")
+    with (
+        http_deployment(DeployedFake(entry), api_key=KEY) as url,
+        grpc_deployment(DeployedFake(entry), api_key=KEY) as grpc,
+    ):
+        yield url, grpc
+
+
+def _secured_run(url: str, grpc: GrpcDeployment, output: Path, *extra: str) -> list[str]:
+    return [
+        "--url",
+        url,
+        "--grpc-target",
+        grpc.target,
+        "--grpc-metrics-url",
+        grpc.metrics_url,
+        "--endpoints",
+        "json,file,live,grpc,health,stream",
+        "--concurrency",
+        "2",
+        "--ready-timeout",
+        "10",
+        "--output",
+        str(output),
+        *extra,
+        *SHORT,
+    ]
+
+
+def _check_every_row_served_with_figures(output: Path) -> dict[str, object]:
+    data, results, _ = _results(output)
+    assert sorted(r["target"] for r in results) == sorted(
+        [
+            "POST /predict (JSON base64)",
+            "POST /predict/file (multipart)",
+            "GET /health/live (HTTP floor)",
+            "Inference/Predict (unary)",
+            "Health/Check (gRPC floor)",
+            "Inference/PredictStream (1 stream)",
+        ]
+    )
+    for row in results:
+        assert (row["sent"], row["completed"], row["failed"]) == (REQUESTS, REQUESTS, 0), row
+        assert row["server"] is not None, row  # both /metrics read with the key
+        if row["model_work"]:
+            assert row["server"]["batches"] >= 1
+    return data
+
+
+def _check_no_key_in(output: Path, *texts: str) -> None:
+    for path in output.iterdir():
+        if path.suffix in (".md", ".json", ".csv"):
+            assert KEY not in path.read_text(), path.name
+    for text in texts:
+        assert KEY not in text
+
+
+def test_without_the_key_a_secured_deployment_is_refused_before_any_row_naming_the_option(
+    keyed_deployment: tuple[str, GrpcDeployment],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, grpc = keyed_deployment
+    monkeypatch.delenv("VISION_API_KEY", raising=False)
+    output = tmp_path / "out"
+    assert main(_secured_run(url, grpc, output)) == 2
+    err = capsys.readouterr().err
+    assert f"bench: {url} (GET {url}/models answered HTTP 401) needs an API key: give the " in err
+    assert "--api-key or the VISION_API_KEY variable" in err
+    assert not output.exists()
+
+    # gRPC alone: the health check is open, so the key is checked with one call
+    assert main(["--grpc-target", grpc.target, "--ready-timeout", "10", "--output", str(output), *SHORT]) == 2
+    err = capsys.readouterr().err
+    assert f"bench: gRPC {grpc.target} (Predict answered UNAUTHENTICATED) needs an API key" in err
+    assert not output.exists()
+
+
+def test_a_wrong_key_is_refused_before_any_row_and_never_printed(
+    keyed_deployment: tuple[str, GrpcDeployment],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, grpc = keyed_deployment
+    wrong = "not-the-key-" + "x" * 16
+    monkeypatch.setenv("VISION_API_KEY", wrong)
+    output = tmp_path / "out"
+    assert main(_secured_run(url, grpc, output)) == 2
+    err = capsys.readouterr().err
+    assert "refused the API key given (--api-key or VISION_API_KEY): it is not the deployment's key" in err
+    assert wrong not in err
+    assert not output.exists()
+
+
+def test_with_the_key_from_the_environment_every_row_is_served_and_no_report_holds_it(
+    keyed_deployment: tuple[str, GrpcDeployment],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, grpc = keyed_deployment
+    monkeypatch.setenv("VISION_API_KEY", KEY)  # as the notebooks and make bench pass it
+    output = tmp_path / "out"
+    status = main(_secured_run(url, grpc, output))
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    data = _check_every_row_served_with_figures(output)
+    assert data["settings"]["credentials"].startswith("API key sent (Authorization: Bearer")
+    _check_no_key_in(output, printed.out, printed.err)
+
+
+def test_over_tls_with_a_private_ca_and_the_key_option_every_row_is_served(
+    tls: Tls, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VISION_API_KEY", raising=False)
+    entry = write_fake_entry(tmp_path / "deployed")
+    with (
+        http_deployment(DeployedFake(entry), api_key=KEY, tls=tls) as url,
+        grpc_deployment(DeployedFake(entry), api_key=KEY, tls=tls) as grpc,
+    ):
+        assert url.startswith("https://") and grpc.metrics_url.startswith("https://")
+        output = tmp_path / "out"
+        status = main(_secured_run(url, grpc, output, "--api-key", KEY, "--tls-ca", str(tls.ca_file)))
+        printed = capsys.readouterr()
+        assert status == 0, printed.err
+        data = _check_every_row_served_with_figures(output)
+        assert data["settings"]["credentials"].endswith(f"TLS trusting {tls.ca_file}")
+        _check_no_key_in(output, printed.out, printed.err)
+
+        # without the CA, the HTTPS certificate is not trusted: refused, not measured
+        status = main(
+            _secured_run(url, grpc, tmp_path / "untrusted", "--api-key", KEY, "--ready-timeout", "1")
+        )
+        assert status == 2
+        assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
 
 
 # --- targets that are not ready ------------------------------------------------------------------

@@ -895,8 +895,8 @@ def test_a_deployment_is_named_by_url_and_grpc_target() -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000': give the HTTP API as http://HOST:PORT"),
-        (["--url", "https://example.com:443"], "give the HTTP API as http://HOST:PORT"),
+        (["--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000': give the HTTP API as http(s)://HOST:PORT"),
+        (["--url", "ftp://example.com:21"], "give the HTTP API as http(s)://HOST:PORT"),
         (["--url", "http://127.0.0.1"], "give the host and the port"),
         (["--url", "http://127.0.0.1:8000/api"], "with no path"),
         (["--grpc-target", "http://127.0.0.1:50051"], "give HOST:PORT without a scheme"),
@@ -1299,3 +1299,69 @@ def test_the_issues_targets_are_checked_where_the_run_has_the_rows() -> None:
     row = "| c=16 HTTP JSON throughput | batching off | 75.0 req/s = 0.75 × limit | ≥ 0.9 × limit |"
     assert f"{row} **missed** |" in text
     assert report.to_dict()["targets"]
+
+
+# --- a secured deployment: --api-key and --tls-ca ------------------------------------------------
+
+
+def test_the_api_key_defaults_to_vision_api_key_and_stays_out_of_the_repr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = "a-key-from-the-env-" + "z" * 8
+    monkeypatch.setenv("VISION_API_KEY", key)
+    config = parse_args(["--url", "http://127.0.0.1:8000"])
+    assert config.api_key == key and config.tls_ca is None
+    assert config.access.headers() == {"Authorization": f"Bearer {key}"}
+    assert config.access.metadata() == (("authorization", f"Bearer {key}"),)
+    assert key not in repr(config) and key not in repr(config.access)
+    assert key not in config.access.described()
+
+    given = parse_args(["--url", "http://127.0.0.1:8000", "--api-key", " other-key-1234567 "])
+    assert given.api_key == "other-key-1234567"  # the option wins; surrounding spaces dropped
+
+    assert BenchConfig(url="http://127.0.0.1:8000").api_key == key  # as the notebooks build it
+    assert BenchConfig(url="http://127.0.0.1:8000", api_key="").access.headers() == {}
+    monkeypatch.setenv("VISION_API_KEY", "")
+    assert parse_args(["--url", "http://127.0.0.1:8000"]).access.headers() == {}
+
+
+def test_the_harness_own_servers_get_no_key_and_no_private_ca(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISION_API_KEY", "a-key-from-the-env-zzzzzzzz")
+    assert parse_args(["--backends", "onnx"]).access.headers() == {}
+
+
+def test_tls_ca_must_exist_and_goes_with_a_deployment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a connection is made")
+    config = parse_args(
+        ["--url", "https://127.0.0.1:8443", "--grpc-target", "127.0.0.1:50051", "--tls-ca", str(ca)]
+    )
+    assert config.url == "https://127.0.0.1:8443" and config.tls_ca == ca
+    with pytest.raises(SystemExit):
+        parse_args(["--url", "https://127.0.0.1:8443", "--tls-ca", str(tmp_path / "missing.pem")])
+    assert "missing.pem: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--backends", "onnx", "--tls-ca", str(ca)])
+    assert "--tls-ca goes with --url https://... or --grpc-target" in capsys.readouterr().err
+
+
+def test_https_urls_are_accepted_and_other_schemes_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    config = parse_args(
+        [
+            "--url",
+            "https://api.example:443/",
+            "--grpc-target",
+            "api.example:50051",
+            "--grpc-metrics-url",
+            "https://api.example:8002/metrics",
+        ]
+    )
+    assert (config.url, config.grpc_metrics_url) == (
+        "https://api.example:443",
+        "https://api.example:8002/metrics",
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--url", "ftp://api.example:21"])
+    assert "give the HTTP API as http(s)://HOST:PORT" in capsys.readouterr().err

@@ -107,6 +107,10 @@ a running deployment (--url, --grpc-target):
   local baseline from --model-repository, and is refused without the model there.
   Refused with a target, as they only configure servers the harness starts: --batching off,
   --server-env, --overload, --backends with more than one runtime, --threads, --device.
+  A deployment with the API key on: --api-key (default VISION_API_KEY) goes on every request
+  and scrape; without it (or with a wrong one) the run stops before measuring, naming it. TLS:
+  https:// in --url and --grpc-metrics-url, and --tls-ca PEM for a private CA (which also
+  turns on TLS for --grpc-target).
 
   e.g. against make run:
     python -m visionserve.bench --url http://127.0.0.1:8000 --grpc-target 127.0.0.1:50051 \\
@@ -141,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the gRPC process's Prometheus endpoint (e.g. http://127.0.0.1:8002/metrics, make "
         "run's); default: none, and the gRPC rows have no server figures",
+    )
+    deployment.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="the deployment's API key, sent on every request (Authorization: Bearer, gRPC "
+        "metadata too) and never written into the report; default: VISION_API_KEY, or none",
+    )
+    deployment.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        type=Path,
+        help="certificates to trust for https:// URLs (default: the system CAs); also turns on TLS "
+        "for --grpc-target (default: plain gRPC)",
     )
     parser.add_argument(
         "--model-repository",

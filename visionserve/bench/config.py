@@ -16,6 +16,7 @@ of `--backends`, `--threads`, `--device`) are refused then, by `external_conflic
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from pydantic_settings import BaseSettings
 
+from visionserve.bench.access import OPEN, Access
 from visionserve.bench.deployment import normalise_grpc_target, normalise_metrics_url, normalise_url
 from visionserve.bench.grpc_load import GRPC_ENDPOINTS
 from visionserve.bench.http_load import REQUESTS
@@ -121,6 +123,13 @@ class BenchConfig:
     grpc_metrics_url: str | None = None
     """The gRPC process's Prometheus endpoint (e.g. `http://127.0.0.1:8002/metrics`); None: the
     gRPC rows of a deployment have no server figures."""
+    api_key: str | None = field(default=None, repr=False)
+    """The deployment's API key, sent on every request to it (HTTP, gRPC, the metrics); None: the
+    environment's `VISION_API_KEY` (so the notebooks and `make bench` pick it up); empty: none.
+    Unused when the harness starts its servers. Never written into a report."""
+    tls_ca: Path | None = None
+    """PEM certificates to trust for `https://` URLs; also turns on TLS for `grpc_target`. None:
+    the system CAs for `https://`, plain gRPC. Only with a deployment."""
     model_repository: Path = Path("model_repository")
     """Where the harness's own servers, the in-process rows and the baseline load the model from;
     with a deployment, only the in-process rows and the baseline, and only if it holds the served
@@ -265,6 +274,18 @@ class BenchConfig:
             if self.grpc_target is None:
                 raise ValueError("--grpc-metrics-url goes with --grpc-target (the gRPC API it counts)")
             object.__setattr__(self, "grpc_metrics_url", normalise_metrics_url(self.grpc_metrics_url))
+        if self.api_key is None:  # the default, for the CLI and the notebooks alike
+            object.__setattr__(self, "api_key", os.environ.get("VISION_API_KEY"))
+        if self.api_key is not None:
+            object.__setattr__(self, "api_key", self.api_key.strip() or None)
+        if self.tls_ca is not None:
+            if not self.external:
+                raise ValueError(
+                    "--tls-ca goes with --url https://... or --grpc-target (the harness's own "
+                    "servers serve no TLS)"
+                )
+            if not self.tls_ca.is_file():
+                raise ValueError(f"--tls-ca {self.tls_ca}: no such file (give a PEM certificate bundle)")
         if not self.external:
             return
         conflicts = self.external_conflicts()
@@ -328,6 +349,14 @@ class BenchConfig:
     def resolved_layouts(self) -> tuple[Layout, ...]:
         """The layouts of the in-process limit (the default sweep when none were given)."""
         return default_layouts(available_cpus()) if self.layouts is None else self.layouts
+
+    @property
+    def access(self) -> Access:
+        """How requests reach the deployment: `api_key` and `tls_ca` (open when the harness starts
+        its own servers)."""
+        if not self.external:
+            return OPEN
+        return Access(api_key=self.api_key, tls_ca=self.tls_ca)
 
     @property
     def http_endpoints(self) -> tuple[str, ...]:

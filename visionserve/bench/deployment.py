@@ -6,7 +6,10 @@ that are already running (`make run`, a container, another machine). Before the 
 `connect` waits (up to `--ready-timeout`) for `GET {url}/health/ready` to answer 200 and for the
 standard gRPC health check of `visionserve.v1.Inference` to answer SERVING, reads the served
 model from `GET {url}/models`, and makes sure the metrics endpoints answer; a target that does
-not get there is a `DeploymentError` naming its address and what it answered.
+not get there is a `DeploymentError` naming its address and what it answered. A deployment with
+the API key on refuses `GET /models`, the metrics and (checked with one empty `Predict`) the gRPC
+calls without the key: that is a `DeploymentError` naming `--api-key` / `VISION_API_KEY` before
+any row runs, not a run full of 401s (`access`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import grpc
 import httpx2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from visionserve.bench.access import KEY_HINT, OPEN, Access
 from visionserve.bench.progress import ProgressBar
 from visionserve.bench.server_metrics import scrape
+from visionserve.v1 import inference_pb2 as pb
+from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
 GRPC_SERVICE = "visionserve.v1.Inference"
 """The service whose health the gRPC target must report SERVING."""
@@ -36,12 +42,12 @@ class DeploymentError(RuntimeError):
 
 
 def normalise_url(url: str) -> str:
-    """`http://HOST:PORT` (a trailing `/` dropped); ValueError saying how to write it otherwise."""
+    """`http(s)://HOST:PORT` (a trailing `/` dropped); ValueError saying how to write it otherwise."""
     text = url.strip().rstrip("/")
     parts = urlsplit(text)
     example = "e.g. http://127.0.0.1:8000 (make run's HTTP API)"
-    if parts.scheme != "http":
-        raise ValueError(f"--url {url!r}: give the HTTP API as http://HOST:PORT, {example}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"--url {url!r}: give the HTTP API as http(s)://HOST:PORT, {example}")
     try:
         port = parts.port
     except ValueError:
@@ -54,13 +60,13 @@ def normalise_url(url: str) -> str:
 
 
 def normalise_metrics_url(url: str) -> str:
-    """An `http://HOST:PORT/PATH` Prometheus endpoint; ValueError saying how to write it otherwise."""
+    """An `http(s)://HOST:PORT/PATH` Prometheus endpoint; ValueError saying how to write it otherwise."""
     text = url.strip()
     parts = urlsplit(text)
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f"--grpc-metrics-url {url!r}: give the gRPC process's Prometheus endpoint as "
-            "http://HOST:PORT/metrics, e.g. http://127.0.0.1:8002/metrics (make run's)"
+            "http(s)://HOST:PORT/metrics, e.g. http://127.0.0.1:8002/metrics (make run's)"
         )
     return text
 
@@ -139,6 +145,8 @@ class Deployment:
     """From `GET {url}/models`; None without `--url` (or when it did not answer)."""
     notes: list[str] = field(default_factory=list)
     """What the report should say about the targets (e.g. a metrics endpoint that did not answer)."""
+    access: Access = OPEN
+    """The key and CAs every request to it uses."""
 
 
 def _answer(response: httpx2.Response) -> str:
@@ -146,13 +154,28 @@ def _answer(response: httpx2.Response) -> str:
     return f"HTTP {response.status_code}" + (f" {body[:200]}" if body else "")
 
 
-def wait_http_ready(url: str, *, deadline: float, bar: ProgressBar) -> None:
+def _http_client(access: Access) -> httpx2.Client:
+    return httpx2.Client(
+        timeout=_PROBE_TIMEOUT_S, trust_env=False, verify=access.ssl_context(), headers=access.headers()
+    )
+
+
+def grpc_probe_channel(target: str, access: Access = OPEN) -> grpc.Channel:
+    """A blocking channel to `target`: TLS when `access` has a CA, plain otherwise."""
+    options = [("grpc.enable_http_proxy", 0)]
+    credentials = access.grpc_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def wait_http_ready(url: str, *, deadline: float, bar: ProgressBar, access: Access = OPEN) -> None:
     """Poll `GET {url}/health/ready` until it answers 200; DeploymentError at `deadline`
     (`time.monotonic()`), or at once on a 4xx (not a visionserve API)."""
     probe = f"{url}/health/ready"
     last = "nothing"
     noted = False
-    with httpx2.Client(timeout=_PROBE_TIMEOUT_S, trust_env=False) as client:
+    with _http_client(access) as client:
         while True:
             try:
                 response = client.get(probe)
@@ -167,7 +190,7 @@ def wait_http_ready(url: str, *, deadline: float, bar: ProgressBar) -> None:
             if time.monotonic() >= deadline:
                 raise DeploymentError(
                     f"{url} is not ready: GET {probe} answered {last} (raise --ready-timeout if it "
-                    "is still starting)"
+                    "is still starting; if it serves TLS, write https:// in --url)"
                 )
             if not noted:
                 bar.note(f"waiting for {url} to be ready (GET {probe}: {last})")
@@ -175,14 +198,14 @@ def wait_http_ready(url: str, *, deadline: float, bar: ProgressBar) -> None:
             time.sleep(POLL_S)
 
 
-def wait_grpc_serving(target: str, *, deadline: float, bar: ProgressBar) -> None:
+def wait_grpc_serving(target: str, *, deadline: float, bar: ProgressBar, access: Access = OPEN) -> None:
     """Poll the standard health check of `visionserve.v1.Inference` on `target` until SERVING;
     DeploymentError at `deadline`, or at once when the target has no such service."""
     request = health_pb2.HealthCheckRequest(service=GRPC_SERVICE)
     serving = health_pb2.HealthCheckResponse.SERVING
     last = "nothing"
     noted = False
-    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    with grpc_probe_channel(target, access) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check
         while True:
             timeout = max(0.2, min(_PROBE_TIMEOUT_S, deadline - time.monotonic()))
@@ -204,7 +227,8 @@ def wait_grpc_serving(target: str, *, deadline: float, bar: ProgressBar) -> None
             if time.monotonic() >= deadline:
                 raise DeploymentError(
                     f"gRPC {target} is not ready: the health check of {GRPC_SERVICE} answered {last} "
-                    "(raise --ready-timeout if it is still starting)"
+                    "(raise --ready-timeout if it is still starting"
+                    + ("; if it serves TLS, give --tls-ca)" if access.tls_ca is None else ")")
                 )
             if not noted:
                 bar.note(f"waiting for gRPC {target} to be ready (health check: {last})")
@@ -212,13 +236,25 @@ def wait_grpc_serving(target: str, *, deadline: float, bar: ProgressBar) -> None
             time.sleep(POLL_S)
 
 
-def read_model(url: str) -> DeployedModel:
-    """The served model from `GET {url}/models`; DeploymentError naming what it answered."""
-    with httpx2.Client(timeout=_PROBE_TIMEOUT_S, trust_env=False) as client:
+def _refused(what: str, access: Access) -> DeploymentError:
+    """The error of a deployment that refused the harness's key (or its lack of one)."""
+    if access.api_key:
+        return DeploymentError(
+            f"{what} refused the API key given (--api-key or VISION_API_KEY): it is not the deployment's key"
+        )
+    return DeploymentError(f"{what} needs an API key: {KEY_HINT}")
+
+
+def read_model(url: str, access: Access = OPEN) -> DeployedModel:
+    """The served model from `GET {url}/models`; DeploymentError naming what it answered (on a
+    401: naming `--api-key`)."""
+    with _http_client(access) as client:
         try:
             response = client.get(f"{url}/models")
         except httpx2.HTTPError as exc:
             raise DeploymentError(f"GET {url}/models: no answer ({type(exc).__name__}: {exc})") from None
+    if response.status_code == 401:
+        raise _refused(f"{url} (GET {url}/models answered HTTP 401)", access)
     try:
         if response.status_code != 200:
             raise ValueError(_answer(response))
@@ -229,6 +265,18 @@ def read_model(url: str) -> DeployedModel:
         ) from None
 
 
+def check_grpc_key(target: str, access: Access = OPEN) -> None:
+    """One empty `Predict` (answered INVALID_ARGUMENT, no model work): DeploymentError when the
+    target answers UNAUTHENTICATED, so that a missing or wrong key fails before any row."""
+    with grpc_probe_channel(target, access) as channel:
+        predict = pb_grpc.InferenceStub(channel).Predict  # type: ignore[no-untyped-call]
+        try:
+            predict(pb.PredictRequest(), timeout=_PROBE_TIMEOUT_S, metadata=access.metadata())
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise _refused(f"gRPC {target} (Predict answered UNAUTHENTICATED)", access) from None
+
+
 def connect(
     *,
     url: str | None,
@@ -236,6 +284,7 @@ def connect(
     grpc_metrics_url: str | None,
     ready_timeout_s: float,
     bar: ProgressBar,
+    access: Access = OPEN,
 ) -> Deployment:
     """Wait until every target given is ready (both within `ready_timeout_s`), read the served
     model, and check the metrics endpoints: the HTTP API's `/metrics` not answering costs its rows
@@ -243,23 +292,24 @@ def connect(
     asked for by name)."""
     deadline = time.monotonic() + ready_timeout_s
     if url is not None:
-        wait_http_ready(url, deadline=deadline, bar=bar)
+        wait_http_ready(url, deadline=deadline, bar=bar, access=access)
     if grpc_target is not None:
-        wait_grpc_serving(grpc_target, deadline=deadline, bar=bar)
-    deployment = Deployment(http=None, grpc=None)
+        wait_grpc_serving(grpc_target, deadline=deadline, bar=bar, access=access)
+    deployment = Deployment(http=None, grpc=None, access=access)
     if url is not None:
-        deployment.model = read_model(url)
+        deployment.model = read_model(url, access)
         metrics: str | None = f"{url}/metrics"
         try:
-            scrape(f"{url}/metrics")
+            scrape(f"{url}/metrics", access=access)
         except (httpx2.HTTPError, ValueError) as exc:
             deployment.notes.append(f"HTTP rows have no server figures: GET {url}/metrics failed ({exc})")
             metrics = None
         deployment.http = ExternalHttp(url, metrics)
     if grpc_target is not None:
+        check_grpc_key(grpc_target, access)
         if grpc_metrics_url is not None:
             try:
-                scrape(grpc_metrics_url)
+                scrape(grpc_metrics_url, access=access)
             except (httpx2.HTTPError, ValueError) as exc:
                 raise DeploymentError(
                     f"--grpc-metrics-url {grpc_metrics_url}: not a Prometheus endpoint that answers ({exc})"

@@ -98,6 +98,7 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
         grpc_metrics_url=config.grpc_metrics_url,
         ready_timeout_s=config.ready_timeout_s,
         bar=bar,
+        access=config.access,
     )
     model = deployment.model
     name, runtime, label = _served_model(config, model)
@@ -171,7 +172,7 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
     rows, layout_rows = measure_runtime(
         config,
         label=label,
-        groups=[ServedGroup(DEPLOYED, None, deployment.http, deployment.grpc)],
+        groups=[ServedGroup(DEPLOYED, None, deployment.http, deployment.grpc, deployment.access)],
         baseline=baseline,
         in_process=in_process,
         images=images,
@@ -265,6 +266,7 @@ def _facts(
             if any(end is not None and end.metrics_url for end in (deployment.http, deployment.grpc))
             else ""
         ),
+        "credentials": deployment.access.described(),
         **load_facts(config),
         "in_process_limit": limit,
         "in_process_stages": "batch 1, one image after another" if in_process is not None else limit,

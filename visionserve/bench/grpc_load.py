@@ -35,23 +35,27 @@ V2_UNARY = "GRPCInferenceService/ModelInfer (V2, BYTES)"
 GRPC_ENDPOINTS = {"grpc": UNARY, "health": HEALTH, "stream": STREAM, "v2grpc": V2_UNARY}
 """The CLI's gRPC endpoint names -> what the report calls them."""
 
+Metadata = tuple[tuple[str, str], ...]
+"""gRPC metadata sent with every call (the API key: `Access.metadata()`)."""
+
 CheckOutcome = Callable[[Any], None]
 """Called with a unary call's reply, or its `grpc.aio.AioRpcError`, before the outcome is counted;
 it may raise `RequestFailed` to count the call as a failure of its own kind (a test verifies
 answers with it)."""
 
 
-def grpc_channel(target: str) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `host:port` with 32 MiB messages; proxies from the
-    environment are ignored (a benchmark of localhost must not go through one)."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.enable_http_proxy", 0),
-        ],
-    )
+def grpc_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to `host:port` with 32 MiB messages, over TLS with `credentials`, plain
+    without; proxies from the environment are ignored (a benchmark of localhost must not go
+    through one)."""
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_http_proxy", 0),
+    ]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def grpc_sender(
@@ -61,11 +65,12 @@ def grpc_sender(
     topk: int = 5,
     timeout_s: float = 30.0,
     check: CheckOutcome | None = None,
+    metadata: Metadata = (),
 ) -> SendOnce:
-    """A `send` for `run_closed_loop`: one `Predict` of `image`, the answer read; a failed call
-    raises `RequestFailed("gRPC <STATUS>")`."""
+    """A `send` for `run_closed_loop`: one `Predict` of `image` with `metadata` (e.g. the API
+    key), the answer read; a failed call raises `RequestFailed("gRPC <STATUS>")`."""
     predict = pb_grpc.InferenceStub(channel).Predict  # type: ignore[no-untyped-call]
-    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s, check)
+    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s, check, metadata)
 
 
 def v2_grpc_sender(
@@ -76,6 +81,7 @@ def v2_grpc_sender(
     topk: int = 5,
     timeout_s: float = 30.0,
     check: CheckOutcome | None = None,
+    metadata: Metadata = (),
 ) -> SendOnce:
     """A `send` for `run_closed_loop`: one Open Inference Protocol `ModelInfer` with the image as a
     BYTES element in `raw_input_contents` (as tritonclient sends it), the top-k asked for as a
@@ -94,16 +100,22 @@ def v2_grpc_sender(
         ],
         raw_input_contents=[struct.pack("<I", len(image)) + image],
     )
-    return _unary_sender(infer, request, timeout_s, check)
+    return _unary_sender(infer, request, timeout_s, check, metadata)
 
 
-def _unary_sender(call: Any, request: Any, timeout_s: float, check: CheckOutcome | None = None) -> SendOnce:
-    """A `send` that makes one unary `call` with `request` (built once); a failed call raises
-    `RequestFailed("gRPC <STATUS>")`; `check` sees the reply or the error first."""
+def _unary_sender(
+    call: Any,
+    request: Any,
+    timeout_s: float,
+    check: CheckOutcome | None = None,
+    metadata: Metadata = (),
+) -> SendOnce:
+    """A `send` that makes one unary `call` with `request` (built once) and `metadata`; a failed
+    call raises `RequestFailed("gRPC <STATUS>")`; `check` sees the reply or the error first."""
 
     async def send() -> None:
         try:
-            reply = await call(request, timeout=timeout_s)
+            reply = await call(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             if check is not None:
                 check(exc)
@@ -142,6 +154,7 @@ async def measure_stream(
     window: int | None = None,
     topk: int = 5,
     frame_timeout_s: float = 30.0,
+    metadata: Metadata = (),
 ) -> Measurement:
     """One `PredictStream` call: `image` (or several, in turn) sent as frames back to back until
     `frames` and/or `duration_s` run out, then the answers awaited. With `window`, at most that
@@ -167,7 +180,8 @@ async def measure_stream(
     if not images:
         raise ValueError("no images to stream")
     timeout_s = frame_timeout_s * (1 + (frames or 0)) + (duration_s or 0.0)
-    call = pb_grpc.InferenceStub(channel).PredictStream(timeout=timeout_s)  # type: ignore[no-untyped-call]
+    stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+    call = stub.PredictStream(timeout=timeout_s, metadata=metadata)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     errors: Counter[str] = Counter()

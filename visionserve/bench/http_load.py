@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import mimetypes
+import ssl
 import struct
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -111,12 +112,20 @@ REQUESTS: dict[str, Callable[[bytes, str, str], HttpRequestSpec]] = {
 """The endpoints the CLI knows by name: name -> builder(image bytes, file name, model name)."""
 
 
-def http_client(base_url: str, *, concurrency: int = 1, timeout_s: float = 30.0) -> httpx2.AsyncClient:
+def http_client(
+    base_url: str,
+    *,
+    concurrency: int = 1,
+    timeout_s: float = 30.0,
+    verify: ssl.SSLContext | bool = True,
+) -> httpx2.AsyncClient:
     """An async client with one keep-alive connection per sender; proxies from the environment
-    are ignored (a benchmark of localhost must not go through one)."""
+    are ignored (a benchmark of localhost must not go through one). `verify`: how `https://` is
+    checked (a context trusting `--tls-ca`)."""
     return httpx2.AsyncClient(
         base_url=base_url,
         timeout=timeout_s,
+        verify=verify,
         limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         trust_env=False,
     )

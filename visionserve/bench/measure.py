@@ -221,7 +221,7 @@ def _scrape(plan: RowPlan, bar: ProgressBar) -> MetricsSnapshot | None:
     if plan.metrics_url is None:
         return None
     try:
-        return scrape(plan.metrics_url)
+        return scrape(plan.metrics_url, access=plan.access)
     except (httpx2.HTTPError, ValueError) as exc:
         bar.note(f"cannot read {plan.metrics_url} ({exc}); {row_name(plan.template)} has no server figures")
         plan.metrics_url = None

@@ -17,12 +17,13 @@ import base64
 import contextlib
 import json
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
+from visionserve.bench.access import OPEN, Access
 from visionserve.bench.closed_loop import OnAnswer, SendOnce, cycling, run_closed_loop
 from visionserve.bench.config import BenchConfig
 from visionserve.bench.grpc_load import (
@@ -83,6 +84,8 @@ class ServedGroup:
     overload_queue_size: int | None
     http: HttpEndpoint | None
     grpc: GrpcEndpoint | None
+    access: Access = OPEN
+    """The key and CAs of every request to these ends (a deployment's; open for the harness's own)."""
 
     @property
     def processes(self) -> list[ServerProcess]:
@@ -165,6 +168,8 @@ class RowPlan:
     """Requests of each round, where the row has its own (overload); None: the run's."""
     parts: list[Measurement] = field(default_factory=list)
     figures: ServerFigures | None = None
+    access: Access = OPEN
+    """The key and CAs of the metrics scrapes."""
 
     def add(self, measurement: Measurement, figures: ServerFigures | None) -> None:
         """One round's measurement and what the server saw during it."""
@@ -253,64 +258,75 @@ def build_plans(
     }
 
     def http_senders(
-        process: HttpEndpoint, level: int, chosen: dict[str, list[HttpRequestSpec]]
+        process: HttpEndpoint,
+        level: int,
+        chosen: dict[str, list[HttpRequestSpec]],
+        access: Access = OPEN,
     ) -> dict[str, SendOnce]:
-        if config.client == "raw":
-            raw = RawHttpClient(process.base_url, concurrency=level, timeout_s=config.timeout_s)
-            stack.callback(runner.run, raw.aclose())
-            return {name: cycling([raw.sender(spec) for spec in group]) for name, group in chosen.items()}
-        client = http_client(process.base_url, concurrency=level, timeout_s=config.timeout_s)
-        stack.callback(runner.run, client.aclose())
-        return {
-            name: cycling([http_sender(client, spec) for spec in group]) for name, group in chosen.items()
+        keyed = {
+            name: [replace(spec, headers={**spec.headers, **access.headers()}) for spec in group]
+            for name, group in chosen.items()
         }
+        context = access.ssl_context() if process.base_url.startswith("https://") else None
+        if config.client == "raw":
+            raw = RawHttpClient(
+                process.base_url, concurrency=level, timeout_s=config.timeout_s, ssl_context=context
+            )
+            stack.callback(runner.run, raw.aclose())
+            return {name: cycling([raw.sender(spec) for spec in group]) for name, group in keyed.items()}
+        client = http_client(
+            process.base_url, concurrency=level, timeout_s=config.timeout_s, verify=context or True
+        )
+        stack.callback(runner.run, client.aclose())
+        return {name: cycling([http_sender(client, spec) for spec in group]) for name, group in keyed.items()}
 
     channels: dict[str, grpc.aio.Channel] = {}
 
-    def channel(target: str) -> grpc.aio.Channel:
+    def channel(target: str, access: Access = OPEN) -> grpc.aio.Channel:
         if target not in channels:
             # NOTE: made on the runner's loop: a grpc.aio channel belongs to the loop it is made on.
-            channels[target] = runner.run(_open_channel(target))
+            channels[target] = runner.run(_open_channel(target, access))
             stack.callback(runner.run, channels[target].close())
         return channels[target]
 
-    def unary(target: str) -> SendOnce:
-        return cycling([grpc_sender(channel(target), data, timeout_s=config.timeout_s) for data in datas])
+    def unary(target: str, access: Access = OPEN) -> SendOnce:
+        to, key = channel(target, access), access.metadata()
+        return cycling([grpc_sender(to, data, timeout_s=config.timeout_s, metadata=key) for data in datas])
 
-    def v2_unary(target: str) -> SendOnce:
+    def v2_unary(target: str, access: Access = OPEN) -> SendOnce:
+        to, key = channel(target, access), access.metadata()
         return cycling(
-            [v2_grpc_sender(channel(target), data, model, timeout_s=config.timeout_s) for data in datas]
+            [v2_grpc_sender(to, data, model, timeout_s=config.timeout_s, metadata=key) for data in datas]
         )
 
     plans: list[RowPlan] = []
     sweep = [g for g in groups if g.overload_queue_size is None]
     for level in config.concurrency:
         for group in sweep:
+            access = group.access
             if group.http is not None:
-                for name, send in http_senders(group.http, level, specs).items():
+                for name, send in http_senders(group.http, level, specs, access).items():
                     spec = specs[name][0]
                     row = template(
                         label, HTTP, spec.name, level, batching=group.batching, model_work=spec.model_work
                     )
-                    plans.append(RowPlan(row, closed_loop(send, level, bar.advance), group.http.metrics_url))
+                    measure = closed_loop(send, level, bar.advance)
+                    plans.append(RowPlan(row, measure, group.http.metrics_url, access=access))
             if group.grpc is not None:
-                target = group.grpc.target
+                target, metrics_url = group.grpc.target, group.grpc.metrics_url
                 if "grpc" in config.grpc_endpoints:
                     row = template(label, GRPC, UNARY, level, batching=group.batching)
-                    plans.append(
-                        RowPlan(row, closed_loop(unary(target), level, bar.advance), group.grpc.metrics_url)
-                    )
+                    measure = closed_loop(unary(target, access), level, bar.advance)
+                    plans.append(RowPlan(row, measure, metrics_url, access=access))
                 if "v2grpc" in config.grpc_endpoints:
                     row = template(label, GRPC, V2_UNARY, level, batching=group.batching)
-                    plans.append(
-                        RowPlan(
-                            row, closed_loop(v2_unary(target), level, bar.advance), group.grpc.metrics_url
-                        )
-                    )
+                    measure = closed_loop(v2_unary(target, access), level, bar.advance)
+                    plans.append(RowPlan(row, measure, metrics_url, access=access))
                 if "health" in config.grpc_endpoints:
-                    send = health_sender(channel(target), timeout_s=config.timeout_s)
+                    send = health_sender(channel(target, access), timeout_s=config.timeout_s)
                     row = template(label, GRPC, HEALTH, level, batching=group.batching, model_work=False)
-                    plans.append(RowPlan(row, closed_loop(send, level, bar.advance), group.grpc.metrics_url))
+                    measure = closed_loop(send, level, bar.advance)
+                    plans.append(RowPlan(row, measure, metrics_url, access=access))
         if baseline is not None:
             baseline_specs = {BASELINE_TARGET: [_baseline_request(data) for data in datas]}
             send = http_senders(baseline, level, baseline_specs)[BASELINE_TARGET]
@@ -320,9 +336,8 @@ def build_plans(
         for group in sweep:
             if group.grpc is not None:
                 row = template(label, GRPC_STREAM, STREAM, 1, batching=group.batching)
-                plans.append(
-                    RowPlan(row, _stream(channel(group.grpc.target), datas, config), group.grpc.metrics_url)
-                )
+                stream = _stream(channel(group.grpc.target, group.access), datas, config, group.access)
+                plans.append(RowPlan(row, stream, group.grpc.metrics_url, access=group.access))
     level = config.overload_concurrency
     rounds = split_requests(config.resolved_overload_requests(), config.rounds)
     for group in groups:
@@ -372,11 +387,11 @@ def _baseline_request(image: bytes) -> HttpRequestSpec:
     )
 
 
-async def _open_channel(target: str) -> grpc.aio.Channel:
-    return grpc_channel(target)
+async def _open_channel(target: str, access: Access) -> grpc.aio.Channel:
+    return grpc_channel(target, access.grpc_credentials())
 
 
-def _stream(channel: grpc.aio.Channel, images: list[bytes], config: BenchConfig) -> Measure:
+def _stream(channel: grpc.aio.Channel, images: list[bytes], config: BenchConfig, access: Access) -> Measure:
     def measure(frames: int | None, duration_s: float | None) -> Coroutine[Any, Any, Measurement]:
         return measure_stream(
             channel,
@@ -385,6 +400,7 @@ def _stream(channel: grpc.aio.Channel, images: list[bytes], config: BenchConfig)
             duration_s=duration_s,
             window=config.resolved_stream_window(),
             frame_timeout_s=config.timeout_s,
+            metadata=access.metadata(),
         )
 
     return measure

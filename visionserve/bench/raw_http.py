@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -41,6 +42,10 @@ def encode_request(spec: HttpRequestSpec, host: str) -> bytes:
     if spec.body or spec.method in ("POST", "PUT"):
         lines.append(f"Content-Length: {len(spec.body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + spec.body
+
+
+def _default_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
 
 
 class _Connection:
@@ -91,13 +96,24 @@ class _Connection:
 
 
 class RawHttpClient:
-    """Up to `concurrency` keep-alive connections to one server, handed to senders in turn."""
+    """Up to `concurrency` keep-alive connections to one server, handed to senders in turn; over
+    TLS for an `https://` URL (checked with `ssl_context`, else the system CAs)."""
 
-    def __init__(self, base_url: str, *, concurrency: int = 1, timeout_s: float = 30.0):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        concurrency: int = 1,
+        timeout_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname or not parts.port:
-            raise ValueError(f"the raw client needs an http://host:port URL, got {base_url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+            raise ValueError(f"the raw client needs an http(s)://host:port URL, got {base_url!r}")
         self.host, self.port = parts.hostname, parts.port
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or _default_context()
         self.timeout_s = timeout_s
         self._idle: asyncio.Queue[_Connection | None] = asyncio.Queue()
         for _ in range(concurrency):
@@ -121,7 +137,7 @@ class RawHttpClient:
                         connection.close()
                         connection = None
                 if connection is None:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                    reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
                     connection = _Connection(reader, writer)
                     response = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
             except BaseException:
@@ -138,9 +154,11 @@ class RawHttpClient:
         return send
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and wait for it to close: a TLS connection's shutdown
+        must end before its loop does)."""
         while not self._idle.empty():
             connection = self._idle.get_nowait()
             if connection is not None:
                 with contextlib.suppress(Exception):
                     connection.close()
+                    await asyncio.wait_for(connection.writer.wait_closed(), self.timeout_s)

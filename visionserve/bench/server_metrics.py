@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
+from visionserve.bench.access import KEY_HINT, OPEN, Access
+
 BATCH_SIZE = "visionserve_batch_size"
 QUEUE_TIME = "visionserve_queue_time_seconds"
 COMPUTE_TIME = "visionserve_compute_time_seconds"
@@ -172,10 +174,14 @@ def parse_metrics(text: str) -> MetricsSnapshot:
     return MetricsSnapshot(histograms=histograms, rejected=rejected, requests=requests, gauges=gauges)
 
 
-def scrape(url: str, *, timeout_s: float = 10.0) -> MetricsSnapshot:
-    """GET `url` (a `/metrics` endpoint) and parse it; proxies from the environment are ignored."""
-    with httpx2.Client(timeout=timeout_s, trust_env=False) as client:
-        response = client.get(url)
+def scrape(url: str, *, timeout_s: float = 10.0, access: Access = OPEN) -> MetricsSnapshot:
+    """GET `url` (a `/metrics` endpoint) with `access`'s key and CAs, and parse it; proxies from
+    the environment are ignored. A 401 raises ValueError saying how to give the key."""
+    with httpx2.Client(timeout=timeout_s, trust_env=False, verify=access.ssl_context()) as client:
+        response = client.get(url, headers=access.headers())
+    if response.status_code == 401:
+        sent = "the key given is not valid" if access.api_key else KEY_HINT
+        raise ValueError(f"GET {url} answered HTTP 401: the deployment needs an API key; {sent}")
     if response.status_code != 200:
         raise ValueError(f"GET {url} answered HTTP {response.status_code}; is it a visionserve process?")
     return parse_metrics(response.text)
