@@ -46,6 +46,7 @@ The modules:
 - `servers`: the real services as subprocesses (`python -m fastapi_onnx` / `fastapi_pt`,
   `python -m grpc_server`, and `baseline`: seed 004's plain endpoint, for `--baseline`);
 - `deployment`: a running deployment's targets, checked ready, and its served model;
+- `access`: the API key and TLS certificates a deployment's requests use (`--api-key`, `--tls-ca`);
 - `machine`: the date, CPU, cores and package versions a result is only meaningful with;
 - `config`: what a run measures (`BenchConfig`); `plans`: the served processes and rows of a
   backend; `progress`: the progress bar on stderr;
