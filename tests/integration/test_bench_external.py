@@ -434,6 +434,16 @@ def test_over_tls_with_a_private_ca_and_the_key_option_every_row_is_served(
         assert data["settings"]["credentials"].endswith(f"TLS trusting {tls.ca_file}")
         _check_no_key_in(output, printed.out, printed.err)
 
+        # the httpx2 client too
+        other = tmp_path / "httpx2"
+        run = _secured_run(
+            url, grpc, other, "--api-key", KEY, "--tls-ca", str(tls.ca_file), "--client", "httpx2"
+        )
+        assert main([*run, "--endpoints", "json"]) == 0
+        (row,) = _results(other)[1]
+        assert (row["completed"], row["failed"], row["server"] is not None) == (REQUESTS, 0, True), row
+        capsys.readouterr()
+
         # without the CA, the HTTPS certificate is not trusted: refused, not measured
         status = main(
             _secured_run(url, grpc, tmp_path / "untrusted", "--api-key", KEY, "--ready-timeout", "1")
