@@ -1365,3 +1365,16 @@ def test_https_urls_are_accepted_and_other_schemes_refused(capsys: pytest.Captur
     with pytest.raises(SystemExit):
         parse_args(["--url", "ftp://api.example:21"])
     assert "give the HTTP API as http(s)://HOST:PORT" in capsys.readouterr().err
+
+
+def test_the_harness_s_own_servers_inherit_no_key_or_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`VISION_API_KEY` exported for an external deployment must not turn the key on in the servers
+    the harness starts itself (it sends them none)."""
+    from visionserve.bench.servers import ACCESS_VARIABLES, inherited_env
+
+    for name in ACCESS_VARIABLES:
+        monkeypatch.setenv(name, "set-in-the-shell")
+    monkeypatch.setenv("VISION_LOG_LEVEL", "warning")
+    env = inherited_env()
+    assert not set(ACCESS_VARIABLES) & set(env)
+    assert env["VISION_LOG_LEVEL"] == "warning"

@@ -48,6 +48,16 @@ class ServerError(RuntimeError):
     ends with the tail of its log."""
 
 
+ACCESS_VARIABLES = ("VISION_API_KEY", "VISION_API_KEY_FILE", "VISION_TLS_CERT_FILE", "VISION_TLS_KEY_FILE")
+"""Left out of the environment the harness's own servers inherit: it measures them without a key
+or TLS (a shell that exports the key for an external deployment must not lock them)."""
+
+
+def inherited_env() -> dict[str, str]:
+    """This process's environment without `ACCESS_VARIABLES`."""
+    return {name: value for name, value in os.environ.items() if name not in ACCESS_VARIABLES}
+
+
 def banner_url(text: str) -> str | None:
     """The base URL announced in the service's start-up banner, if `text` holds it."""
     match = _BANNER.search(text)
@@ -153,7 +163,7 @@ class ServerProcess:
     def launch(self) -> None:
         """Start the process and return at once; `wait_until_ready` waits for it."""
         env = {
-            **os.environ,
+            **inherited_env(),
             **self.env,
             **self.listen_env(),
             "PYTHONUNBUFFERED": "1",
