@@ -23,6 +23,7 @@ import uvicorn
 
 from grpc_server.server import GrpcServer
 from tests.fixtures import FailingRuntime, FakeRuntime, write_fake_entry
+from tests.tls import Tls, make_tls
 from visionserve.bench import BenchConfig, run_benchmark
 from visionserve.bench.__main__ import main
 from visionserve.bench.csvfile import COLUMNS
@@ -55,15 +56,6 @@ class NeverReady(FailingRuntime):
 
     def __init__(self, model: ModelEntry):
         super().__init__(model, fail_on_load=True)
-
-
-@dataclass(frozen=True)
-class Tls:
-    """A throwaway authority's certificate (`ca_file`) and a server certificate it signed."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
 
 
 @contextlib.contextmanager
@@ -286,18 +278,7 @@ KEY = "bench-key-" + "k3y" * 8
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    import trustme
-
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1", "localhost")
-    found = Tls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-    authority.cert_pem.write_to_path(str(found.ca_file))
-    certificate.private_key_pem.write_to_path(str(found.key_file))
-    certificate.cert_chain_pems[0].write_to_path(str(found.cert_file))
-    for extra in certificate.cert_chain_pems[1:]:
-        extra.write_to_path(str(found.cert_file), append=True)
-    return found
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import re
-import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from pathlib import Path
 import grpc
 import httpx2
 import pytest
-import trustme
 from flask.testing import FlaskClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -33,6 +31,7 @@ from flask_ui.settings import UISettings
 from grpc_server.client import main as grpc_client_main
 from tests.conftest import DEFAULT_MODEL, photo_bytes
 from tests.processes import ServiceProcess
+from tests.tls import Tls, make_tls
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 from visionserve.v2 import grpc_service_pb2 as v2_pb
@@ -49,33 +48,9 @@ GRPC_BANNER = re.compile(r" on (127\.0\.0\.1:\d+)\s*$")
 METRICS_BANNER = re.compile(r"metrics on (https://127\.0\.0\.1:\d+/metrics)")
 
 
-@dataclass
-class Tls:
-    """A throwaway authority and the server's certificate and key files."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-    def context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes())
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1", "localhost")
-    tls = Tls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-    authority.cert_pem.write_to_path(str(tls.ca_file))
-    certificate.private_key_pem.write_to_path(str(tls.key_file))
-    certificate.cert_chain_pems[0].write_to_path(str(tls.cert_file))
-    for extra in certificate.cert_chain_pems[1:]:
-        extra.write_to_path(str(tls.cert_file), append=True)
-    return tls
+    return make_tls(tmp_path_factory.mktemp("tls"))
 
 
 def _secured_env(real_repository: Path, tls: Tls) -> dict[str, str]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import httpx2
 import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import ROOT, photo_bytes
+from tests.tls import make_tls
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -54,16 +54,12 @@ KEY = "stack-test-key-0123456789"
 
 def _secured(folder: Path) -> dict[str, str]:
     """The key and TLS on (a throwaway CA's certificate), as a user would turn them on."""
-    authority = trustme.CA()
-    certificate = authority.issue_cert("127.0.0.1")
-    authority.cert_pem.write_to_path(str(folder / "ca.pem"))
-    certificate.private_key_pem.write_to_path(str(folder / "key.pem"))
-    certificate.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    tls = make_tls(folder)
     return {
         "VISION_API_KEY": KEY,
-        "VISION_TLS_CERT_FILE": str(folder / "cert.pem"),
-        "VISION_TLS_KEY_FILE": str(folder / "key.pem"),
-        "VISION_UI_TLS_CA_FILE": str(folder / "ca.pem"),
+        "VISION_TLS_CERT_FILE": str(tls.cert_file),
+        "VISION_TLS_KEY_FILE": str(tls.key_file),
+        "VISION_UI_TLS_CA_FILE": str(tls.ca_file),
     }
 
 
