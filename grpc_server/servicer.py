@@ -1,4 +1,4 @@
-"""`InferenceServicer`: visionserve.v1.Inference over the core `InferenceService`."""
+"""`InferenceServicer`: visionserve.v1.Inference over the core's model registry."""
 
 from __future__ import annotations
 
@@ -6,105 +6,60 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias
 
 import grpc
 
-from grpc_server.status import abort, error_message
-from grpc_server.streams import answered_in_order
+from grpc_server.encode import task_parameters, to_frame, to_response
+from grpc_server.status import abort, check_message_size, check_response_size, error_message
+from grpc_server.streams import Skipped, answered_in_order, answered_live
+from visionserve.deadlines import expired
 from visionserve.errors import ErrorCode, VisionError
-from visionserve.service import InferenceResult, InferenceService
+from visionserve.serving.pipeline import InferenceResult
+from visionserve.serving.registry import ModelRegistry
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
-SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
+_ANSWER_HINT = "ask for fewer classes (topk) or fewer detections (max_detections)"
 
 
-def check_response_size(response: object, limit: int, hint: str) -> None:
-    """Refuse an answer over the limit with a message naming the setting (PAYLOAD_TOO_LARGE).
-
-    NOTE: the server sends at most VISION_GRPC_MAX_MESSAGE_BYTES too; without this check, an answer
-    over it (many small images with a large topk) ends the call with gRPC core's RESOURCE_EXHAUSTED
-    "Sent message larger than max", which names nothing a client can change.
-    """
-    size = response.ByteSize()  # type: ignore[attr-defined]
-    if size > limit:
-        raise VisionError(
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"the response would be {size:,} bytes; the limit is {limit:,} bytes (setting "
-            f"{SIZE_SETTING}): {hint}",
-        )
-
-
-def to_predictions(result: InferenceResult) -> list[pb.Prediction]:
-    """Core predictions -> protobuf."""
-    return [pb.Prediction(label=p.label, prob=p.prob, index=p.index) for p in result.predictions]
-
-
-def to_response(result: InferenceResult) -> pb.PredictResponse:
-    """A core result -> `PredictResponse` (the same fields as the HTTP API's)."""
-    top = result.predictions[0]
-    return pb.PredictResponse(
-        topk=to_predictions(result),
-        model=result.model,
-        prediction=top.label,
-        probability=top.prob,
-        latency_ms=result.total_ms,
-    )
+def call_deadline(context: Context) -> float | None:
+    """The call's deadline on the monotonic clock (for the batcher's queue); DEADLINE_EXCEEDED if
+    it has already passed."""
+    remaining = context.time_remaining()
+    expired(remaining)
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """Translates calls to and from `InferenceService`; no inference logic of its own."""
+    """Translates calls to and from the registry's models; no inference logic of its own."""
 
-    def __init__(self, service: InferenceService, *, max_message_bytes: int, stream_read_ahead: int):
-        self.service = service
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        max_message_bytes: int,
+        stream_read_ahead: int,
+        live_in_flight: int = 2,
+    ):
+        self.registry = registry
         self.max_message_bytes = max_message_bytes
         self.stream_read_ahead = stream_read_ahead
-
-    def _check_size(self, message: object) -> None:
-        size = message.ByteSize()  # type: ignore[attr-defined]
-        if size > self.max_message_bytes:
-            raise VisionError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"the message is {size:,} bytes; the limit is {self.max_message_bytes:,} bytes "
-                f"(setting {SIZE_SETTING})",
-            )
-
-    @staticmethod
-    def _check_deadline(context: Context) -> None:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise VisionError(
-                ErrorCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was computed"
-            )
-
-    @staticmethod
-    def _deadline(context: Context) -> float | None:
-        """The call's deadline on the monotonic clock, for the batcher's queue."""
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
-
-    @staticmethod
-    def _topk(value: int) -> int | None:
-        return value if value != 0 else None  # proto3: 0 means "not set"
+        self.live_in_flight = live_in_flight
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:  # noqa: N802
         """One image."""
         try:
-            self._check_size(request)
-            self._check_deadline(context)
-            result = await self.service.predict(
-                request.image,
-                topk=self._topk(request.topk),
-                model=request.model or None,
-                deadline=self._deadline(context),
-            )
+            check_message_size(request, self.max_message_bytes)
+            deadline = call_deadline(context)
+            served = self.registry.get(request.model)
+            result = await served.predict(request.image, task_parameters(request), deadline=deadline)
             response = to_response(result)
-            check_response_size(response, self.max_message_bytes, "ask for fewer classes (topk)")
+            check_response_size(response, self.max_message_bytes, _ANSWER_HINT)
         except Exception as exc:
             await abort(context, exc)
             raise  # unreachable: abort raises
@@ -115,29 +70,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.PredictBatchResponse:
         """Several images; each slot gets its result or its own error."""
         try:
-            self._check_size(request)
-            self._check_deadline(context)
-            self.service.check_model(request.model or None)
-            topk = self.service.resolve_topk(self._topk(request.topk))
-            self.service.check_ready()
+            check_message_size(request, self.max_message_bytes)
+            deadline = call_deadline(context)
+            served = self.registry.get(request.model)
+            parameters = task_parameters(request)
+            served.parameters(parameters)
+            served.check_ready()
             if not request.images:
                 raise VisionError(ErrorCode.INVALID_ARGUMENT, "`images` is empty: send at least one image")
             # NOTE: as for a V2 batch: images beyond what the queue holds could only ever be answered
             # "at capacity", and each costs a slot in the answer (100,000 empty images, 200 KB sent,
             # took seconds and hundreds of MB to answer)
-            queue = self.service.batcher.max_queue_size
-            if len(request.images) > queue:
-                raise VisionError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"`images` has {len(request.images):,} images; a call can never have more queued "
-                    f"than the queue holds ({queue}, setting VISION_MAX_QUEUE_SIZE): send fewer at once",
-                )
+            served.admission.check_count(len(request.images))
         except Exception as exc:
             await abort(context, exc)
             raise
-        deadline = self._deadline(context)
         outcomes = await asyncio.gather(
-            *(self.service.predict(image, topk=topk, deadline=deadline) for image in request.images),
+            *(served.predict(image, parameters, deadline=deadline) for image in request.images),
             return_exceptions=True,
         )
         results = []
@@ -148,10 +97,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 results.append(pb.BatchResult(error=error_message(outcome)))
             else:
                 results.append(pb.BatchResult(result=to_response(outcome)))
-        response = pb.PredictBatchResponse(results=results, model=self.service.model.name)
+        response = pb.PredictBatchResponse(results=results, model=served.name)
         try:
             check_response_size(
-                response, self.max_message_bytes, "send fewer images per call or ask for fewer classes (topk)"
+                response, self.max_message_bytes, f"send fewer images per call, or {_ANSWER_HINT}"
             )
         except VisionError as exc:
             await abort(context, exc)
@@ -166,27 +115,62 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         is not a valid `Frame` message ends the call with INVALID_ARGUMENT once the frames before it
         are answered (grpc_server/messages.py)."""
         try:
-            self.service.check_ready()
+            self.registry.default.check_ready()
         except Exception as exc:
             await abort(context, exc)
-        answers = answered_in_order(request_iterator, self._predict_frame, self.stream_read_ahead)
+        answers = answered_in_order(
+            request_iterator, self._timed(self._predict_frame), self.stream_read_ahead
+        )
         async with contextlib.aclosing(answers):
             async for frame, outcome in answers:
                 yield self._frame_answer(frame, outcome)
 
-    def _frame_answer(self, frame: pb.Frame, outcome: InferenceResult | Exception) -> pb.FramePrediction:
-        """A frame's predictions, or its error (an answer over the size limit is one)."""
+    async def PredictLive(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.Frame], context: Context
+    ) -> AsyncIterator[pb.FramePrediction]:
+        """Live video: the newest frame is computed whenever the model is free; the frames it
+        supersedes are answered `skipped`. Answers come in frame order, one per frame."""
+        try:
+            self.registry.default.check_ready()
+        except Exception as exc:
+            await abort(context, exc)
+        timed = self._timed(self._predict_frame)
+        answers = answered_live(request_iterator, timed, self.live_in_flight)
+        async with contextlib.aclosing(answers):
+            async for frame, outcome in answers:
+                if isinstance(outcome, Skipped):
+                    yield pb.FramePrediction(frame_id=frame.frame_id, model=frame.model, skipped=True)
+                else:
+                    yield self._frame_answer(frame, outcome)
+
+    @staticmethod
+    def _timed(
+        predict: Callable[[pb.Frame], Awaitable[InferenceResult]],
+    ) -> Callable[[pb.Frame], Awaitable[tuple[InferenceResult, float]]]:
+        """`predict`, with the time from the frame's arrival to its result."""
+
+        async def timed(frame: pb.Frame) -> tuple[InferenceResult, float]:
+            arrived = time.perf_counter()
+            result = await predict(frame)
+            return result, (time.perf_counter() - arrived) * 1e3
+
+        return timed
+
+    def _frame_answer(
+        self, frame: pb.Frame, outcome: tuple[InferenceResult, float] | Exception
+    ) -> pb.FramePrediction:
+        """A frame's result, or its error (an answer over the size limit is one)."""
         if not isinstance(outcome, Exception):
-            answer = pb.FramePrediction(
-                frame_id=frame.frame_id, topk=to_predictions(outcome), latency_ms=outcome.total_ms
-            )
+            result, latency_ms = outcome
+            answer = to_frame(frame.frame_id, result, latency_ms)
             try:
-                check_response_size(answer, self.max_message_bytes, "ask for fewer classes (topk)")
+                check_response_size(answer, self.max_message_bytes, _ANSWER_HINT)
                 return answer
             except VisionError as exc:
                 outcome = exc
-        return pb.FramePrediction(frame_id=frame.frame_id, error=error_message(outcome))
+        return pb.FramePrediction(frame_id=frame.frame_id, model=frame.model, error=error_message(outcome))
 
     async def _predict_frame(self, frame: pb.Frame) -> InferenceResult:
-        self._check_size(frame)
-        return await self.service.predict(frame.image, topk=self._topk(frame.topk))
+        check_message_size(frame, self.max_message_bytes)
+        served = self.registry.get(frame.model)
+        return await served.predict(frame.image, task_parameters(frame))

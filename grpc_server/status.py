@@ -50,3 +50,36 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None: 
         await context.abort(grpc_code(exc.code), shortened(exc.message))
     logger.error("unexpected error in a call", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE)
+
+
+SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
+
+
+def check_message_size(message: object, limit: int) -> None:
+    """Refuse a request message over the limit (PAYLOAD_TOO_LARGE naming the setting).
+
+    NOTE: the transport accepts up to twice the limit (see `GrpcServer`) so that this check, not
+    gRPC core, refuses a message just over it, with a message a client can act on.
+    """
+    size = message.ByteSize()  # type: ignore[attr-defined]
+    if size > limit:
+        raise VisionError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the message is {size:,} bytes; the limit is {limit:,} bytes (setting {SIZE_SETTING})",
+        )
+
+
+def check_response_size(response: object, limit: int, hint: str) -> None:
+    """Refuse an answer over the limit with a message naming the setting (PAYLOAD_TOO_LARGE).
+
+    NOTE: the server sends at most VISION_GRPC_MAX_MESSAGE_BYTES too; without this check, an answer
+    over it (many small images with a large topk) ends the call with gRPC core's RESOURCE_EXHAUSTED
+    "Sent message larger than max", which names nothing a client can change.
+    """
+    size = response.ByteSize()  # type: ignore[attr-defined]
+    if size > limit:
+        raise VisionError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the response would be {size:,} bytes; the limit is {limit:,} bytes (setting "
+            f"{SIZE_SETTING}): {hint}",
+        )

@@ -68,3 +68,95 @@ async def answered_in_order(
                 left[1].cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+
+
+class Skipped:
+    """A live stream's frame that was not computed because a newer one was (see `answered_live`)."""
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED = Skipped()
+_Slot = asyncio.Future[asyncio.Task[ResultT] | Skipped]
+
+
+async def answered_live(
+    requests: AsyncIterator[RequestT],
+    start: Callable[[RequestT], Awaitable[ResultT]],
+    in_flight: int,
+    *,
+    backlog: int = 64,
+) -> AsyncGenerator[tuple[RequestT, ResultT | Exception | Skipped], None]:
+    """Live video: yield `(request, result, exception or SKIPPED)` for each request, in request
+    order, computing only the newest request whenever fewer than `in_flight` are computing.
+
+    Requests are read as fast as the client sends them. One that arrives while `in_flight` others
+    compute waits as the newest; a newer arrival supersedes it, and the superseded one is yielded
+    as SKIPPED. So a sender faster than the model gets every frame answered, most of them
+    skipped, and the latency of those computed stays bounded by about `in_flight` computations
+    instead of growing with a queue. At most `backlog` answers wait for a client that does not read
+    them; then reading waits (so at most that many requests are held). Close the generator
+    (`contextlib.aclosing`) when the call ends early: what is computing is cancelled.
+    """
+    answers: asyncio.Queue[tuple[RequestT, _Slot[ResultT]] | None] = asyncio.Queue(maxsize=backlog)
+    computing: set[asyncio.Task[ResultT]] = set()
+    waiting: tuple[RequestT, _Slot[ResultT]] | None = None
+    closing = False
+
+    def launch(request: RequestT, slot: _Slot[ResultT]) -> None:
+        task = asyncio.ensure_future(start(request))
+        computing.add(task)
+        task.add_done_callback(finished)
+        slot.set_result(task)
+
+    def finished(task: asyncio.Task[ResultT]) -> None:
+        nonlocal waiting
+        computing.discard(task)
+        if waiting is not None and not closing and len(computing) < in_flight:
+            request, slot = waiting
+            waiting = None
+            launch(request, slot)
+
+    async def read() -> None:
+        nonlocal waiting
+        try:
+            async for request in requests:
+                slot: _Slot[ResultT] = asyncio.get_running_loop().create_future()
+                if waiting is None and len(computing) < in_flight:
+                    launch(request, slot)
+                else:
+                    if waiting is not None:
+                        waiting[1].set_result(SKIPPED)  # superseded: answered as skipped, in order
+                    waiting = (request, slot)
+                await answers.put((request, slot))
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await answers.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await answers.get()) is not None:
+            request, slot = item
+            outcome = await slot
+            if isinstance(outcome, Skipped):
+                yield request, SKIPPED
+                continue
+            try:
+                result = await outcome
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                yield request, exc
+            else:
+                yield request, result
+        await reader  # surfaces a broken request stream
+    finally:
+        closing = True
+        reader.cancel()
+        for task in list(computing):
+            task.cancel()
+        if waiting is not None and not waiting[1].done():
+            waiting[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader

@@ -1,5 +1,5 @@
 """`V2InferenceServicer`: inference.GRPCInferenceService (the Open Inference Protocol, "KServe V2")
-over the core `InferenceService`, on the same server and port as visionserve.v1.Inference.
+over the core's model registry, on the same server and port as visionserve.v1.Inference.
 
 Requests are pulled apart into the codec's `InputTensor`s (from `raw_input_contents` or the typed
 `contents`) and checked there, exactly as the HTTP routes' are; outputs go back in
@@ -17,23 +17,21 @@ from typing import TypeAlias, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from grpc_server.servicer import check_response_size
-from grpc_server.status import abort
+from grpc_server.status import abort, check_message_size, check_response_size
 from grpc_server.streams import answered_in_order
-from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ErrorCode, VisionError
-from visionserve.service import InferenceService
+from visionserve.deadlines import deadline_after, expired, microseconds_parameter
+from visionserve.errors import GENERIC_INTERNAL_MESSAGE, VisionError
+from visionserve.serving.registry import ModelRegistry
 from visionserve.v2 import grpc_service_pb2 as pb
 from visionserve.v2 import grpc_service_pb2_grpc as pb_grpc
-from visionserve.v2.codec import (
-    ImageBatch,
-    InputTensor,
+from visionserve.v2.codec import ImageBatch, InputTensor, invalid, parse_inputs, task_parameters
+from visionserve.v2.models import V2Models
+from visionserve.v2.outputs import (
     RequestedOutput,
-    build_outputs,
     check_output_count,
     check_outputs,
     default_outputs,
-    invalid,
-    parse_inputs,
+    outputs_for,
     requested_output,
 )
 from visionserve.v2.signature import Signature
@@ -42,7 +40,6 @@ from visionserve.v2.statistics import model_statistics
 logger = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
-SIZE_SETTING = "VISION_GRPC_MAX_MESSAGE_BYTES"
 MessageT = TypeVar("MessageT")
 RESPONSE_HINT = "send fewer images per request, or ask for fewer outputs (or a classification)"
 
@@ -110,11 +107,11 @@ def requested_outputs(signature: Signature, request: pb.ModelInferRequest) -> li
 
 
 class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Translates V2 calls to and from `InferenceService`; the checks live in `visionserve.v2`."""
+    """Translates V2 calls to and from the registry's models; the checks live in `visionserve.v2`."""
 
-    def __init__(self, service: InferenceService, *, max_message_bytes: int, stream_read_ahead: int):
-        self.service = service
-        self.signature = Signature.of_service(service)
+    def __init__(self, registry: ModelRegistry, *, max_message_bytes: int, stream_read_ahead: int):
+        self.registry = registry
+        self.models = V2Models(registry)
         self.max_message_bytes = max_message_bytes
         self.stream_read_ahead = stream_read_ahead
 
@@ -127,101 +124,90 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(  # noqa: N802
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        """True once the model is loaded and warmed, until shutdown begins."""
-        return pb.ServerReadyResponse(ready=self.service.ready)
+        """True once every model is loaded and warmed, until shutdown begins."""
+        return pb.ServerReadyResponse(ready=self.registry.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # noqa: N802
         """Whether the model (and version) can serve; false for one not served here, as a client's
         `is_model_ready` expects a yes or no rather than an error."""
         try:
-            self.signature.check_model(request.name, request.version)
+            served, _ = self.models.get(request.name, request.version)
         except VisionError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.service.ready)
+        return pb.ModelReadyResponse(ready=served.ready)
 
     async def ServerMetadata(  # noqa: N802
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         """Server name, version and the protocol extensions served."""
-        return from_dict(self.signature.server_metadata(), pb.ServerMetadataResponse())
+        return from_dict(self.models.server_metadata(), pb.ServerMetadataResponse())
 
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         """The model's versions, platform, inputs and outputs."""
         try:
-            self.signature.check_model(request.name, request.version)
+            _, signature = self.models.get(request.name, request.version)
         except VisionError as exc:
             await abort(context, exc)
-        return from_dict(self.signature.metadata(), pb.ModelMetadataResponse())
+            raise
+        return from_dict(signature.metadata(), pb.ModelMetadataResponse())
 
     async def ModelConfig(  # noqa: N802
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         """Triton's model configuration: what perf_analyzer reads."""
         try:
-            self.signature.check_model(request.name, request.version)
+            _, signature = self.models.get(request.name, request.version)
         except VisionError as exc:
             await abort(context, exc)
-        return from_dict({"config": self.signature.config()}, pb.ModelConfigResponse())
+            raise
+        return from_dict({"config": signature.config()}, pb.ModelConfigResponse())
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
         """Images and batches computed, time queued and computing (every model when unnamed)."""
         try:
-            if request.name:
-                self.signature.check_model(request.name, request.version)
+            models = [self.models.get(request.name, request.version)[0]] if request.name else self.registry
         except VisionError as exc:
             await abort(context, exc)
-        stats = model_statistics(self.signature, self.service)
-        return from_dict(stats, pb.ModelStatisticsResponse())
+            raise
+        return from_dict(model_statistics(models), pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        """Every model served, with its version and state (only the ready ones with `ready`)."""
+        index = self.models.repository_index(ready_only=request.ready)
+        return from_dict({"models": index}, pb.RepositoryIndexResponse())
 
     # --- inference --------------------------------------------------------------------------------
-
-    def _check_size(self, request: pb.ModelInferRequest) -> None:
-        size = request.ByteSize()
-        if size > self.max_message_bytes:
-            raise VisionError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"the message is {size:,} bytes; the limit is {self.max_message_bytes:,} bytes "
-                f"(setting {SIZE_SETTING})",
-            )
 
     @staticmethod
     def _deadline(context: Context, request: pb.ModelInferRequest) -> float | None:
         """The earlier of the call's deadline and the request's `timeout` parameter
         (microseconds, as Triton's clients send it), on the monotonic clock."""
-        now = time.monotonic()
-        deadlines = []
         remaining = context.time_remaining()
-        if remaining is not None:
-            if remaining <= 0:
-                raise VisionError(
-                    ErrorCode.DEADLINE_EXCEEDED, "the call's deadline passed before it was computed"
-                )
-            deadlines.append(now + remaining)
+        expired(remaining)
         timeout = parameter_values(request.parameters).get("timeout")
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-                raise invalid(f"parameter timeout must be a positive number of microseconds, got {timeout!r}")
-            deadlines.append(now + timeout / 1e6)
-        return min(deadlines) if deadlines else None
+        timeout_s = None if timeout is None else microseconds_parameter(timeout)
+        return deadline_after(time.monotonic(), remaining, timeout_s)
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        signature = self.signature
-        self._check_size(request)
-        signature.check_model(request.model_name, request.model_version)
-        self.service.check_ready()
+        check_message_size(request, self.max_message_bytes)
+        served, signature = self.models.get(request.model_name, request.model_version)
+        params = served.parameters(task_parameters(signature, parameter_values(request.parameters)))
+        served.check_ready()
         model_input = parse_inputs(signature, input_tensors(request))
         outputs = requested_outputs(signature, request)
         if isinstance(model_input, ImageBatch):
-            scores = await self.service.scores_for_images(
-                model_input.images, field=signature.image_input.name, deadline=deadline
+            results = await served.infer_images(
+                model_input.images, params, field=signature.image_input.name, deadline=deadline
             )
         else:
-            scores = await self.service.scores_for_tensor(model_input.array, deadline=deadline)
-        tensors = build_outputs(signature, scores, outputs)
+            results = await served.infer_tensor(model_input.array, params, deadline=deadline)
+        tensors = outputs_for(signature, results, outputs)
         return pb.ModelInferResponse(
             model_name=signature.model,
             model_version=signature.version,

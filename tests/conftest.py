@@ -12,8 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.fixtures import FakeRuntime, write_fake_entry
-from visionserve.http.app import create_app
+from tests.fixtures import FakeRuntime, app_of, write_fake_entry
 from visionserve.photos import packaged_photo
 from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.runtimes.base import ModelRuntime
@@ -21,6 +20,7 @@ from visionserve.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "efficientnet_lite0"
+DETECTOR = "yolo11n"
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +52,14 @@ def wait_ready(client: TestClient, timeout_s: float = 120.0) -> None:
 
 @pytest.fixture
 def app_client() -> Iterator[Callable[..., TestClient]]:
-    """Factory: `app_client(runtime, ready=True, **settings)` -> a TestClient with lifespan running."""
+    """Factory: `app_client(runtime, *more_runtimes, ready=True, **settings)` -> a TestClient with
+    lifespan running, serving the runtimes' models (the first is the default)."""
     clients: list[TestClient] = []
 
-    def make(runtime: ModelRuntime, *, ready: bool = True, **settings: object) -> TestClient:
-        app = create_app(ServerSettings(**settings), runtime)  # type: ignore[arg-type]
+    def make(
+        runtime: ModelRuntime, *more: ModelRuntime, ready: bool = True, **settings: object
+    ) -> TestClient:
+        app = app_of(ServerSettings(**settings), runtime, *more)  # type: ignore[arg-type]
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
@@ -96,6 +99,17 @@ def real_repository() -> Path:
 def real_entry(real_repository: Path) -> ModelEntry:
     """The real default model's entry."""
     return ModelRepository(real_repository).get(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def real_detector(real_repository: Path) -> ModelEntry:
+    """The real embedded detector's entry (YOLO11n at 640), exported beside the default model by
+    `make test`; exported here, once, when pytest runs alone and it is missing."""
+    if not (real_repository / DETECTOR / "config.json").is_file():
+        from export.cli import main as export_main
+
+        assert export_main(["--model", DETECTOR, "--repository", str(real_repository), "--force"]) == 0
+    return ModelRepository(real_repository).get(DETECTOR)
 
 
 def photo_bytes(name: str) -> bytes:

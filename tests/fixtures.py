@@ -12,11 +12,19 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from fastapi import FastAPI
 
+from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.runtimes.base import ModelRuntime
+from visionserve.serving.registry import ModelRegistry
+from visionserve.settings import GrpcSettings, SecuritySettings, ServerSettings
+
+if TYPE_CHECKING:
+    from grpc_server.server import GrpcServer
 
 FAKE_CLASSES = 10
 
@@ -126,3 +134,32 @@ def crafted_png(width: int, height: int) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + png_chunk(b"IEND", b"")
     )
+
+
+def registry_of(
+    *runtimes: ModelRuntime, settings: ServerSettings | None = None, **overrides: object
+) -> ModelRegistry:
+    """A registry serving `runtimes` (the first is the default) with `settings` (or ServerSettings
+    built from `overrides`)."""
+    server_settings = settings or ServerSettings(**overrides)  # type: ignore[arg-type]
+    return ModelRegistry(list(runtimes), server_settings)
+
+
+def app_of(settings: ServerSettings, *runtimes: ModelRuntime, **kwargs: Any) -> FastAPI:
+    """The HTTP app serving `runtimes` (the first is the default) with `settings`."""
+    return create_app(settings, registry_of(*runtimes, settings=settings), **kwargs)
+
+
+def grpc_server_of(
+    settings: GrpcSettings,
+    server_settings: ServerSettings,
+    *runtimes: ModelRuntime,
+    security: SecuritySettings | None = None,
+) -> GrpcServer:
+    """The gRPC server serving `runtimes` (the first is the default)."""
+    # NOTE: imported here: the gRPC stubs must not load with every test module (one test loads
+    # tritonclient's, whose descriptors clash with them in one process)
+    from grpc_server.server import GrpcServer
+
+    registry = registry_of(*runtimes, settings=server_settings)
+    return GrpcServer(settings, server_settings, registry, security)

@@ -23,6 +23,7 @@ import numpy as np
 
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.metrics import Metrics
+from visionserve.serving.budget import ComputeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ _DEADLINE_SLACK_S = 0.005
 """A caller cancelled this close to its deadline was cancelled by it: gRPC core ends a call at its
 deadline on its own clock, which may run a little ahead of the deadline computed here."""
 T = TypeVar("T")
+REJECTION_REASONS = ("queue_full", "deadline", "cancelled")
+"""The `reason` label values of `visionserve_rejected`."""
 
 
 def drop_reason(deadline: float | None, now: float) -> str:
@@ -60,7 +63,9 @@ class DynamicBatcher:
 
     A full queue rejects at once (OVERLOADED, a 503/UNAVAILABLE with Retry-After); a cancelled
     caller or one whose deadline has passed is dropped before its item is computed; a failing
-    `run_batch` fails only the callers of that batch.
+    `run_batch` fails only the callers of that batch. With a `budget`, each computation also takes
+    `units` of the process's compute budget (shared with the other models' batchers) while it
+    runs; what queues while it waits for them joins its batch.
     """
 
     def __init__(
@@ -73,6 +78,9 @@ class DynamicBatcher:
         max_queue_size: int = 128,
         instances: int = 1,
         metrics: Metrics | None = None,
+        model: str = "",
+        budget: ComputeBudget | None = None,
+        units: int = 1,
     ):
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
             raise ValueError(
@@ -85,6 +93,11 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.instances = instances
         self.metrics = metrics
+        self.model = model
+        """The model's name, the `model` label of this batcher's metrics."""
+        self.budget = budget
+        self.units = units
+        """Budget units one computation takes (its runtime instance's intra-op threads)."""
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -97,6 +110,17 @@ class DynamicBatcher:
         self._closed = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size ran (for tests and metrics)."""
+        if metrics is not None:  # NOTE: every series of this model from the start, at zero
+            metrics.queue_depth.labels(model).set(0)
+            for reason in REJECTION_REASONS:
+                metrics.rejected.labels(reason, model)
+            for histogram in (
+                metrics.queue_time,
+                metrics.batch_size,
+                metrics.compute_time,
+                metrics.budget_wait,
+            ):
+                histogram.labels(model)
 
     @property
     def queue_depth(self) -> int:
@@ -105,13 +129,21 @@ class DynamicBatcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting, and a runtime instance free."""
-        return not self._queue and self._busy < self.instances
+        """Nothing waiting, a runtime instance free, and its compute budget free now."""
+        if self._queue or self._busy >= self.instances:
+            return False
+        budget = self.budget
+        return budget is None or (not budget.waiting and budget.free >= budget.clamp(self.units))
 
     async def run_exclusive(self, function: Callable[..., T], *args: object) -> T:
         """Run `function(*args)` on a free runtime instance's thread (the idle fast path: one
         request decoded and computed in a single hand-off)."""
         await self._slots.acquire()
+        try:
+            await self._take_budget()
+        except BaseException:
+            self._slots.release()
+            raise
         self._busy += 1
         job = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
         job.add_done_callback(self._job_done)
@@ -124,7 +156,7 @@ class DynamicBatcher:
     def _job_done(self, job: asyncio.Future[Any]) -> None:
         """A `run_exclusive` job has ended (its caller may have gone): free its instance."""
         self._busy -= 1
-        self._slots.release()
+        self._give_back()
         if not job.cancelled():
             job.exception()  # NOTE: retrieved, else asyncio logs it as lost when its caller has gone
 
@@ -207,17 +239,17 @@ class DynamicBatcher:
                 continue
             batch.append(item)
             if self.metrics is not None:
-                self.metrics.queue_time.observe(now - item.enqueued_at)
+                self.metrics.queue_time.labels(self.model).observe(now - item.enqueued_at)
         self._set_depth()
         return batch
 
     def _count_rejected(self, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.rejected.labels(reason).inc()
+            self.metrics.rejected.labels(reason, self.model).inc()
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.labels(self.model).set(len(self._queue))
 
     def _live_count(self) -> int:
         return sum(1 for item in self._queue if not item.future.done())
@@ -255,9 +287,14 @@ class DynamicBatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
             await self._slots.acquire()  # what queues while every instance is busy joins this batch
+            try:
+                await self._take_budget()  # and what queues while other models compute
+            except BaseException:
+                self._slots.release()
+                raise
             batch = self._take_live(time.monotonic())
             if not batch:
-                self._slots.release()
+                self._give_back()
                 continue
             self._busy += 1
             task = asyncio.get_running_loop().create_task(self._compute(batch), name="batch")
@@ -291,4 +328,15 @@ class DynamicBatcher:
                     item.future.set_result(row)
         finally:
             self._busy -= 1
-            self._slots.release()
+            self._give_back()
+
+    async def _take_budget(self) -> None:
+        """Take this model's units of the shared compute budget (after an instance slot)."""
+        if self.budget is not None:
+            await self.budget.acquire(self.units, self.model)
+
+    def _give_back(self) -> None:
+        """Free an instance slot and the budget units taken with it."""
+        if self.budget is not None:
+            self.budget.release(self.units)
+        self._slots.release()

@@ -62,43 +62,58 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "visionserve_requests",
-            "Requests answered, by protocol, endpoint and status.",
-            ["protocol", "endpoint", "status"],
+            "Requests answered, by protocol, endpoint, status and model (empty: none named, e.g. "
+            "health checks).",
+            ["protocol", "endpoint", "status", "model"],
             registry=self.registry,
         )
         self.request_latency = Histogram(
             "visionserve_request_latency_seconds",
-            "Server time per request, by protocol and endpoint.",
-            ["protocol", "endpoint"],
+            "Server time per request, by protocol, endpoint and model.",
+            ["protocol", "endpoint", "model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_time = Histogram(
             "visionserve_queue_time_seconds",
             "Time a preprocessed request waited in the batcher's queue before its batch started.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "visionserve_batch_size",
             "Images per predict_batch call.",
+            ["model"],
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.compute_time = Histogram(
             "visionserve_compute_time_seconds",
             "Time of one predict_batch call.",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
-            "visionserve_queue_depth", "Requests waiting in the batcher's queue.", registry=self.registry
+            "visionserve_queue_depth",
+            "Requests waiting in the batcher's queue.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.budget_wait = Histogram(
+            "visionserve_budget_wait_seconds",
+            "Time a batch that found the cores taken waited for the compute budget (another model's "
+            "batches, or this model's other instances, computing).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.rejected = Counter(
             "visionserve_rejected",
             "Requests dropped before they were computed: queue_full, deadline, cancelled (the client "
             "left: mid-body, while decoded or while queued).",
-            ["reason"],
+            ["reason", "model"],
             registry=self.registry,
         )
         # NOTE: the process figures, standard names (process_resident_memory_bytes,

@@ -79,8 +79,7 @@ class ImagePreprocessor:
 
         # NOTE: phone photos with a multi-picture index open as MPO, a JPEG subclass: same draft.
         if image.format in ("JPEG", "MPO"):
-            short = min(width, height)
-            scale = self.spec.resize / short
+            scale = self._draft_scale(width, height)
             image.draft(image.mode, (int(width * scale), int(height * scale)))
         try:
             image.load()  # first frame only for animated formats
@@ -91,6 +90,13 @@ class ImagePreprocessor:
                 f"the {image.format} image is corrupt or truncated and cannot be decoded",
             ) from exc
         return _to_rgb(upright)
+
+    def _draft_scale(self, width: int, height: int) -> float:
+        """The factor the photo will be resized by (the draft decodes JPEGs at no less)."""
+        if self.spec.fit == "letterbox":
+            target_h, target_w = self.spec.size
+            return min(target_w / width, target_h / height)
+        return self.spec.resize / min(width, height)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """RGB image -> float32 (3, H, W): shorter side to `resize`, center crop, normalize.

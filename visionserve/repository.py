@@ -34,9 +34,15 @@ class InputSpec(BaseModel):
 
     name: str = "input"
     size: tuple[int, int] = (224, 224)
-    """Height and width fed to the model (the center crop)."""
+    """Height and width fed to the model (the center crop, or the letterbox)."""
+    fit: Literal["center_crop", "letterbox"] = "center_crop"
+    """How the photo becomes `size`: `center_crop` (classifiers: the shorter side resized to
+    `resize`, then the centre cut out) or `letterbox` (detectors: the whole photo scaled to fit,
+    aspect ratio kept, the rest padded with `pad_value`)."""
     resize: int = 256
-    """The shorter side is resized to this before the center crop."""
+    """center_crop: the shorter side is resized to this before the center crop."""
+    pad_value: int = Field(default=114, ge=0, le=255)
+    """letterbox: the grey level of the padding (114, as YOLO models were trained)."""
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean, in units of pixel/255."""
@@ -50,7 +56,7 @@ class InputSpec(BaseModel):
         height, width = self.size
         if height < 1 or width < 1:
             raise ValueError(f"input.size must be positive, got {self.size}")
-        if self.resize < max(height, width):
+        if self.fit == "center_crop" and self.resize < max(height, width):
             raise ValueError(
                 f"input.resize ({self.resize}) must be at least the crop size {self.size}: "
                 "the center crop is taken from the resized image"
@@ -61,14 +67,33 @@ class InputSpec(BaseModel):
 
 
 class OutputSpec(BaseModel):
-    """The model's output: one row of scores per image."""
+    """The model's output: one row of scores per image (classification), or one row per anchor
+    of each image (detection)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = "logits"
-    kind: Literal["logits", "probabilities"] = "logits"
-    """`logits` get a softmax in postprocessing; `probabilities` are used as they are."""
+    kind: Literal["logits", "probabilities", "boxes"] = "logits"
+    """`logits` get a softmax in postprocessing; `probabilities` are used as they are; `boxes`
+    (detection): float32 (N, anchors, 4 + classes), each anchor's box centre, width and height in
+    input pixels, then its class probabilities."""
     classes: int = Field(ge=1)
+
+
+class DetectionDefaults(BaseModel):
+    """A detector's postprocessing defaults; a request may change each (`score_threshold`,
+    `iou_threshold`, `max_detections` up to this one, `classes`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    """Boxes scoring below this are dropped."""
+    iou_threshold: float = Field(default=0.45, ge=0.0, le=1.0)
+    """Non-maximum suppression: a box overlapping a better one of its class by more than this
+    (intersection over union) is dropped."""
+    max_detections: int = Field(default=100, ge=1, le=10_000)
+    """Most boxes answered per image; also the cap a request may ask for, and the K of the Open
+    Inference Protocol's fixed-shape outputs ([-1, K, 4] boxes)."""
 
 
 class Artefact(BaseModel):
@@ -87,9 +112,11 @@ class ModelConfig(BaseModel):
 
     name: str
     version: int = 1
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "detection"] = "classification"
     input: InputSpec
     output: OutputSpec
+    detection: DetectionDefaults | None = None
+    """Detection only: postprocessing defaults (absent: the defaults above)."""
     labels: str = "labels.txt"
     max_batch_size: int = Field(default=32, ge=1)
     """Largest batch the artefacts accept (and the batcher forms)."""
@@ -107,6 +134,23 @@ class ModelConfig(BaseModel):
     artefacts: dict[Backend, Artefact]
     provenance: dict[str, object] = Field(default_factory=dict)
     parity: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> ModelConfig:
+        detector = self.task == "detection"
+        if detector != (self.output.kind == "boxes"):
+            raise ValueError(
+                f"task {self.task!r} does not fit output.kind {self.output.kind!r}: a detection model "
+                "outputs `boxes`, a classification model `logits` or `probabilities`"
+            )
+        if detector != (self.input.fit == "letterbox"):
+            raise ValueError(
+                f"task {self.task!r} does not fit input.fit {self.input.fit!r}: detection models take "
+                "a `letterbox`, classification models a `center_crop`"
+            )
+        if detector and self.detection is None:
+            self.detection = DetectionDefaults()
+        return self
 
 
 @dataclass(frozen=True)

@@ -2,29 +2,66 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class PredictRequest(BaseModel):
-    """`POST /predict`: one base64-encoded image (the seeds' `{"image": ...}`), optional top-k."""
+class TaskParameters(BaseModel):
+    """The per-request parameters of every task; a request sends those of its model's task only
+    (another task's is a 400 naming the task)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(
+        default=None,
+        description="Model to use (GET /models lists them); default: the server's default model.",
+    )
+    topk: int | None = Field(
+        default=None,
+        ge=1,
+        description="Classification: how many classes to return (default: the server's, 5).",
+    )
+    score_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Detection: drop boxes scoring below this (default: the model's).",
+    )
+    iou_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Detection: non-maximum suppression overlap (IoU) above which the weaker box of a "
+        "class is dropped (default: the model's).",
+    )
+    max_detections: int | None = Field(
+        default=None, ge=1, description="Detection: most boxes to return (default and cap: the model's)."
+    )
+    classes: list[str] | None = Field(
+        default=None, description='Detection: only these classes, by label (e.g. ["person", "car"]).'
+    )
+
+    def task_parameters(self) -> dict[str, object]:
+        """The task parameters given (model and image aside)."""
+        return {name: getattr(self, name) for name in TASK_PARAMETER_FIELDS}
+
+
+TASK_PARAMETER_FIELDS = ("topk", "score_threshold", "iou_threshold", "max_detections", "classes")
+"""The fields of `TaskParameters` that the model's task checks (visionserve.tasks names them too)."""
+
+
+class PredictRequest(TaskParameters):
+    """`POST /predict`: one base64-encoded image (the seeds' `{"image": ...}`) and the task's
+    parameters (e.g. `topk`)."""
 
     image: str = Field(description="The encoded image (JPEG, PNG, WebP, GIF, BMP or TIFF), base64.")
-    topk: int | None = Field(
-        default=None, ge=1, description="How many classes to return (default: the server's, 5)."
-    )
-    model: str | None = Field(default=None, description="Model to use; default: the served model.")
 
 
-class B64PredictRequest(BaseModel):
+class B64PredictRequest(TaskParameters):
     """`POST /predict/b64`: the seed's field names for the same request."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
     image_base64: str = Field(description="The encoded image, base64.")
-    topk: int | None = Field(default=None, ge=1, description="How many classes to return.")
-    model: str | None = Field(default=None, description="Model to use; default: the served model.")
 
 
 class Prediction(BaseModel):
@@ -36,7 +73,7 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """The answer to every predict endpoint.
+    """A classification model's answer.
 
     `prediction`/`probability` are the top class (seed 004's fields); `topk` the top-k classes,
     most probable first (seed 000's field).
@@ -48,7 +85,49 @@ class PredictResponse(BaseModel):
     probability: float = Field(ge=0.0, le=1.0)
     topk: list[Prediction]
     model: str
+    task: Literal["classification"] = "classification"
     latency_ms: float = Field(description="Server time from request to answer, in milliseconds.")
+
+
+class Box(BaseModel):
+    """A box's corners in the photo's own pixels (seed 003's names): left, top, right, bottom."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detection(BaseModel):
+    """One object: its class's label and index, its score and its box."""
+
+    label: str
+    index: int = Field(ge=0)
+    score: float = Field(ge=0.0, le=1.0)
+    box: Box
+
+
+class ImageSize(BaseModel):
+    """The photo's size in pixels (after its EXIF orientation): what the boxes refer to."""
+
+    width: int
+    height: int
+
+
+class DetectionResponse(BaseModel):
+    """A detection model's answer: the objects found, highest score first (empty when none)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    task: Literal["detection"] = "detection"
+    detections: list[Detection]
+    image: ImageSize
+    latency_ms: float = Field(description="Server time from request to answer, in milliseconds.")
+
+
+AnyPredictResponse = PredictResponse | DetectionResponse
+"""What a predict endpoint answers, by the model's task."""
 
 
 class HealthStatus(BaseModel):
@@ -66,8 +145,13 @@ class ModelInfo(BaseModel):
     name: str
     version: int
     task: str
+    default: bool = Field(description="The model used when a request names none (VISION_MODEL_NAME).")
     input_size: tuple[int, int] = Field(description="Height and width fed to the model.")
     labels_count: int
+    parameters: list[str] = Field(description="The request parameters of the model's task.")
+    detection: dict[str, float | int] | None = Field(
+        default=None, description="Detection: the postprocessing defaults (thresholds, max detections)."
+    )
     max_batch_size: int = Field(
         description="Largest batch the batcher forms (config.json, or VISION_MAX_BATCH_SIZE; 1 = off)."
     )
@@ -77,8 +161,17 @@ class ModelInfo(BaseModel):
     device: str
     instances: int = Field(description="Runtime instances computing batches at the same time.")
     threads: int = Field(description="Intra-op threads of each instance.")
-    preprocess_workers: int = Field(description="Threads decoding and preprocessing images.")
+    preprocess_workers: int = Field(
+        description="Threads decoding and preprocessing images (shared by the models)."
+    )
     ready: bool
+    state: str = Field(description="created, loading, ready, failed, stopping or stopped.")
+
+
+class ModelDetail(ModelInfo):
+    """`GET /models/{name}`: a model's facts and its class labels, in output order."""
+
+    labels: list[str]
 
 
 class ModelsResponse(BaseModel):

@@ -126,7 +126,12 @@ class ModelSettings(BaseSettings):
     """Folder holding one sub-folder per model (`<name>/config.json`), as written by `export`."""
 
     model_name: str = "efficientnet_lite0"
-    """The model (a sub-folder of the repository) to serve."""
+    """The default model (a sub-folder of the repository): what the seed-compatible endpoints
+    (`/predict`, gRPC `Predict`, ...) use when a request names no model."""
+
+    models: str | None = None
+    """The models to serve, comma-separated (e.g. `efficientnet_lite0,yolo11n`); default: every
+    model in the repository. The default model (`model_name`) must be one of them."""
 
     backend: Literal["onnx", "torch"] = "onnx"
     """Runtime: ONNX Runtime or PyTorch. The `fastapi_onnx` / `fastapi_pt` deployables fix it."""
@@ -161,6 +166,22 @@ class ModelSettings(BaseSettings):
             )
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _model_list(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        names = [name.strip() for name in value.split(",")]
+        for name in names:
+            cls._plain_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"names a model twice: {value!r}")
+        return ",".join(names)
+
+    def model_names(self) -> list[str] | None:
+        """The names in `models`, or None for every model in the repository."""
+        return self.models.split(",") if self.models else None
+
     def resolved_threads(self) -> int:
         """Intra-op threads per instance from these settings alone: the setting, or on CPU the
         usable cores shared among the instances, on CUDA 1. (A model's config.json may also set
@@ -189,8 +210,19 @@ class GrpcSettings(BaseSettings):
     """Frames of a `PredictStream` read and in flight before the server waits for the client to
     take answers (flow control: a fast sender cannot make the server buffer an unbounded stream)."""
 
+    live_in_flight: int = Field(default=2, ge=1, le=64)
+    """`PredictLive` (live video): frames of one stream computed at once; a newer frame waits for
+    one of them and supersedes the frame that was waiting (answered `skipped`). 2 overlaps one
+    frame's decoding with another's inference; the latency stays bounded by about this many
+    frames' compute."""
+
     grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish before they are cancelled."""
+
+    serve_http: bool = False
+    """Serve the HTTP API from this process too (VISION_HOST, VISION_PORT and the other server
+    settings), over the same models, batchers and compute budget: one copy of each model, no two
+    processes competing for the cores. `make run` starts the APIs this way."""
 
     metrics: bool = True
     """Serve the gRPC process's Prometheus metrics over HTTP (`GET /metrics`, same names as the

@@ -1,4 +1,4 @@
-"""`python -m visionserve.bench --url ... --grpc-target ...`: the harness measures a deployment it
+"""`python -m bench --url ... --grpc-target ...`: the harness measures a deployment it
 did not start. The deployments are real servers on 127.0.0.1, port 0, started here: the HTTP app
 under uvicorn and the grpc.aio `GrpcServer`, each in a thread, over fake runtimes (fast, and able
 to never get ready); and, for the in-process rows, the real deployables as processes
@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 import uvicorn
 
+from bench import BenchConfig, run_benchmark
+from bench.__main__ import main
+from bench.csvfile import COLUMNS
+from bench.servers import GrpcServerProcess, ServerProcess, model_env
 from grpc_server.server import GrpcServer
-from tests.fixtures import FailingRuntime, FakeRuntime, write_fake_entry
+from tests.fixtures import FailingRuntime, FakeRuntime, app_of, grpc_server_of, write_fake_entry
 from tests.tls import Tls, make_tls
-from visionserve.bench import BenchConfig, run_benchmark
-from visionserve.bench.__main__ import main
-from visionserve.bench.csvfile import COLUMNS
-from visionserve.bench.servers import GrpcServerProcess, ServerProcess, model_env
-from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings
@@ -65,7 +64,7 @@ def http_deployment(
     """The HTTP app over `runtime` under uvicorn in a thread, on 127.0.0.1 port 0 (with the API
     key on and HTTPS, if given); yields its URL once it listens (not waiting for the model: the
     harness must do that)."""
-    app = create_app(ServerSettings(preprocess_workers=1), runtime, api_key=api_key)
+    app = app_of(ServerSettings(preprocess_workers=1), runtime, api_key=api_key)
     files = {} if tls is None else {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **files)  # type: ignore[arg-type]
@@ -110,11 +109,11 @@ def grpc_deployment(
 
     async def start() -> GrpcServer:
         # NOTE: built on its loop: grpc.aio binds a server to the loop it is created on
-        server = GrpcServer(
+        server = grpc_server_of(
             GrpcSettings(host="127.0.0.1", port=0, metrics_port=0),
             ServerSettings(preprocess_workers=1),
             runtime,
-            security,
+            security=security,
         )
         await server.start()
         return server

@@ -1,4 +1,4 @@
-"""`python -m visionserve.bench` end to end, short: real servers on port 0 (HTTP, gRPC, batching on
+"""`python -m bench` end to end, short: real servers on port 0 (HTTP, gRPC, batching on
 and off, overload, the seed 004 baseline), the real model, the report files and their counts."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from visionserve.bench.__main__ import main
+from bench.__main__ import main
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

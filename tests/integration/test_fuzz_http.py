@@ -35,8 +35,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
 
 from tests.conftest import DEFAULT_MODEL, encode
-from tests.fixtures import FakeRuntime, crafted_png, write_fake_entry
-from visionserve.http.app import create_app
+from tests.fixtures import FakeRuntime, app_of, crafted_png, write_fake_entry
 from visionserve.http.limits import is_v2_path
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.onnx import OnnxRuntime
@@ -165,7 +164,7 @@ SETTINGS = {"max_request_bytes": 256 * 1024}
 
 
 def _build_app(root: Path) -> FastAPI:
-    return create_app(ServerSettings(**SETTINGS), FakeRuntime(write_fake_entry(root / "repo")))
+    return app_of(ServerSettings(**SETTINGS), FakeRuntime(write_fake_entry(root / "repo")))
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -276,7 +275,7 @@ real_schema = schemathesis.openapi.from_dict(
 @pytest.fixture
 def real_app(real_entry: ModelEntry) -> Iterator[FastAPI]:
     """An app over the real exported model (ONNX Runtime, one thread), ready."""
-    application = create_app(ServerSettings(**SETTINGS), OnnxRuntime(real_entry, threads=1))
+    application = app_of(ServerSettings(**SETTINGS), OnnxRuntime(real_entry, threads=1))
     with asgi.get_client(application) as client:
         deadline = time.monotonic() + 120
         while client.get("/health/ready").status_code != 200:

@@ -47,7 +47,7 @@ from PIL import Image, ImageFile
 from grpc_server.server import GrpcServer
 from grpc_server.status import grpc_code
 from tests.conftest import encode, photo_bytes
-from tests.fixtures import FAKE_CLASSES, FailingRuntime, FakeRuntime, SlowRuntime, crafted_png
+from tests.fixtures import FAKE_CLASSES, FailingRuntime, FakeRuntime, SlowRuntime, crafted_png, grpc_server_of
 from tests.integration.test_http_bad_input import (
     GOOD_IMAGE,
     MODES,
@@ -102,7 +102,7 @@ async def serving(
     """Start a GrpcServer on 127.0.0.1:0 (waiting for the model unless `ready=False`), open a channel;
     on exit close the channel and stop the server (stopping twice is allowed)."""
     settings = GrpcSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **(grpc_settings or {})})
-    server = GrpcServer(settings, ServerSettings(preprocess_workers=2, **server_settings), runtime)
+    server = grpc_server_of(settings, ServerSettings(preprocess_workers=2, **server_settings), runtime)
     port = await server.start()
     assert port > 0
     try:
@@ -306,7 +306,7 @@ class CountingSlowRuntime(SlowRuntime):
 def count_predictions(served: Served) -> dict[str, int]:
     """Wrap the service's `predict` to count calls started, in flight now, and most in flight."""
     counts = {"started": 0, "in_flight": 0, "max_in_flight": 0}
-    service = served.server.service
+    service = served.server.registry.default
     original = service.predict
 
     async def counting(*args: Any, **kwargs: Any) -> Any:
@@ -341,9 +341,9 @@ async def runtime_idle(served: Served) -> None:
     """Wait until every job queued so far on the preprocess pool and the runtime thread has run
     (the runtime thread is one FIFO worker: a no-op submitted now runs after all of them)."""
     loop = asyncio.get_running_loop()
-    service = served.server.service
-    await loop.run_in_executor(service._preprocess_pool, lambda: None)
-    await loop.run_in_executor(service._runtime_thread, lambda: None)
+    service = served.server.registry.default
+    await loop.run_in_executor(service.pipeline.preprocess_pool, lambda: None)
+    await loop.run_in_executor(service.runtime_threads, lambda: None)
 
 
 # --- unary and batch ----------------------------------------------------------------------------
@@ -598,7 +598,7 @@ def test_health_not_serving_while_loading_then_serving(fake_entry: ModelEntry) -
             runtime.gate.set()
             assert served.server.loaded is not None
             await served.server.loaded
-            await until(lambda: served.server.service.ready, "the service to be ready")
+            await until(lambda: served.server.registry.default.ready, "the service to be ready")
             assert await health_of(served) == SERVING
             assert await health_of(served, SERVICE) == SERVING
             await assert_serving(served)
@@ -642,7 +642,7 @@ def test_health_stays_not_serving_when_stopped_during_loading(fake_entry: ModelE
             runtime.gate.set()  # the runtime finishes loading after the stop began
             await stopping
             assert runtime.loaded, "the load did not finish: the test proves nothing"
-            assert served.server.service.state == "stopped"
+            assert served.server.registry.default.state == "stopped"
             statuses = []
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
                 while (response := await watch.read()) is not grpc.aio.EOF:
@@ -695,6 +695,7 @@ def test_reflection_lists_the_services_and_describes_inference(fake_entry: Model
                 "Predict": (False, False),
                 "PredictBatch": (False, False),
                 "PredictStream": (True, True),
+                "PredictLive": (True, True),
             }
 
     run(scenario())
@@ -865,7 +866,7 @@ def test_graceful_shutdown_completes_calls_in_flight_and_refuses_new_ones(fake_e
             assert [a.frame_id for a in answers] == [0, 1] and not any(a.HasField("error") for a in answers)
             await stopping
             assert time.monotonic() - started < 4, "stop waited for its whole grace"
-            assert runtime.closed and served.server.service.state == "stopped"
+            assert runtime.closed and served.server.registry.default.state == "stopped"
 
     run(scenario())
 
@@ -1210,7 +1211,7 @@ def test_unexpected_exception_is_a_generic_internal_error(
     async def scenario() -> None:
         async with serving(FakeRuntime(fake_entry)) as served:
             with monkeypatch.context() as patch:
-                patch.setattr(served.server.service, "preprocessor", broken)
+                patch.setattr(served.server.registry.default.task, "preprocessor", broken)
                 error = await rpc_error(served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE)))
                 assert_status(error, StatusCode.INTERNAL)
                 assert error.details() == GENERIC_INTERNAL_MESSAGE
@@ -1305,10 +1306,10 @@ def test_concurrent_calls_are_computed_in_one_batch(fake_entry: ModelEntry) -> N
                 *(served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE)) for _ in range(4))
             )
             assert all(reply.topk for reply in replies)
-            sizes = served.server.service.batcher.batch_sizes
+            sizes = served.server.registry.default.batcher.batch_sizes
             assert max(sizes) >= 2, sizes  # one ran alone (idle fast path), the rest in one batch
             text = await asyncio.to_thread(_scrape, served)
-            assert "visionserve_batch_size_sum 4.0" in text
+            assert 'visionserve_batch_size_sum{model="fake"} 4.0' in text
             await until(lambda: _grpc_ok_count(served) == 4, "the interceptor to count 4 OK calls")
 
     run(scenario())
@@ -1320,8 +1321,8 @@ def test_metrics_endpoint_stops_with_the_server_and_a_taken_port_is_a_clear_erro
     async def scenario() -> None:
         async with serving(FakeRuntime(fake_entry)) as served:
             port = served.server.metrics_port
-            assert "visionserve_queue_depth 0.0" in await asyncio.to_thread(_scrape, served)
-            taken = GrpcServer(
+            assert 'visionserve_queue_depth{model="fake"} 0.0' in await asyncio.to_thread(_scrape, served)
+            taken = grpc_server_of(
                 GrpcSettings(host="127.0.0.1", port=0, metrics_port=port),
                 ServerSettings(),
                 FakeRuntime(fake_entry),
@@ -1357,7 +1358,12 @@ def _grpc_ok_count(served: Served) -> float:
         for sample in family.samples
         if sample.name == "visionserve_requests_total"
         and sample.labels
-        == {"protocol": "grpc", "endpoint": "/visionserve.v1.Inference/Predict", "status": "OK"}
+        == {
+            "protocol": "grpc",
+            "endpoint": "/visionserve.v1.Inference/Predict",
+            "status": "OK",
+            "model": "fake",
+        }
     )
 
 

@@ -20,8 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from grpc_server.server import GrpcServer
-from tests.fixtures import FAKE_CLASSES, FakeRuntime
+from tests.fixtures import FAKE_CLASSES, FakeRuntime, grpc_server_of
 from tests.integration.test_grpc import (
     GOOD_IMAGE,
     LIMIT,
@@ -153,7 +152,7 @@ def test_without_the_api_key_a_message_that_does_not_parse_is_unauthenticated(fa
     settings = GrpcSettings(host="127.0.0.1", port=0, metrics=False)
 
     async def scenario() -> None:
-        server = GrpcServer(settings, ServerSettings(), FakeRuntime(fake_entry), security)
+        server = grpc_server_of(settings, ServerSettings(), FakeRuntime(fake_entry), security=security)
         port = await server.start()
         try:
             assert server.loaded is not None
@@ -371,7 +370,7 @@ def test_predict_batch_of_more_images_than_the_queue_holds_is_refused_whole(fake
                 served.stub.PredictBatch(v1.PredictBatchRequest(images=[GOOD_IMAGE] * 17))
             )
             assert_status(
-                error, StatusCode.INVALID_ARGUMENT, "17 images", "(16, setting VISION_MAX_QUEUE_SIZE)"
+                error, StatusCode.INVALID_ARGUMENT, "17 images", "holds 16 (setting VISION_MAX_QUEUE_SIZE)"
             )
             # 100,000 empty images in 200 KB: refused at once, none decoded or answered one by one
             request = v1.PredictBatchRequest(images=[b""] * 100_000)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import encode, wait_ready
-from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime
+from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime, app_of
 from visionserve.cpu import available_cpus
 from visionserve.repository import ModelEntry
 
@@ -110,6 +110,10 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "threads": 1,
             "preprocess_workers": available_cpus(),
             "ready": True,
+            "state": "ready",
+            "default": True,
+            "parameters": ["topk"],
+            "detection": None,
         }
     ]
 
@@ -129,13 +133,12 @@ def test_readiness_follows_loading(fake_entry: ModelEntry, app_client: Callable[
 
 
 def test_shutdown_closes_the_runtime(fake_entry: ModelEntry) -> None:
-    from visionserve.http.app import create_app
     from visionserve.settings import ServerSettings
 
     runtime = FakeRuntime(fake_entry)
-    with TestClient(create_app(ServerSettings(), runtime)) as client:
+    with TestClient(app_of(ServerSettings(), runtime)) as client:
         wait_ready(client)
-        service = client.app.state.service  # type: ignore[attr-defined]
+        service = client.app.state.registry.default  # type: ignore[attr-defined]
     assert runtime.closed
     assert service.state.value == "stopped"
 
@@ -169,13 +172,12 @@ def test_concurrent_requests_all_answered(
 
 
 def test_shutdown_while_loading_is_clean(fake_entry: ModelEntry) -> None:
-    from visionserve.http.app import create_app
     from visionserve.settings import ServerSettings
 
     runtime = SlowRuntime(fake_entry, load_s=0.5)
-    with TestClient(create_app(ServerSettings(), runtime)) as client:
+    with TestClient(app_of(ServerSettings(), runtime)) as client:
         assert client.get("/health/ready").json()["status"] == "loading"
-        service = client.app.state.service  # type: ignore[attr-defined]
+        service = client.app.state.registry.default  # type: ignore[attr-defined]
     assert runtime.closed
     assert service.state.value == "stopped"
 
@@ -194,17 +196,20 @@ def test_concurrent_requests_are_computed_in_one_batch(
             )
         )
     assert codes == [200] * 4
-    sizes = client.app.state.service.batcher.batch_sizes  # type: ignore[attr-defined]
+    sizes = client.app.state.registry.default.batcher.batch_sizes  # type: ignore[attr-defined]
     assert max(sizes) >= 2, sizes  # the first ran alone (idle fast path); the rest queued behind it
     assert any(shape[0] >= 2 for shape in runtime.batches)
     # and /metrics says so: fewer batches than requests, at least one batch of 2 or more
     samples = _metrics(client)
-    assert samples[("visionserve_batch_size_count", ())] < 4
+    assert samples[("visionserve_batch_size_count", FAKE)] < 4
     assert (
-        samples[("visionserve_batch_size_bucket", (("le", "1.0"),))]
-        < samples[("visionserve_batch_size_count", ())]
+        samples[("visionserve_batch_size_bucket", (("le", "1.0"), ("model", "fake")))]
+        < samples[("visionserve_batch_size_count", FAKE)]
     )
-    assert samples[("visionserve_batch_size_sum", ())] == 4
+    assert samples[("visionserve_batch_size_sum", FAKE)] == 4
+
+
+FAKE = (("model", "fake"),)
 
 
 def _metrics(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -225,17 +230,17 @@ def test_metrics_count_requests_by_endpoint_and_status(fake_client: TestClient) 
     assert fake_client.post("/predict/file", files={"file": ("x.png", b"not an image")}).status_code == 400
     assert fake_client.get("/nope").status_code == 404
     samples = _metrics(fake_client)
-    ok = (("endpoint", "/predict/file"), ("protocol", "http"), ("status", "200"))
-    bad = (("endpoint", "/predict/file"), ("protocol", "http"), ("status", "400"))
+    ok = (("endpoint", "/predict/file"), ("model", "fake"), ("protocol", "http"), ("status", "200"))
+    bad = (("endpoint", "/predict/file"), ("model", "fake"), ("protocol", "http"), ("status", "400"))
     assert samples[("visionserve_requests_total", ok)] == 3
     assert samples[("visionserve_requests_total", bad)] == 1
-    unmatched = (("endpoint", "unmatched"), ("protocol", "http"), ("status", "404"))
+    unmatched = (("endpoint", "unmatched"), ("model", ""), ("protocol", "http"), ("status", "404"))
     assert samples[("visionserve_requests_total", unmatched)] == 1
-    latency = (("endpoint", "/predict/file"), ("protocol", "http"))
+    latency = (("endpoint", "/predict/file"), ("model", "fake"), ("protocol", "http"))
     assert samples[("visionserve_request_latency_seconds_count", latency)] == 4
-    assert samples[("visionserve_batch_size_sum", ())] == 3  # warm-up batches are not counted
-    assert samples[("visionserve_compute_time_seconds_count", ())] == 3
-    assert samples[("visionserve_queue_depth", ())] == 0
+    assert samples[("visionserve_batch_size_sum", FAKE)] == 3  # warm-up batches are not counted
+    assert samples[("visionserve_compute_time_seconds_count", FAKE)] == 3
+    assert samples[("visionserve_queue_depth", FAKE)] == 0
 
 
 def test_a_request_whose_timeout_passes_while_queued_gets_504_and_is_never_computed(
@@ -246,7 +251,7 @@ def test_a_request_whose_timeout_passes_while_queued_gets_504_and_is_never_compu
     runtime = SlowRuntime(fake_entry, batch_s=0.5)
     client = app_client(runtime)
     warmup = len(runtime.batches)
-    batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
+    batcher = client.app.state.registry.default.batcher  # type: ignore[attr-defined]
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(client.post, "/predict/file", files={"file": ("r.png", RED)})
         while batcher.idle and not busy.done():  # the first holds the runtime for 0.5 s
@@ -261,7 +266,7 @@ def test_a_request_whose_timeout_passes_while_queued_gets_504_and_is_never_compu
     assert late.json()["error"]["code"] == "deadline_exceeded"
     assert len(runtime.batches) == warmup + 1  # the late one was dropped from the queue, not computed
     samples = _metrics(client)
-    assert samples[("visionserve_rejected_total", (("reason", "deadline"),))] == 1
+    assert samples[("visionserve_rejected_total", (("model", "fake"), ("reason", "deadline")))] == 1
     # with time to spare, the same request is answered
     ok = client.post(
         "/predict", json={"image": base64.b64encode(RED).decode()}, headers={"X-Request-Timeout": "5"}
@@ -277,7 +282,7 @@ def test_the_server_s_request_timeout_applies_when_the_client_sends_none(
     runtime = SlowRuntime(fake_entry, batch_s=0.5)
     client = app_client(runtime, request_timeout_s=0.1)
     warmup = len(runtime.batches)
-    batcher = client.app.state.service.batcher  # type: ignore[attr-defined]
+    batcher = client.app.state.registry.default.batcher  # type: ignore[attr-defined]
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(
             client.post, "/predict/file", files={"file": ("r.png", RED)}, headers={"X-Request-Timeout": "9"}
@@ -318,8 +323,10 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(
     assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
     assert "VISION_MAX_QUEUE_SIZE" in refused[0].json()["error"]["message"]
     samples = _metrics(client)
-    assert samples[("visionserve_rejected_total", (("reason", "queue_full"),))] == len(refused)
-    assert samples[("visionserve_batch_size_sum", ())] == 8 - len(refused)  # accepted = computed
+    assert samples[("visionserve_rejected_total", (("model", "fake"), ("reason", "queue_full")))] == len(
+        refused
+    )
+    assert samples[("visionserve_batch_size_sum", FAKE)] == 8 - len(refused)  # accepted = computed
 
 
 def test_models_reports_the_batching_in_effect(

@@ -541,7 +541,7 @@ def test_runtime_failure_is_a_generic_500(
         message = assert_error(post_image(client, endpoint, GOOD_IMAGE), 500, "internal")
         assert "kernel" not in message
         assert "RuntimeError" not in message
-    client.app.state.service.runtime.failures_left = 0  # type: ignore[attr-defined]
+    client.app.state.registry.default.runtime.failures_left = 0  # type: ignore[attr-defined]
     assert_serving(client, endpoint)
 
 
@@ -560,13 +560,13 @@ def test_malformed_runtime_output_is_a_500(fake_entry: ModelEntry, app_client: C
 def test_unexpected_exception_is_a_generic_500(
     fake_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service = fake_client.app.state.service  # type: ignore[attr-defined]
+    service = fake_client.app.state.registry.default  # type: ignore[attr-defined]
 
     def broken(data: bytes) -> np.ndarray:
         raise ValueError("secret internal detail at 0xdeadbeef")
 
     with monkeypatch.context() as patch:
-        patch.setattr(service, "preprocessor", broken)
+        patch.setattr(service.task, "preprocessor", broken)
         response = post_image(fake_client, "/predict/file", GOOD_IMAGE)
     message = assert_error(response, 500, "internal")
     assert message == GENERIC_INTERNAL_MESSAGE

@@ -8,11 +8,10 @@ from pathlib import Path
 import uvicorn
 from PIL import Image
 
+from bench.http_load import file_request
+from bench.raw_http import encode_request
 from tests.conftest import encode
-from tests.fixtures import SlowRuntime, write_fake_entry
-from visionserve.bench.http_load import file_request
-from visionserve.bench.raw_http import encode_request
-from visionserve.http.app import create_app
+from tests.fixtures import SlowRuntime, app_of, write_fake_entry
 from visionserve.settings import ServerSettings
 
 IMAGE = encode(Image.new("RGB", (48, 40), (30, 60, 90)))
@@ -30,7 +29,7 @@ async def _read_response(reader: asyncio.StreamReader) -> bytes:
 
 def test_a_queued_request_whose_client_disconnects_is_dropped(tmp_path: Path) -> None:
     runtime = SlowRuntime(write_fake_entry(tmp_path), batch_s=0.4)
-    app = create_app(ServerSettings(), runtime)
+    app = app_of(ServerSettings(), runtime)
     request = encode_request(file_request(IMAGE, "x.png"), "127.0.0.1")
 
     async def scenario() -> None:
@@ -39,7 +38,7 @@ def test_a_queued_request_whose_client_disconnects_is_dropped(tmp_path: Path) ->
         while not server.started:
             await asyncio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        service = app.state.service
+        service = app.state.registry.default
         while not service.ready:
             await asyncio.sleep(0.01)
         computed_before = len(runtime.batches)
@@ -58,7 +57,7 @@ def test_a_queued_request_whose_client_disconnects_is_dropped(tmp_path: Path) ->
             await asyncio.sleep(0.6)  # B would have been computed by now
             assert len(runtime.batches) == computed_before + 1, runtime.batches
             text = service.metrics.render()[0].decode()
-            assert 'visionserve_rejected_total{reason="cancelled"} 1.0' in text
+            assert 'visionserve_rejected_total{model="fake",reason="cancelled"} 1.0' in text
             writer_a.close()
         finally:
             server.should_exit = True

@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from tests.conftest import encode, photo_bytes
-from tests.fixtures import FAKE_CLASSES, FakeRuntime, write_fake_entry
+from tests.fixtures import FAKE_CLASSES, FakeRuntime, app_of, write_fake_entry
 from tests.integration.test_grpc import (
     CATS,
     SIZE_SETTING,
@@ -47,7 +47,6 @@ from tests.integration.test_grpc import (
 )
 from tests.integration.test_grpc_bad_input import image_request
 from tests.integration.test_v2_grpc import v2_stub
-from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import GrpcSettings, ServerSettings
@@ -197,14 +196,14 @@ async def post(port: int, body: Body, *, chunked: bool) -> Answer:
 @contextlib.asynccontextmanager
 async def http_serving(runtime: ModelRuntime, **settings: object) -> AsyncIterator[int]:
     """The HTTP app on uvicorn, 127.0.0.1, port 0, its model loaded; yields the port."""
-    app = create_app(ServerSettings(**settings), runtime)  # type: ignore[arg-type]
+    app = app_of(ServerSettings(**settings), runtime)  # type: ignore[arg-type]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
     serving_task = asyncio.create_task(server.serve())
     try:
         while not server.started:
             assert not serving_task.done(), "uvicorn stopped while starting"
             await asyncio.sleep(0.01)
-        while not app.state.service.ready:
+        while not app.state.registry.default.ready:
             await asyncio.sleep(0.01)
         yield server.servers[0].sockets[0].getsockname()[1]
     finally:

@@ -12,7 +12,7 @@ sending real photos, SIGTERM while their requests are in flight; VISION_SHUTDOWN
    only when they happen at the end of the delay, never to a request in flight at SIGTERM;
 3. every request in flight at SIGTERM completes with the right answer, none hangs or is lost;
 4. the process exits 0 within the delay plus the grace, without a traceback.
-The in-process tests check the two steps of `InferenceService` (`begin_shutdown`,
+The in-process tests check the two steps of `ServedModel` (`begin_shutdown`,
 `refuse_new_requests`) exactly, with a fake runtime.
 """
 
@@ -35,6 +35,7 @@ import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.http_load import json_request
 from tests.conftest import photo_bytes
 from tests.fixtures import FakeRuntime
 from tests.integration.test_grpc import (
@@ -51,7 +52,6 @@ from tests.integration.test_grpc import (
 from tests.integration.test_grpc_process import GrpcProcess
 from tests.integration.test_server_process import Server
 from tests.integration.test_vanishing_clients import HeldRuntime, http_serving
-from visionserve.bench.http_load import json_request
 from visionserve.repository import ModelEntry
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
@@ -72,14 +72,14 @@ def test_http_begin_shutdown_turns_readiness_503_first_then_refuse_new_requests_
     fake_entry: ModelEntry, app_client: Callable[..., TestClient]
 ) -> None:
     client = app_client(FakeRuntime(fake_entry))
-    service = client.app.state.service  # type: ignore[attr-defined]
+    registry = client.app.state.registry  # type: ignore[attr-defined]
     files = {"file": ("x.png", GOOD_IMAGE)}
-    service.begin_shutdown()
+    registry.begin_shutdown()
     ready = client.get("/health/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "stopping", ready.text
     served = client.post("/predict/file", files=files)  # the drain delay: still served
     assert served.status_code == 200 and served.json()["prediction"] == "class_9", served.text
-    service.refuse_new_requests()
+    registry.refuse_new_requests()
     for response in (client.post("/predict/file", files=files), client.post("/predict", json={"image": ""})):
         assert response.status_code == 503, response.text
         assert response.headers["Retry-After"] == "1"
@@ -96,7 +96,7 @@ def test_grpc_begin_shutdown_is_not_serving_first_then_calls_are_unavailable(fak
             assert await health_of(served) == NOT_SERVING
             assert await health_of(served, SERVICE) == NOT_SERVING
             await assert_serving(served)  # the drain delay: still served
-            served.server.service.refuse_new_requests()
+            served.server.registry.refuse_new_requests()
             error = await rpc_error(served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE)))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert_message(error.details() or "", "shutting down")
@@ -170,7 +170,9 @@ def test_grpc_a_failing_batch_fails_each_of_its_calls_with_internal_and_the_next
                 asyncio.ensure_future(served.stub.Predict(pb.PredictRequest(image=GOOD_IMAGE)))
                 for _ in range(QUEUED)
             ]
-            await until(lambda: served.server.service.batcher.queue_depth == QUEUED, "the four to queue")
+            await until(
+                lambda: served.server.registry.default.batcher.queue_depth == QUEUED, "the four to queue"
+            )
             runtime.fail = {runtime.started + 1}
             runtime.gate.set()
             assert_good(await first)

@@ -15,8 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from bench.servers import GrpcServerProcess, ServerProcess, model_env
 from tests.conftest import ROOT
-from visionserve.bench.servers import GrpcServerProcess, ServerProcess, model_env
 from visionserve.settings import ModelSettings
 
 NOTEBOOKS = ROOT / "notebooks"

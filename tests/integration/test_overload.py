@@ -24,20 +24,20 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
-from visionserve.bench.grpc_load import grpc_channel, grpc_sender, v2_grpc_sender
-from visionserve.bench.http_load import (
+from bench.closed_loop import RequestFailed, run_closed_loop
+from bench.grpc_load import grpc_channel, grpc_sender, v2_grpc_sender
+from bench.http_load import (
     HttpRequestSpec,
     event_loop_runner,
     file_request,
     json_request,
     v2_request,
 )
-from visionserve.bench.images import as_jpeg
-from visionserve.bench.raw_http import RawHttpClient, RawResponse
-from visionserve.bench.server_metrics import MetricsSnapshot, scrape
-from visionserve.bench.servers import GrpcServerProcess, ServerProcess
-from visionserve.bench.stats import Measurement
+from bench.images import as_jpeg
+from bench.raw_http import RawHttpClient, RawResponse
+from bench.server_metrics import MetricsSnapshot, scrape
+from bench.servers import GrpcServerProcess, ServerProcess
+from bench.stats import Measurement
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.photos import packaged_photo
 from visionserve.v1 import inference_pb2 as pb
@@ -304,7 +304,7 @@ def test_an_upload_is_refused_before_its_multipart_body_is_parsed(
     with 503, and never parses the form (FastAPI would parse an UploadFile parameter first)."""
     from starlette.requests import Request
 
-    service = fake_client.app.state.service  # type: ignore[attr-defined]
+    service = fake_client.app.state.registry.default  # type: ignore[attr-defined]
     parsed: list[str] = []
     form = Request.form
 

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import photo_bytes, wait_ready
+from tests.fixtures import app_of
 from visionserve.cpu import available_cpus
-from visionserve.http.app import create_app
 from visionserve.photos import packaged_photos
 from visionserve.postprocessing import postprocess, softmax
 from visionserve.preprocessing import ImagePreprocessor
@@ -54,14 +54,14 @@ def torch_eager(real_entry: ModelEntry) -> Iterator[ModelRuntime]:
 def torch_app(real_entry: ModelEntry) -> Iterator[TestClient]:
     """The HTTP app on the PyTorch runtime as deployed: compiled with inductor (slow warm-up)."""
     runtime = TorchRuntime(real_entry, threads=THREADS, compile=True)
-    with TestClient(create_app(ServerSettings(), runtime)) as client:
+    with TestClient(app_of(ServerSettings(), runtime)) as client:
         wait_ready(client, timeout_s=280)
         yield client
 
 
 @pytest.fixture(scope="module")
 def onnx_app(real_entry: ModelEntry) -> Iterator[TestClient]:
-    with TestClient(create_app(ServerSettings(), OnnxRuntime(real_entry, threads=THREADS))) as client:
+    with TestClient(app_of(ServerSettings(), OnnxRuntime(real_entry, threads=THREADS))) as client:
         wait_ready(client)
         yield client
 
@@ -201,7 +201,7 @@ def test_parity_onnx_vs_compiled_torch(
     onnx_runtime: ModelRuntime, torch_app: TestClient, real_entry: ModelEntry
 ) -> None:
     """Compiling (inductor, frozen weights) keeps the numbers: same top-5, probabilities within 1e-4."""
-    compiled = torch_app.app.state.service.runtime  # type: ignore[attr-defined]
+    compiled = torch_app.app.state.registry.default.runtime  # type: ignore[attr-defined]
     assert compiled.compile
     _, batch = _photo_batch(real_entry)
     _assert_parity(onnx_runtime.predict_batch(batch), compiled.predict_batch(batch))

@@ -222,7 +222,8 @@ def test_http_right_key_serves_every_endpoint(https: httpx2.Client, credentials:
     assert https.get("/models").status_code == 401
     metrics = https.get("/metrics", headers=headers).text
     assert re.search(
-        r'visionserve_requests_total\{endpoint="unmatched",protocol="http",status="401"\} [1-9]', metrics
+        r'visionserve_requests_total\{endpoint="unmatched",model="",protocol="http",status="401"\} [1-9]',
+        metrics,
     )
 
 
@@ -359,7 +360,8 @@ def test_grpc_metrics_endpoint_needs_tls_and_the_key(
         assert served.status_code == 200
         # refused calls are counted by method and status
         counted = (
-            r'endpoint="/visionserve.v1.Inference/Predict",protocol="grpc",status="UNAUTHENTICATED"\} [1-9]'
+            r'endpoint="/visionserve.v1.Inference/Predict",model="efficientnet_lite0",protocol="grpc",'
+            r'status="UNAUTHENTICATED"\} [1-9]'
         )
         assert re.search(counted, served.text), served.text
 

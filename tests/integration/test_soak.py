@@ -1,4 +1,4 @@
-"""The soak (`make soak`, `python -m visionserve.bench.soak`), short: both real servers under steady
+"""The soak (`make soak`, `python -m bench.soak`), short: both real servers under steady
 load on every inference endpoint, their memory, threads, file descriptors and event-loop tasks
 read from their own /metrics after warm-up and at the end. The verdict's logic is checked on
 figures made up to fail."""
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from visionserve.bench.soak import Sample, ServerSoak, SoakConfig, SoakReport, main, run_soak
-from visionserve.bench.stats import Measurement
+from bench.soak import Sample, ServerSoak, SoakConfig, SoakReport, main, run_soak
+from bench.stats import Measurement
 
 # NOTE: ~25 s of load in all (both protocols at once): long enough for the lazily grown pools and
 # the runtime's arena to settle in the warm-up, short enough for `make test`.

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from tests.fixtures import FAKE_CLASSES, FakeRuntime, SlowRuntime
 from tests.integration.test_grpc import CountingSlowRuntime
-from tests.integration.test_http_api import _metrics
+from tests.integration.test_http_api import FAKE, _metrics
 from tests.integration.test_http_bad_input import GOOD_IMAGE
 from visionserve.repository import ModelEntry
 from visionserve.v2.codec import pack_bytes
@@ -247,12 +247,22 @@ def test_concurrent_v2_and_own_api_requests_share_a_batch_and_each_gets_its_own_
     assert sizes[0] == 1 and sum(sizes) == 1 + 6 + 1, sizes
     assert max(sizes) >= 4, sizes  # the queued rows of both APIs went in together
     samples = _metrics(client)
-    ok = (("endpoint", "/v2/models/{model_name}/infer"), ("protocol", "http"), ("status", "200"))
-    bad_request = (("endpoint", "/v2/models/{model_name}/infer"), ("protocol", "http"), ("status", "400"))
+    ok = (
+        ("endpoint", "/v2/models/{model_name}/infer"),
+        ("model", "fake"),
+        ("protocol", "http"),
+        ("status", "200"),
+    )
+    bad_request = (
+        ("endpoint", "/v2/models/{model_name}/infer"),
+        ("model", "fake"),
+        ("protocol", "http"),
+        ("status", "400"),
+    )
     assert samples[("visionserve_requests_total", ok)] == 4
     assert samples[("visionserve_requests_total", bad_request)] == 1
-    assert samples[("visionserve_batch_size_sum", ())] == 8
-    assert samples[("visionserve_batch_size_count", ())] < 8
+    assert samples[("visionserve_batch_size_sum", FAKE)] == 8
+    assert samples[("visionserve_batch_size_count", FAKE)] < 8
 
 
 def test_a_v2_request_whose_timeout_passes_while_queued_gets_504_and_is_never_computed(
@@ -347,11 +357,16 @@ def test_tritonclient_async_requests_are_batched_and_each_gets_its_own_answer(fa
         for family in text_string_to_metric_families(text.decode())
         for sample in family.samples
     }
-    assert samples[("visionserve_batch_size_sum", ())] == 1 + 7
+    assert samples[("visionserve_batch_size_sum", FAKE)] == 1 + 7
     # the first alone, then the rest together (all 7 rows, unless one was slow to arrive)
-    assert samples[("visionserve_batch_size_count", ())] <= 3
+    assert samples[("visionserve_batch_size_count", FAKE)] <= 3
     assert max(shape[0] for shape in runtime.batches) >= 4
-    ok = (("endpoint", "/v2/models/{model_name}/infer"), ("protocol", "http"), ("status", "200"))
+    ok = (
+        ("endpoint", "/v2/models/{model_name}/infer"),
+        ("model", "fake"),
+        ("protocol", "http"),
+        ("status", "200"),
+    )
     assert samples[("visionserve_requests_total", ok)] == 5
 
 
@@ -378,8 +393,8 @@ def test_the_http_app_needs_neither_grpc_nor_protobuf() -> None:
 
     code = (
         "import sys, tempfile; from pathlib import Path; from tests.fixtures import FakeRuntime, "
-        "write_fake_entry; from visionserve.http.app import create_app; from visionserve.settings "
-        "import ServerSettings; create_app(ServerSettings(), FakeRuntime(write_fake_entry(Path("
+        "write_fake_entry, app_of; from visionserve.settings "
+        "import ServerSettings; app_of(ServerSettings(), FakeRuntime(write_fake_entry(Path("
         "tempfile.mkdtemp())))); print(sorted(m for m in ('grpc', 'google.protobuf') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -43,7 +43,9 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures import FakeRuntime
+from bench.http_load import HttpRequestSpec, file_request, json_request
+from bench.raw_http import encode_request
+from tests.fixtures import FakeRuntime, app_of
 from tests.integration.test_grpc import (
     GOOD_IMAGE,
     Served,
@@ -59,11 +61,8 @@ from tests.integration.test_grpc import (
     until,
 )
 from tests.integration.test_v2_grpc import constant_batch, logits, tensor_request, v2_stub
-from visionserve.bench.http_load import HttpRequestSpec, file_request, json_request
-from visionserve.bench.raw_http import encode_request
-from visionserve.http.app import create_app
 from visionserve.repository import ModelEntry
-from visionserve.service import InferenceService
+from visionserve.serving.model import ServedModel
 from visionserve.settings import ServerSettings
 from visionserve.v1 import inference_pb2 as pb
 
@@ -100,9 +99,10 @@ def rejected_in(text: str) -> dict[str, float]:
     return counts
 
 
-def requests_with_status(service: InferenceService, endpoint: str, status: int) -> float:
+def requests_with_status(service: ServedModel, endpoint: str, status: int) -> float:
     value = service.metrics.registry.get_sample_value(
-        "visionserve_requests_total", {"protocol": "http", "endpoint": endpoint, "status": str(status)}
+        "visionserve_requests_total",
+        {"protocol": "http", "endpoint": endpoint, "status": str(status), "model": service.name},
     )
     return value or 0.0
 
@@ -115,7 +115,7 @@ class HttpServed:
     """A uvicorn server on 127.0.0.1:`port` serving the app over `runtime`."""
 
     port: int
-    service: InferenceService
+    service: ServedModel
     runtime: HeldRuntime
 
     async def send(self, spec: HttpRequestSpec) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -154,13 +154,13 @@ class HttpServed:
 
 @contextlib.asynccontextmanager
 async def http_serving(runtime: HeldRuntime) -> AsyncIterator[HttpServed]:
-    app = create_app(ServerSettings(preprocess_workers=2), runtime)
+    app = app_of(ServerSettings(preprocess_workers=2), runtime)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     serving_task = asyncio.create_task(server.serve())
     try:
         await until(lambda: server.started, "uvicorn to start", timeout_s=20)
-        service: InferenceService = app.state.service
+        service: ServedModel = app.state.registry.default
         await until(lambda: service.ready, "the model to load", timeout_s=20)
         port = server.servers[0].sockets[0].getsockname()[1]
         yield HttpServed(port, service, runtime)
@@ -378,7 +378,7 @@ async def one_computing_one_queued(
     first = asyncio.ensure_future(grpc_call(served, method))  # type: ignore[arg-type]
     await until(lambda: runtime.started == computed + 1, "A to be computing")
     second = asyncio.ensure_future(grpc_call(served, method, **kwargs))  # type: ignore[arg-type]
-    await until(lambda: served.server.service.batcher.queue_depth == 1, "B to be queued")
+    await until(lambda: served.server.registry.default.batcher.queue_depth == 1, "B to be queued")
     return first, second
 
 
@@ -393,7 +393,9 @@ def test_grpc_call_cancelled_while_queued_is_dropped_and_counted(fake_entry: Mod
             computed = len(runtime.batches)
             first, second = await one_computing_one_queued(served, runtime, method)
             second.cancel()
-            await until(lambda: served.server.service.batcher.queue_depth == 0, "B to leave the queue")
+            await until(
+                lambda: served.server.registry.default.batcher.queue_depth == 0, "B to leave the queue"
+            )
             runtime.gate.set()
             await assert_grpc_answer(method, first)
             with pytest.raises(asyncio.CancelledError):
@@ -424,7 +426,9 @@ def test_grpc_call_timing_out_while_queued_is_dropped_and_counted_as_deadline(
             first, second = await one_computing_one_queued(served, runtime, method, timeout=0.3)
             error = await rpc_error(second)
             assert error.code() == StatusCode.DEADLINE_EXCEEDED
-            await until(lambda: served.server.service.batcher.queue_depth == 0, "B to leave the queue")
+            await until(
+                lambda: served.server.registry.default.batcher.queue_depth == 0, "B to leave the queue"
+            )
             after = await grpc_rejected(served)
             assert after == {**before, "deadline": before["deadline"] + 1}, after
             runtime.gate.set()
@@ -456,7 +460,7 @@ def test_cancelled_stream_drops_its_queued_frames(fake_entry: ModelEntry) -> Non
 
             counts = count_predictions(served)
             call = served.stub.PredictStream(frames())
-            service = served.server.service
+            service = served.server.registry.default
             await until(lambda: runtime.started == started + 1, "the first frame to be computing")
             await until(lambda: service.batcher.queue_depth >= read_ahead - 1, "the read-ahead to queue")
             assert call.cancel()

@@ -22,9 +22,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from grpc_server.server import GrpcServer
-from visionserve.http.app import create_app
+from tests.fixtures import app_of, grpc_server_of
 from visionserve.runtimes.base import ModelRuntime
-from visionserve.service import InferenceService
+from visionserve.serving.model import ServedModel
 from visionserve.settings import GrpcSettings, ServerSettings
 
 
@@ -36,8 +36,8 @@ class HttpServing:
     app: FastAPI
 
     @property
-    def service(self) -> InferenceService:
-        service: InferenceService = self.app.state.service
+    def service(self) -> ServedModel:
+        service: ServedModel = self.app.state.registry.default
         return service
 
     def get(self, path: str) -> tuple[int, bytes]:
@@ -50,9 +50,10 @@ class HttpServing:
 
 
 @contextlib.contextmanager
-def http_serving(runtime: ModelRuntime, **settings: Any) -> Iterator[HttpServing]:
-    """The FastAPI app for `runtime` under uvicorn in a thread; yields once the model is ready."""
-    app = create_app(ServerSettings(**{"preprocess_workers": 2, **settings}), runtime)
+def http_serving(runtime: ModelRuntime, *more: ModelRuntime, **settings: Any) -> Iterator[HttpServing]:
+    """The FastAPI app for the runtimes (the first is the default) under uvicorn in a thread;
+    yields once every model is ready."""
+    app = app_of(ServerSettings(**{"preprocess_workers": 2, **settings}), runtime, *more)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -81,8 +82,8 @@ class GrpcServing:
     loop: asyncio.AbstractEventLoop
 
     @property
-    def service(self) -> InferenceService:
-        return self.server.service
+    def service(self) -> ServedModel:
+        return self.server.registry.default
 
     def metrics(self) -> str:
         """GET /metrics from the gRPC process's metrics endpoint."""
@@ -92,18 +93,20 @@ class GrpcServing:
 
 
 @contextlib.contextmanager
-def grpc_serving(runtime: ModelRuntime, **settings: Any) -> Iterator[GrpcServing]:
-    """A `GrpcServer` for `runtime` on its own event loop in a thread; yields once the model is ready."""
+def grpc_serving(runtime: ModelRuntime, *more: ModelRuntime, **settings: Any) -> Iterator[GrpcServing]:
+    """A `GrpcServer` for the runtimes (the first is the default) on its own event loop in a
+    thread; yields once every model is ready."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
     thread.start()
 
     async def start() -> GrpcServer:
         # NOTE: built on its loop: grpc.aio binds a server to the loop it is created on
-        server = GrpcServer(
+        server = grpc_server_of(
             GrpcSettings(host="127.0.0.1", port=0, metrics_port=0),
             ServerSettings(**{"preprocess_workers": 2, **settings}),
             runtime,
+            *more,
         )
         await server.start()
         assert server.loaded is not None

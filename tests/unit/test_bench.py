@@ -24,16 +24,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from grpc_server.server import GrpcServer
-from tests.conftest import encode, photo_bytes, wait_ready
-from tests.fixtures import FailingRuntime, FakeRuntime, SlowRuntime, write_fake_entry
-from visionserve.bench.__main__ import parse_args, parse_concurrency
-from visionserve.bench.baseline import PlainClassifier, create_baseline_app
-from visionserve.bench.closed_loop import RequestFailed, run_closed_loop
-from visionserve.bench.config import parse_server_env
-from visionserve.bench.csvfile import COLUMNS as CSV_COLUMNS
-from visionserve.bench.csvfile import KEY_COLUMNS, write_csv
-from visionserve.bench.grpc_load import (
+from bench.__main__ import parse_args, parse_concurrency
+from bench.baseline import PlainClassifier, create_baseline_app
+from bench.closed_loop import RequestFailed, run_closed_loop
+from bench.config import parse_server_env
+from bench.csvfile import COLUMNS as CSV_COLUMNS
+from bench.csvfile import KEY_COLUMNS, write_csv
+from bench.grpc_load import (
     HEALTH,
     STREAM,
     UNARY,
@@ -43,7 +40,7 @@ from visionserve.bench.grpc_load import (
     measure_stream,
     v2_grpc_sender,
 )
-from visionserve.bench.http_load import (
+from bench.http_load import (
     HttpRequestSpec,
     file_request,
     json_request,
@@ -51,14 +48,14 @@ from visionserve.bench.http_load import (
     measure_http,
     v2_request,
 )
-from visionserve.bench.images import default_images, file_image
-from visionserve.bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
-from visionserve.bench.layouts import Layout, LayoutMeasurement, default_layouts, measure_layout
-from visionserve.bench.machine import cpu_model, describe_machine
-from visionserve.bench.plot import plot_throughput, plotted_rows
-from visionserve.bench.progress import ProgressBar
-from visionserve.bench.raw_http import RawHttpClient
-from visionserve.bench.report import (
+from bench.images import default_images, file_image
+from bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
+from bench.layouts import Layout, LayoutMeasurement, default_layouts, measure_layout
+from bench.machine import cpu_model, describe_machine
+from bench.plot import plot_throughput, plotted_rows
+from bench.progress import ProgressBar
+from bench.raw_http import RawHttpClient
+from bench.report import (
     BASELINE,
     GRPC,
     GRPC_STREAM,
@@ -70,9 +67,9 @@ from visionserve.bench.report import (
     LayoutRow,
     ResultRow,
 )
-from visionserve.bench.runner import BenchConfig, split_requests
-from visionserve.bench.server_metrics import Histogram, MetricsSnapshot, ServerFigures, parse_metrics
-from visionserve.bench.servers import (
+from bench.runner import BenchConfig, split_requests
+from bench.server_metrics import Histogram, MetricsSnapshot, ServerFigures, parse_metrics
+from bench.servers import (
     GrpcServerProcess,
     ServerError,
     ServerProcess,
@@ -81,10 +78,11 @@ from visionserve.bench.servers import (
     grpc_metrics_url,
     model_env,
 )
-from visionserve.bench.stats import Measurement, percentile, summarize
-from visionserve.bench.targets import check_targets
+from bench.stats import Measurement, percentile, summarize
+from bench.targets import check_targets
+from tests.conftest import encode, photo_bytes, wait_ready
+from tests.fixtures import FailingRuntime, FakeRuntime, SlowRuntime, app_of, grpc_server_of, write_fake_entry
 from visionserve.errors import VisionError
-from visionserve.http.app import create_app
 from visionserve.metrics import Metrics
 from visionserve.photos import packaged_photos
 from visionserve.preprocessing import ImagePreprocessor
@@ -463,7 +461,7 @@ READY = HttpRequestSpec(name="ready", method="GET", path="/health/ready")
 @contextlib.asynccontextmanager
 async def _served_fake_app(tmp_path: Path, keep_alive_s: int = 5) -> AsyncIterator[str]:
     """The real app over FakeRuntime, served by uvicorn on 127.0.0.1, port 0; yields its URL."""
-    app = create_app(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
+    app = app_of(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_config=None, lifespan="on", timeout_keep_alive=keep_alive_s
     )
@@ -575,7 +573,7 @@ def test_raw_client_reconnects_when_the_server_closed_an_idle_connection(tmp_pat
 
 async def _with_fake_grpc_server(tmp_path: Path, scenario: Callable[[str], Awaitable[T]]) -> T:
     """Run `scenario(target)` against GrpcServer over FakeRuntime on 127.0.0.1, port 0."""
-    server = GrpcServer(
+    server = grpc_server_of(
         GrpcSettings(port=0, metrics_port=0), ServerSettings(), FakeRuntime(write_fake_entry(tmp_path))
     )
     port = await server.start()
@@ -630,11 +628,10 @@ def test_v2_grpc_sender_infers_over_the_open_inference_protocol(tmp_path: Path) 
 
 
 def test_v2_request_is_what_the_v2_http_route_accepts(tmp_path: Path) -> None:
-    from visionserve.http.app import create_app
 
     image = encode(Image.new("RGB", (48, 40), "teal"))
     spec = v2_request(image, "fake", topk=3)
-    with TestClient(create_app(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))) as client:
+    with TestClient(app_of(ServerSettings(), FakeRuntime(write_fake_entry(tmp_path)))) as client:
         wait_ready(client)
         reply = client.post(spec.path, content=spec.body, headers=dict(spec.headers))
     assert reply.status_code == 200, reply.text
@@ -703,21 +700,21 @@ def _scrape_of(metrics: Metrics) -> MetricsSnapshot:
 def test_two_scrapes_give_what_happened_between_them() -> None:
     metrics = Metrics()
     for size in (1, 1, 4):  # before the row: must not count
-        metrics.batch_size.observe(size)
-    metrics.queue_time.observe(0.2)
-    metrics.rejected.labels("queue_full").inc(5)
+        metrics.batch_size.labels("fake").observe(size)
+    metrics.queue_time.labels("fake").observe(0.2)
+    metrics.rejected.labels("queue_full", "fake").inc(5)
     before = _scrape_of(metrics)
     for size in (1, 2, 2, 3, 5, 40):
-        metrics.batch_size.observe(size)
+        metrics.batch_size.labels("fake").observe(size)
     for seconds in (0.0005, 0.002, 0.004, 0.004, 0.04):
-        metrics.queue_time.observe(seconds)
-    metrics.compute_time.observe(0.008)
-    metrics.compute_time.observe(0.012)
-    metrics.rejected.labels("queue_full").inc(3)
-    metrics.rejected.labels("deadline").inc()
-    metrics.requests.labels("http", "/predict", "200").inc(6)
-    metrics.requests.labels("http", "/predict", "503").inc(3)
-    metrics.requests.labels("http", "/metrics", "200").inc(2)  # the scrapes themselves
+        metrics.queue_time.labels("fake").observe(seconds)
+    metrics.compute_time.labels("fake").observe(0.008)
+    metrics.compute_time.labels("fake").observe(0.012)
+    metrics.rejected.labels("queue_full", "fake").inc(3)
+    metrics.rejected.labels("deadline", "fake").inc()
+    metrics.requests.labels("http", "/predict", "200", "fake").inc(6)
+    metrics.requests.labels("http", "/predict", "503", "fake").inc(3)
+    metrics.requests.labels("http", "/metrics", "200", "fake").inc(2)  # the scrapes themselves
     figures = ServerFigures.between(before, _scrape_of(metrics))
     assert figures.batches == 6
     assert figures.mean_batch == pytest.approx(53 / 6)
@@ -740,7 +737,7 @@ def test_quantiles_are_estimated_within_buckets_like_prometheus() -> None:
     # (2.5, 5], 1 in (30, 50] ms
     metrics = Metrics()
     for seconds in (0.0005, 0.002, 0.004, 0.004, 0.04):
-        metrics.queue_time.observe(seconds)
+        metrics.queue_time.labels("fake").observe(seconds)
     figures = ServerFigures.between(MetricsSnapshot(), _scrape_of(metrics))
     # p50: rank 2.5 falls in (2.5, 5] ms holding ranks 2..4: 2.5 + 2.5 * (0.5 / 2)
     assert figures.queue_ms(0.5) == pytest.approx(3.125)
@@ -1227,7 +1224,7 @@ def test_progress_prints_a_line_per_finished_row_off_a_terminal() -> None:
 def test_progress_redraws_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
     bar = ProgressBar(stream, live=True)
-    monkeypatch.setattr("visionserve.bench.progress.REDRAW_S", 0.0)
+    monkeypatch.setattr("bench.progress.REDRAW_S", 0.0)
     bar.start("row", 2)
     bar.advance(True)
     bar.advance(False)
@@ -1370,7 +1367,7 @@ def test_https_urls_are_accepted_and_other_schemes_refused(capsys: pytest.Captur
 def test_the_harness_s_own_servers_inherit_no_key_or_tls(monkeypatch: pytest.MonkeyPatch) -> None:
     """`VISION_API_KEY` exported for an external deployment must not turn the key on in the servers
     the harness starts itself (it sends them none)."""
-    from visionserve.bench.servers import ACCESS_VARIABLES, inherited_env
+    from bench.servers import ACCESS_VARIABLES, inherited_env
 
     for name in ACCESS_VARIABLES:
         monkeypatch.setenv(name, "set-in-the-shell")

@@ -78,7 +78,7 @@ THIRD_PARTY_VARIABLES = {
 
 @dataclass
 class Stage:
-    """One `FROM ... AS name` stage: what it sets, runs and installs."""
+    """One `FROM ... AS name` stage: what it sets, runs, installs and copies."""
 
     name: str
     parent: str
@@ -89,6 +89,8 @@ class Stage:
     user: str | None = None
     healthcheck: str | None = None
     runs: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+    """The build-context paths its `COPY` instructions copy in (not `COPY --from=`)."""
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:
@@ -133,6 +135,10 @@ def dockerfile_stages() -> dict[str, Stage]:
             current.healthcheck = rest
         elif keyword == "RUN":
             current.runs.append(rest)
+        elif keyword == "COPY":
+            words = shlex.split(rest)
+            if not any(w.startswith("--from") for w in words):
+                current.copies.extend(w for w in words[:-1] if not w.startswith("--"))
     return stages
 
 
@@ -146,12 +152,13 @@ def lineage(stages: dict[str, Stage], name: str) -> list[Stage]:
 
 
 def effective(stages: dict[str, Stage], name: str) -> Stage:
-    """What a container of target `name` inherits: env, CMD, USER, HEALTHCHECK of its lineage."""
+    """What a container of target `name` inherits: env, CMD, USER, HEALTHCHECK, COPYs of its lineage."""
     merged = Stage(name, "")
     for stage in lineage(stages, name):
         merged.env.update(stage.env)
         merged.args.update(stage.args)
         merged.runs.extend(stage.runs)
+        merged.copies.extend(stage.copies)
         for attribute in ("cmd", "entrypoint", "user", "healthcheck"):
             if getattr(stage, attribute) is not None:
                 setattr(merged, attribute, getattr(stage, attribute))
@@ -616,9 +623,9 @@ ENTRY_MODULES = {
     "export": ["export.cli", "export.pipeline"],
     # The notebooks: the benchmark harness, both runtimes (the in-process limit), the export step.
     "jupyter": [
-        "visionserve.bench",
-        "visionserve.bench.layouts",
-        "visionserve.bench.plot",
+        "bench",
+        "bench.layouts",
+        "bench.plot",
         "visionserve.runtimes.onnx",
         "visionserve.runtimes.torch",
         "export.pipeline",
@@ -697,6 +704,32 @@ def test_image_requirements_cover_what_its_entrypoint_imports(target: str) -> No
         top: sorted(d) for top, d in imported_owners(ENTRY_MODULES[target]).items() if not d & available
     }
     assert not missing, f"{target} imports {missing}, which its requirements do not install"
+
+
+def copied_folders(stage: Stage) -> set[str]:
+    """The top-level entries of the build context an image copies (its lineage merged)."""
+    return {path.strip("/").split("/")[0] or "." for path in stage.copies}
+
+
+@pytest.mark.parametrize("target", sorted(ENTRY_MODULES))
+def test_each_image_copies_the_packages_its_entrypoint_imports(target: str) -> None:
+    copied = copied_folders(effective(dockerfile_stages(), target))
+    assert "." not in copied, f"{target} copies the whole build context"
+    for module in ENTRY_MODULES[target]:
+        package = module.split(".")[0]
+        assert (ROOT / package).is_dir(), module
+        assert package in copied, f"{target} imports {module} but does not copy {package}/"
+
+
+def test_only_the_jupyter_image_has_the_benchmark_harness() -> None:
+    """bench/ is a development tool beside the served package: no serving image (nor the export
+    step) carries it; the notebooks' image does, because the notebooks import it."""
+    stages = dockerfile_stages()
+    targets = {s["build"]["target"] for v in VARIANTS for s in resolved(*v)["services"].values()}
+    for target in targets - {"jupyter"}:
+        assert "bench" not in copied_folders(effective(stages, target)), target
+    assert "bench" in copied_folders(effective(stages, "jupyter"))
+    assert not (ROOT / "visionserve" / "bench").exists(), "the harness is back inside the served package"
 
 
 # --- make up / make down without Docker ----------------------------------------------------------

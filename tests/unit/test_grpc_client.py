@@ -14,7 +14,7 @@ from PIL import Image
 from grpc_server.client import frames, main
 from grpc_server.server import GrpcServer
 from tests.conftest import encode
-from tests.fixtures import FakeRuntime, write_fake_entry
+from tests.fixtures import FakeRuntime, grpc_server_of, write_fake_entry
 from visionserve.settings import GrpcSettings, ServerSettings
 
 
@@ -27,7 +27,9 @@ def target(tmp_path: Path) -> Iterator[str]:
     thread.start()
 
     async def start() -> tuple[GrpcServer, int]:
-        server = GrpcServer(GrpcSettings(port=0, metrics_port=0), ServerSettings(), runtime)  # on its loop
+        server = grpc_server_of(
+            GrpcSettings(port=0, metrics_port=0), ServerSettings(), runtime
+        )  # on its loop
         port = await server.start()
         assert server.loaded is not None
         await server.loaded

@@ -44,6 +44,9 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
     if typing.get_origin(annotation) is list:
         assert is_repeated(field), where
         (item,) = args
+        if item in SCALARS:
+            assert field.type in SCALARS[item], where
+            return
         assert field.type == FieldDescriptor.TYPE_MESSAGE, where
         assert field.message_type.name == item.__name__, where
         return
@@ -52,6 +55,12 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
         # HTTP carries the image as base64 text in JSON; gRPC as bytes: the same image
         assert field.type == FieldDescriptor.TYPE_BYTES, where
         return
+    if typing.get_origin(annotation) is typing.Literal:  # e.g. `task`: a fixed string
+        annotation = type(typing.get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        assert field.type == FieldDescriptor.TYPE_MESSAGE, where
+        assert field.message_type.name == annotation.__name__, where
+        return
     assert field.type in SCALARS[annotation], where
 
 
@@ -59,11 +68,13 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
     ("model", "message"),
     [
         (schemas.Prediction, pb.Prediction),
-        (schemas.PredictResponse, pb.PredictResponse),
         (schemas.PredictRequest, pb.PredictRequest),
+        (schemas.Box, pb.Box),
+        (schemas.Detection, pb.Detection),
+        (schemas.ImageSize, pb.ImageSize),
         (schemas.ErrorDetail, pb.Error),
     ],
-    ids=["Prediction", "PredictResponse", "PredictRequest", "ErrorDetail-Error"],
+    ids=["Prediction", "PredictRequest", "Box", "Detection", "ImageSize", "ErrorDetail-Error"],
 )
 def test_same_fields_with_the_same_names_and_kinds(model: type[BaseModel], message: type[typing.Any]) -> None:
     fields = proto_fields(message.DESCRIPTOR)
@@ -73,6 +84,19 @@ def test_same_fields_with_the_same_names_and_kinds(model: type[BaseModel], messa
     )
     for name, field in fields.items():
         assert_same_kind(model, name, field)
+
+
+def test_every_task_answer_is_a_part_of_the_one_response_message() -> None:
+    """Over gRPC one `PredictResponse` carries any task's answer: each HTTP answer's fields are in
+    it with the same names and kinds, and it has no field that no HTTP answer has."""
+    fields = proto_fields(pb.PredictResponse.DESCRIPTOR)
+    answers = (schemas.PredictResponse, schemas.DetectionResponse)
+    for model in answers:
+        assert set(model.model_fields) <= set(fields), (model.__name__, sorted(fields))
+        for name in model.model_fields:
+            assert_same_kind(model, name, fields[name])
+    assert set(fields) == set().union(*(model.model_fields for model in answers))
+    assert typing.get_args(schemas.AnyPredictResponse) == answers
 
 
 def test_batch_and_stream_messages_reuse_the_same_pieces() -> None:
@@ -86,10 +110,21 @@ def test_batch_and_stream_messages_reuse_the_same_pieces() -> None:
     assert frame_answer["topk"].message_type is pb.Prediction.DESCRIPTOR
     assert frame_answer["error"].message_type is pb.Error.DESCRIPTOR
     assert {"latency_ms"} <= set(frame_answer) and "latency_ms" in schemas.PredictResponse.model_fields
+    assert frame_answer["detections"].message_type is pb.Detection.DESCRIPTOR
+    assert frame_answer["image"].message_type is pb.ImageSize.DESCRIPTOR
+    parameters = set(schemas.TaskParameters.model_fields)  # model + every task's parameters
     batch_request = proto_fields(pb.PredictBatchRequest.DESCRIPTOR)
-    assert set(batch_request) == {"images", "topk", "model"}
-    assert {"topk", "model"} <= set(schemas.PredictRequest.model_fields)
-    assert "topk" in proto_fields(pb.Frame.DESCRIPTOR)
+    assert set(batch_request) == {"images"} | parameters
+    assert set(proto_fields(pb.Frame.DESCRIPTOR)) == {"image", "frame_id"} | parameters
+    request = proto_fields(pb.PredictRequest.DESCRIPTOR)
+    for name in parameters:
+        for message in (pb.PredictBatchRequest, pb.Frame):
+            same = proto_fields(message.DESCRIPTOR)[name]
+            assert (same.type, same.has_presence, is_repeated(same)) == (
+                request[name].type,
+                request[name].has_presence,
+                is_repeated(request[name]),
+            ), name
 
 
 def test_a_grpc_response_fits_the_http_schema() -> None:
@@ -109,8 +144,22 @@ def test_a_grpc_response_fits_the_http_schema() -> None:
     as_dict = MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    parsed = schemas.PredictResponse.model_validate(as_dict)
+    parsed = schemas.PredictResponse.model_validate(
+        {k: as_dict[k] for k in schemas.PredictResponse.model_fields if k != "task"}
+    )
     assert parsed.prediction == "tabby" and [p.index for p in parsed.topk] == [281, 287]
+    detected = pb.PredictResponse(
+        model="yolo11n",
+        task="detection",
+        detections=[pb.Detection(label="cat", index=15, score=0.8, box=pb.Box(x1=1, y1=2, x2=300, y2=200))],
+        image=pb.ImageSize(width=451, height=300),
+        latency_ms=20.0,
+    )
+    as_dict = MessageToDict(detected, preserving_proto_field_name=True)
+    answer = schemas.DetectionResponse.model_validate(
+        {k: as_dict[k] for k in schemas.DetectionResponse.model_fields}
+    )
+    assert answer.detections[0].box.x2 == 300 and answer.image.width == 451
 
 
 @pytest.mark.parametrize("code", list(ErrorCode))

@@ -17,16 +17,18 @@ from visionserve.postprocessing import softmax
 from visionserve.v2.codec import (
     ImageBatch,
     InputTensor,
-    RequestedOutput,
     TensorBatch,
+    pack_bytes,
+    parse_inputs,
+    unpack_bytes,
+)
+from visionserve.v2.outputs import (
+    RequestedOutput,
     build_outputs,
     check_outputs,
     classification_strings,
     default_outputs,
-    pack_bytes,
-    parse_inputs,
     requested_output,
-    unpack_bytes,
 )
 from visionserve.v2.signature import Signature
 

@@ -122,4 +122,5 @@ def test_the_service_and_its_methods_are_the_protocol_s() -> None:
         "ModelStreamInfer",
         "ModelConfig",
         "ModelStatistics",
+        "RepositoryIndex",
     ]

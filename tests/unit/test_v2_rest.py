@@ -14,7 +14,8 @@ import pytest
 
 from tests.fixtures import FAKE_CLASSES, write_fake_entry
 from visionserve.errors import ErrorCode, VisionError
-from visionserve.v2.codec import ImageBatch, RequestedOutput, TensorBatch, build_outputs, pack_bytes
+from visionserve.v2.codec import ImageBatch, TensorBatch, pack_bytes
+from visionserve.v2.outputs import RequestedOutput, build_outputs
 from visionserve.v2.rest import HEADER_LENGTH, decompress, encode_response, parse_request
 from visionserve.v2.signature import Signature
 

@@ -11,7 +11,8 @@ from visionserve.metrics import Metrics
 
 class RequestMetrics:
     """Counts every HTTP request by endpoint (the route's path template, so that the label set
-    stays small) and status, and times it."""
+    stays small), status and model (what the route recorded in `request.state.model`; empty for
+    requests that name none), and times it."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics):
         self.app = app
@@ -35,5 +36,8 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels("http", endpoint, str(status)).inc()
-            self.metrics.request_latency.labels("http", endpoint).observe(time.perf_counter() - started)
+            model = str(scope.get("state", {}).get("model", ""))
+            self.metrics.requests.labels("http", endpoint, str(status), model).inc()
+            self.metrics.request_latency.labels("http", endpoint, model).observe(
+                time.perf_counter() - started
+            )

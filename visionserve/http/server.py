@@ -15,8 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
-from visionserve.runtimes import runtime_from_settings
-from visionserve.service import InferenceService, ServiceState
+from visionserve.serving.lifecycle import ServiceState
+from visionserve.serving.registry import ModelRegistry, registry_from_settings
 from visionserve.settings import ModelSettings, SecuritySettings, ServerSettings, from_env
 from visionserve.signals import ignore_stop_signals
 
@@ -33,7 +33,8 @@ def configure_logging(level: str) -> None:
     )
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on `host:port` (IPv6 when the host is), inheritable."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -42,18 +43,39 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _banner(host: str, port: int, backend: str, model: str, *, tls: bool = False, key: bool = False) -> str:
+def banner(host: str, port: int, registry: ModelRegistry, *, tls: bool = False, key: bool = False) -> str:
+    """What the HTTP process prints once it listens: where, and how to call it."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"{'https' if tls else 'http'}://{shown}:{port}"
     curl = "curl --cacert ca.pem" if tls else "curl"
     auth = ' -H "Authorization: Bearer $VISION_API_KEY"' if key else ""
+    models = ", ".join(f"{m.name} ({m.task.name})" for m in registry)
     return (
-        f"\nvisionserve HTTP API ({backend}, model {model}) on {base}\n"
+        f"\nvisionserve HTTP API ({registry.default.runtime.backend}) on {base}\n"
+        f"  models: {models}; default {registry.default_name} ({base}/models)\n"
         f"  docs:   {base}/docs\n"
         f"  ready:  {curl} {base}/health/ready\n"
         f"  try:    {curl}{auth} -F file=@photo.jpg '{base}/predict/file?topk=5'\n"
         + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if key else "")
         + "  stop:   Ctrl-C\n"
+    )
+
+
+def uvicorn_config(
+    app: ASGIApp, registry: ModelRegistry, settings: ServerSettings, security: SecuritySettings
+) -> uvicorn.Config:
+    """uvicorn's configuration for the app: logging, keep-alive, graceful shutdown, TLS, and
+    `Connection: close` on every answer once shutdown has begun."""
+    return uvicorn.Config(
+        CloseWhileDraining(app, registry),
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        timeout_keep_alive=int(settings.keep_alive_s),
+        lifespan="on",
+        ssl_certfile=security.tls_cert_file,
+        ssl_keyfile=security.tls_key_file,
     )
 
 
@@ -69,8 +91,8 @@ def serve(backend: str) -> int:
         return 2
     configure_logging(server_settings.log_level)
     try:
-        runtime = runtime_from_settings(model_settings)
-        sock = _bind(server_settings.host, server_settings.port)
+        registry = registry_from_settings(model_settings, server_settings)
+        sock = bind(server_settings.host, server_settings.port)
     except (ConfigurationError, OSError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
@@ -82,33 +104,19 @@ def serve(backend: str) -> int:
         server.should_exit = True
 
     try:
-        app = create_app(server_settings, runtime, on_fatal=on_fatal, api_key=api_key)
+        app = create_app(server_settings, registry, on_fatal=on_fatal, api_key=api_key)
     except ConfigurationError as exc:
         logger.error("cannot start: %s", exc)
         return 2
-    service: InferenceService = app.state.service
-    config = uvicorn.Config(
-        _CloseWhileDraining(app, service),
-        log_config=None,
-        log_level=server_settings.log_level,
-        access_log=server_settings.access_log,
-        timeout_graceful_shutdown=int(server_settings.graceful_shutdown_s),
-        timeout_keep_alive=int(server_settings.keep_alive_s),
-        lifespan="on",
-        ssl_certfile=security.tls_cert_file,
-        ssl_keyfile=security.tls_key_file,
-    )
-    server = _DrainingServer(config, service, server_settings.shutdown_delay_s)
+    config = uvicorn_config(app, registry, server_settings, security)
+    server = _DrainingServer(config, registry, server_settings.shutdown_delay_s)
     port = sock.getsockname()[1]
     try:
         config.load()  # NOTE: reads the certificate now, so a bad one stops the start with its reason
     except (OSError, ValueError) as exc:
         logger.error("cannot start: VISION_TLS_CERT_FILE/VISION_TLS_KEY_FILE: %s", exc)
         return 2
-    print(
-        _banner(server_settings.host, port, backend, runtime.model.name, tls=security.tls, key=bool(api_key)),
-        flush=True,
-    )
+    print(banner(server_settings.host, port, registry, tls=security.tls, key=bool(api_key)), flush=True)
     # NOTE: on SIGINT/SIGTERM `_DrainingServer` drains, then uvicorn shuts down gracefully; uvicorn
     # re-raises a second signal so that the previous handler runs; these handlers turn that into a
     # clean exit (status 0, no traceback).
@@ -140,16 +148,16 @@ class _Stop:
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, with a drain step on the first SIGTERM/SIGINT.
 
-    At once: readiness 503 "stopping" (`InferenceService.begin_shutdown`); requests are still
+    At once: readiness 503 "stopping" (`ModelRegistry.begin_shutdown`); requests are still
     served for `delay_s` (VISION_SHUTDOWN_DELAY_S). Then: new inference requests are refused
     (503 "shutting down") and uvicorn's own graceful shutdown runs: the port closes, idle
     connections close, in-flight requests get VISION_GRACEFUL_SHUTDOWN_S to finish. A second
     signal skips what is left of the delay; a third SIGINT is uvicorn's forced exit.
     """
 
-    def __init__(self, config: uvicorn.Config, service: InferenceService, delay_s: float):
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, delay_s: float):
         super().__init__(config)
-        self.service = service
+        self.registry = registry
         self.delay_s = delay_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -165,7 +173,7 @@ class _DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         if self._draining:
-            self._loop.call_soon_threadsafe(self.service.refuse_new_requests)
+            self._loop.call_soon_threadsafe(self.registry.refuse_new_requests)
             super().handle_exit(sig, frame)
             return
         self._draining = True
@@ -173,8 +181,8 @@ class _DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         assert self._loop is not None
-        delay = self.delay_s if self.service.ready else 0.0  # never ready: nothing routes here
-        self.service.begin_shutdown()
+        delay = self.delay_s if self.registry.ready else 0.0  # never ready: nothing routes here
+        self.registry.begin_shutdown()
         if delay > 0:
             logger.info(
                 "shutting down: readiness 503, still serving for %.1f s (VISION_SHUTDOWN_DELAY_S)", delay
@@ -182,7 +190,7 @@ class _DrainingServer(uvicorn.Server):
         self._loop.call_later(delay, self._stop_serving)
 
     def _stop_serving(self) -> None:
-        self.service.refuse_new_requests()
+        self.registry.refuse_new_requests()
         logger.info(
             "shutting down: refusing new requests, finishing in-flight ones (grace %.0f s)",
             self.config.timeout_graceful_shutdown or 0,
@@ -190,14 +198,14 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class _CloseWhileDraining:
+class CloseWhileDraining:
     """ASGI wrapper: once shutdown has begun, every answer carries `Connection: close`, so that
     keep-alive clients and load balancers open their next connection elsewhere rather than reuse
     this one until it is closed under them (a request racing that close would be lost)."""
 
-    def __init__(self, app: ASGIApp, service: InferenceService):
+    def __init__(self, app: ASGIApp, registry: ModelRegistry):
         self.app = app
-        self.service = service
+        self.registry = registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,7 +213,7 @@ class _CloseWhileDraining:
             return
 
         async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and self.service.state is ServiceState.STOPPING:
+            if message["type"] == "http.response.start" and self.registry.state is ServiceState.STOPPING:
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 

@@ -10,7 +10,13 @@ from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ModelSettings
 
-__all__ = ["ModelRuntime", "create_runtime", "runtime_from_settings", "thread_layout"]
+__all__ = [
+    "ModelRuntime",
+    "create_runtime",
+    "runtime_from_settings",
+    "runtimes_from_settings",
+    "thread_layout",
+]
 
 
 def thread_layout(model: ModelEntry, settings: ModelSettings) -> ThreadLayout:
@@ -45,6 +51,26 @@ def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
 
 
 def runtime_from_settings(settings: ModelSettings) -> ModelRuntime:
-    """The runtime for the model that `settings` name (repository entry read and checked)."""
+    """The runtime for the default model that `settings` name (repository entry read and checked)."""
     entry = ModelRepository(settings.model_repository).get(settings.model_name)
     return create_runtime(entry, settings)
+
+
+def runtimes_from_settings(settings: ModelSettings) -> list[ModelRuntime]:
+    """The runtimes of every model to serve: those in VISION_MODELS, else every model in the
+    repository; the default model (VISION_MODEL_NAME) must be among them."""
+    repository = ModelRepository(settings.model_repository)
+    names = settings.model_names() or repository.names()
+    if not names:
+        raise ConfigurationError(
+            f"no model in repository {repository.root} (empty or missing); export one with "
+            "`python -m export` (`make export`) or set VISION_MODEL_REPOSITORY"
+        )
+    if settings.model_name not in names:
+        listed = "VISION_MODELS" if settings.model_names() else f"the repository {repository.root}"
+        raise ConfigurationError(
+            f"the default model {settings.model_name!r} (VISION_MODEL_NAME) is not in {listed} "
+            f"(models: {', '.join(names) or 'none'}); export it with `python -m export`, or set "
+            "VISION_MODEL_NAME to one of them"
+        )
+    return [create_runtime(repository.get(name), settings) for name in names]

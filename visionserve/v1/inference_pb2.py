@@ -24,31 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evisionserve/v1/inference.proto\x12\x0evisionserve.v1\"<\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\"8\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"\x87\x01\n\x0fPredictResponse\x12(\n\x04topk\x18\x01 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"B\n\x13PredictBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\"s\n\x0b\x42\x61tchResult\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32\x1f.visionserve.v1.PredictResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.visionserve.v1.ErrorH\x00\x42\t\n\x07outcome\"S\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.visionserve.v1.BatchResult\x12\r\n\x05model\x18\x02 \x01(\t\"6\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x03\x12\x0c\n\x04topk\x18\x03 \x01(\x05\"\x87\x01\n\x0f\x46ramePrediction\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x03\x12(\n\x04topk\x18\x02 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Error\x12\x12\n\nlatency_ms\x18\x04 \x01(\x02\x32\xff\x01\n\tInference\x12J\n\x07Predict\x12\x1e.visionserve.v1.PredictRequest\x1a\x1f.visionserve.v1.PredictResponse\x12Y\n\x0cPredictBatch\x12#.visionserve.v1.PredictBatchRequest\x1a$.visionserve.v1.PredictBatchResponse\x12K\n\rPredictStream\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evisionserve/v1/inference.proto\x12\x0evisionserve.v1\"\xdd\x01\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"8\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"Z\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12 \n\x03\x62ox\x18\x04 \x01(\x0b\x32\x13.visionserve.v1.Box\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xee\x01\n\x0fPredictResponse\x12(\n\x04topk\x18\x01 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe3\x01\n\x13PredictBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"s\n\x0b\x42\x61tchResult\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32\x1f.visionserve.v1.PredictResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.visionserve.v1.ErrorH\x00\x42\t\n\x07outcome\"S\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.visionserve.v1.BatchResult\x12\r\n\x05model\x18\x02 \x01(\t\"\xe6\x01\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x03\x12\x0c\n\x04topk\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"\x8e\x02\n\x0f\x46ramePrediction\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x03\x12(\n\x04topk\x18\x02 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Error\x12\x12\n\nlatency_ms\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\x12\x0f\n\x07skipped\x18\t \x01(\x08\x32\xca\x02\n\tInference\x12J\n\x07Predict\x12\x1e.visionserve.v1.PredictRequest\x1a\x1f.visionserve.v1.PredictResponse\x12Y\n\x0cPredictBatch\x12#.visionserve.v1.PredictBatchRequest\x1a$.visionserve.v1.PredictBatchResponse\x12K\n\rPredictStream\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x12I\n\x0bPredictLive\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visionserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREDICTREQUEST']._serialized_start=50
-  _globals['_PREDICTREQUEST']._serialized_end=110
-  _globals['_PREDICTION']._serialized_start=112
-  _globals['_PREDICTION']._serialized_end=168
-  _globals['_PREDICTRESPONSE']._serialized_start=171
-  _globals['_PREDICTRESPONSE']._serialized_end=306
-  _globals['_ERROR']._serialized_start=308
-  _globals['_ERROR']._serialized_end=346
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=348
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=414
-  _globals['_BATCHRESULT']._serialized_start=416
-  _globals['_BATCHRESULT']._serialized_end=531
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=533
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=616
-  _globals['_FRAME']._serialized_start=618
-  _globals['_FRAME']._serialized_end=672
-  _globals['_FRAMEPREDICTION']._serialized_start=675
-  _globals['_FRAMEPREDICTION']._serialized_end=810
-  _globals['_INFERENCE']._serialized_start=813
-  _globals['_INFERENCE']._serialized_end=1068
+  _globals['_PREDICTREQUEST']._serialized_start=51
+  _globals['_PREDICTREQUEST']._serialized_end=272
+  _globals['_PREDICTION']._serialized_start=274
+  _globals['_PREDICTION']._serialized_end=330
+  _globals['_BOX']._serialized_start=332
+  _globals['_BOX']._serialized_end=385
+  _globals['_DETECTION']._serialized_start=387
+  _globals['_DETECTION']._serialized_end=477
+  _globals['_IMAGESIZE']._serialized_start=479
+  _globals['_IMAGESIZE']._serialized_end=521
+  _globals['_PREDICTRESPONSE']._serialized_start=524
+  _globals['_PREDICTRESPONSE']._serialized_end=762
+  _globals['_ERROR']._serialized_start=764
+  _globals['_ERROR']._serialized_end=802
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=805
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=1032
+  _globals['_BATCHRESULT']._serialized_start=1034
+  _globals['_BATCHRESULT']._serialized_end=1149
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=1151
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1234
+  _globals['_FRAME']._serialized_start=1237
+  _globals['_FRAME']._serialized_end=1467
+  _globals['_FRAMEPREDICTION']._serialized_start=1470
+  _globals['_FRAMEPREDICTION']._serialized_end=1740
+  _globals['_INFERENCE']._serialized_start=1743
+  _globals['_INFERENCE']._serialized_end=2073
 # @@protoc_insertion_point(module_scope)

@@ -7,14 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("image", "topk", "model")
+    __slots__ = ("image", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     topk: int
     model: str
-    def __init__(self, image: _Optional[bytes] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[bytes] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "prob", "index")
@@ -26,19 +34,57 @@ class Prediction(_message.Message):
     index: int
     def __init__(self, label: _Optional[str] = ..., prob: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class Detection(_message.Message):
+    __slots__ = ("label", "index", "score", "box")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    index: int
+    score: float
+    box: Box
+    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class ImageSize(_message.Message):
+    __slots__ = ("width", "height")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
 class PredictResponse(_message.Message):
-    __slots__ = ("topk", "model", "prediction", "probability", "latency_ms")
+    __slots__ = ("topk", "model", "prediction", "probability", "latency_ms", "task", "detections", "image")
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     topk: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: str
     prediction: str
     probability: float
     latency_ms: float
-    def __init__(self, topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., prediction: _Optional[str] = ..., probability: _Optional[float] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    task: str
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    image: ImageSize
+    def __init__(self, topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., prediction: _Optional[str] = ..., probability: _Optional[float] = ..., latency_ms: _Optional[float] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -49,14 +95,22 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
-    __slots__ = ("images", "topk", "model")
+    __slots__ = ("images", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     topk: int
     model: str
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("result", "error")
@@ -75,23 +129,43 @@ class PredictBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("image", "frame_id", "topk")
+    __slots__ = ("image", "frame_id", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     frame_id: int
     topk: int
-    def __init__(self, image: _Optional[bytes] = ..., frame_id: _Optional[int] = ..., topk: _Optional[int] = ...) -> None: ...
+    model: str
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[bytes] = ..., frame_id: _Optional[int] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FramePrediction(_message.Message):
-    __slots__ = ("frame_id", "topk", "error", "latency_ms")
+    __slots__ = ("frame_id", "topk", "error", "latency_ms", "model", "task", "detections", "image", "skipped")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     topk: _containers.RepeatedCompositeFieldContainer[Prediction]
     error: Error
     latency_ms: float
-    def __init__(self, frame_id: _Optional[int] = ..., topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+    model: str
+    task: str
+    detections: _containers.RepeatedCompositeFieldContainer[Detection]
+    image: ImageSize
+    skipped: bool
+    def __init__(self, frame_id: _Optional[int] = ..., topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., latency_ms: _Optional[float] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ..., skipped: _Optional[bool] = ...) -> None: ...

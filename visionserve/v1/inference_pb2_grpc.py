@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Image classification: one image, several images, or a stream of video frames.
+    """Any served model on one image, several images, or a stream of video frames. A request may
+    name its model (`model`; empty: the server's default model). The answer carries the model's
+    task (`task`) and that task's fields: a classifier's `prediction`, `probability` and `topk`, a
+    detector's `detections` and `image`. A request sends only its model's task parameters (a
+    classifier's `topk`, a detector's `score_threshold`, ...); another task's is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -50,30 +54,50 @@ class InferenceStub:
                 request_serializer=visionserve_dot_v1_dot_inference__pb2.Frame.SerializeToString,
                 response_deserializer=visionserve_dot_v1_dot_inference__pb2.FramePrediction.FromString,
                 _registered_method=True)
+        self.PredictLive = channel.stream_stream(
+                '/visionserve.v1.Inference/PredictLive',
+                request_serializer=visionserve_dot_v1_dot_inference__pb2.Frame.SerializeToString,
+                response_deserializer=visionserve_dot_v1_dot_inference__pb2.FramePrediction.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
-    """Image classification: one image, several images, or a stream of video frames.
+    """Any served model on one image, several images, or a stream of video frames. A request may
+    name its model (`model`; empty: the server's default model). The answer carries the model's
+    task (`task`) and that task's fields: a classifier's `prediction`, `probability` and `topk`, a
+    detector's `detections` and `image`. A request sends only its model's task parameters (a
+    classifier's `topk`, a detector's `score_threshold`, ...); another task's is INVALID_ARGUMENT.
     """
 
     def Predict(self, request, context):
-        """Classify one encoded image (JPEG, PNG, WebP, GIF, BMP or TIFF).
+        """One encoded image (JPEG, PNG, WebP, GIF, BMP or TIFF).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PredictBatch(self, request, context):
-        """Classify several images; one result per image, in order. A bad image gets an error in its own
-        slot and the others are still answered.
+        """Several images; one result per image, in order. A bad image gets an error in its own slot
+        and the others are still answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PredictStream(self, request_iterator, context):
-        """Classify a stream of frames; answers come back in frame order. A bad frame gets an error
-        entry and the stream goes on. The server reads ahead a bounded number of frames.
+        """A stream of frames; every frame is answered, in frame order. A bad frame gets an error entry
+        and the stream goes on. The server reads ahead a bounded number of frames, so a sender
+        faster than the model waits (latency grows with what the client queues on its side).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictLive(self, request_iterator, context):
+        """Live video (a camera): the server computes the newest frame whenever the model is free, and
+        answers each older frame it did not compute as `skipped` (never silently dropped), so the
+        latency stays bounded when frames arrive faster than the model computes. Answers come in
+        frame order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +121,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     request_deserializer=visionserve_dot_v1_dot_inference__pb2.Frame.FromString,
                     response_serializer=visionserve_dot_v1_dot_inference__pb2.FramePrediction.SerializeToString,
             ),
+            'PredictLive': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictLive,
+                    request_deserializer=visionserve_dot_v1_dot_inference__pb2.Frame.FromString,
+                    response_serializer=visionserve_dot_v1_dot_inference__pb2.FramePrediction.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'visionserve.v1.Inference', rpc_method_handlers)
@@ -106,7 +135,11 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Image classification: one image, several images, or a stream of video frames.
+    """Any served model on one image, several images, or a stream of video frames. A request may
+    name its model (`model`; empty: the server's default model). The answer carries the model's
+    task (`task`) and that task's fields: a classifier's `prediction`, `probability` and `topk`, a
+    detector's `detections` and `image`. A request sends only its model's task parameters (a
+    classifier's `topk`, a detector's `score_threshold`, ...); another task's is INVALID_ARGUMENT.
     """
 
     @staticmethod
@@ -178,6 +211,33 @@ class Inference:
             request_iterator,
             target,
             '/visionserve.v1.Inference/PredictStream',
+            visionserve_dot_v1_dot_inference__pb2.Frame.SerializeToString,
+            visionserve_dot_v1_dot_inference__pb2.FramePrediction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictLive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/visionserve.v1.Inference/PredictLive',
             visionserve_dot_v1_dot_inference__pb2.Frame.SerializeToString,
             visionserve_dot_v1_dot_inference__pb2.FramePrediction.FromString,
             options,

@@ -17,17 +17,15 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from visionserve.deadlines import microseconds_parameter
 from visionserve.errors import ErrorCode, VisionError
-from visionserve.v2.codec import (
-    InputTensor,
-    ModelInput,
+from visionserve.v2.codec import InputTensor, ModelInput, invalid, parse_inputs, task_parameters
+from visionserve.v2.outputs import (
     OutputTensor,
     RequestedOutput,
     check_output_count,
     check_outputs,
     default_outputs,
-    invalid,
-    parse_inputs,
     requested_output,
 )
 from visionserve.v2.signature import Signature
@@ -37,7 +35,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 SIZE_SETTING = "VISION_MAX_REQUEST_BYTES"
 _GZIP_WBITS = 31
-_UINT64_MAX = 2**64 - 1
 _WBITS = {"gzip": (_GZIP_WBITS,), "x-gzip": (_GZIP_WBITS,), "deflate": (15, -15)}  # deflate: zlib, else raw
 
 
@@ -52,6 +49,8 @@ class InferRequest:
     """Request parameter `binary_data_output`: outputs are binary unless one says otherwise."""
     timeout_s: float | None
     """Request parameter `timeout` (microseconds, as Triton's clients send it), in seconds."""
+    parameters: Mapping[str, object]
+    """The request parameters that are the model's task's (e.g. `score_threshold`), unchecked."""
 
 
 def decompress(body: bytes, encoding: str | None, *, limit: int) -> bytes:
@@ -186,15 +185,7 @@ def _outputs(signature: Signature, raw_outputs: object) -> list[RequestedOutput]
 
 def _timeout(parameters: Mapping[str, object]) -> float | None:
     value = parameters.get("timeout")
-    if value is None:
-        return None
-    # NOTE: the protocol's timeout is a uint64; a larger JSON integer overflowed the division (500)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _UINT64_MAX:
-        raise invalid(
-            f"parameter timeout must be a positive number of microseconds (at most {_UINT64_MAX}), "
-            f"got {value!r}"
-        )
-    return value / 1e6
+    return None if value is None else microseconds_parameter(value)
 
 
 def parse_request(signature: Signature, body: bytes, header_length: str | None) -> InferRequest:
@@ -225,6 +216,7 @@ def parse_request(signature: Signature, body: bytes, header_length: str | None) 
         outputs=_outputs(signature, request.get("outputs")),
         binary_output=binary_output,
         timeout_s=timeout_s,
+        parameters=task_parameters(signature, parameters),
     )
 
 

@@ -1,17 +1,22 @@
-"""What the served model looks like through the Open Inference Protocol: its inputs, outputs,
+"""What a served model looks like through the Open Inference Protocol: its inputs, outputs,
 metadata and (Triton's extension) model configuration. Shared by the HTTP routes and the gRPC
 servicer; imports neither FastAPI nor grpc.
 
-An image classifier is offered two ways in, and a client sends exactly one of them:
-- `input` (the model's own input name): FP32 `[-1, 3, H, W]`, already preprocessed (resized,
-  cropped, normalised as the model's config.json says);
+Every model is offered two ways in, and a client sends exactly one of them:
+- the model's own input name (`input`, `images`): FP32 `[-1, 3, H, W]`, already preprocessed
+  (resized, cropped or letterboxed, normalised as the model's config.json says);
 - `image`: BYTES `[-1]`, one encoded image (JPEG, PNG, ...) per element, decoded and preprocessed
   by the server exactly as the project's own API does.
 
-Outputs, FP32 `[-1, classes]`: the model's own output (`logits` for the default model, its
-config.json `output.kind` says which) and, for a model that outputs logits, `probabilities`
-(softmax of the logits). Either can be asked for as a classification instead (`"classification":
-N`): N `"value:index:label"` strings per image, most probable first.
+A classifier's outputs, FP32 `[-1, classes]`: the model's own output (`logits` for the default
+model, its config.json `output.kind` says which) and, for a model that outputs logits,
+`probabilities` (softmax of the logits). Either can be asked for as a classification instead
+(`"classification": N`): N `"value:index:label"` strings per image, most probable first.
+
+A detector's outputs have fixed shapes, K being the model's `max_detections`: `boxes` FP32
+`[-1, K, 4]` (x1, y1, x2, y2 in the photo's pixels; for a preprocessed input, in the input's),
+`scores` FP32 `[-1, K]`, `classes` INT32 `[-1, K]` and `num_detections` INT32 `[-1, 1]`: the first
+`num_detections` rows of each image are its objects, highest score first, the rest zeros.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from visionserve.errors import ErrorCode, VisionError
 from visionserve.repository import ModelEntry
 
 if TYPE_CHECKING:
-    from visionserve.service import InferenceService
+    from visionserve.serving.model import ServedModel
 
 SERVER_NAME = "visionserve"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -32,9 +37,10 @@ EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "st
 
 IMAGE_INPUT = "image"
 PROBABILITIES_OUTPUT = "probabilities"
+DETECTION_OUTPUTS = ("boxes", "scores", "classes", "num_detections")
 
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch_torch_export"}
-_CONFIG_TYPES = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
+_CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING"}
 """Protocol datatype -> Triton model-configuration DataType name."""
 
 
@@ -61,6 +67,7 @@ class Signature:
 
     model: str
     version: str
+    task: str
     platform: str
     backend: str
     max_batch_size: int
@@ -71,10 +78,13 @@ class Signature:
     image_input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     raw_output: str
-    """The output that is the model's own scores (the others are derived from it)."""
+    """Classification: the output that is the model's own scores (the others are derived from
+    it); detection: none of the outputs (the model's own is postprocessed)."""
     output_kind: str
-    """`logits` or `probabilities`: what the model itself outputs."""
+    """`logits`, `probabilities` or `boxes`: what the model itself outputs."""
     labels: tuple[str, ...]
+    max_detections: int = 0
+    """Detection: K, the fixed number of rows of each image's outputs."""
 
     @classmethod
     def of(
@@ -93,7 +103,17 @@ class Signature:
         classes = config.output.classes
         image_name = IMAGE_INPUT if config.input.name != IMAGE_INPUT else f"{IMAGE_INPUT}_bytes"
         outputs = [TensorSpec(config.output.name, "FP32", (-1, classes))]
-        if config.output.kind == "logits":
+        max_detections = 0
+        if config.task == "detection":
+            max_detections = config.detection.max_detections if config.detection else 100
+            k = max_detections
+            outputs = [
+                TensorSpec("boxes", "FP32", (-1, k, 4)),
+                TensorSpec("scores", "FP32", (-1, k)),
+                TensorSpec("classes", "INT32", (-1, k)),
+                TensorSpec("num_detections", "INT32", (-1, 1)),
+            ]
+        elif config.output.kind == "logits":
             derived = (
                 PROBABILITIES_OUTPUT
                 if config.output.name != PROBABILITIES_OUTPUT
@@ -103,6 +123,7 @@ class Signature:
         return cls(
             model=entry.name,
             version=str(config.version),
+            task=config.task,
             platform=_PLATFORMS.get(backend, backend),
             backend=backend,
             max_batch_size=max_batch_size,
@@ -115,19 +136,20 @@ class Signature:
             raw_output=config.output.name,
             output_kind=config.output.kind,
             labels=entry.labels,
+            max_detections=max_detections,
         )
 
     @classmethod
-    def of_service(cls, service: InferenceService) -> Signature:
-        """The signature of what `service` serves, with the batching it was built with."""
-        batcher = service.batcher
+    def of_model(cls, model: ServedModel) -> Signature:
+        """The signature of a served model, with the batching it was built with."""
+        batcher = model.batcher
         return cls.of(
-            service.model,
-            backend=service.runtime.backend,
+            model.entry,
+            backend=model.runtime.backend,
             max_batch_size=batcher.max_batch_size,
             max_queue_delay_us=round(batcher.max_queue_delay_s * 1e6),
-            instances=service.runtime.instances,
-            device=service.runtime.device,
+            instances=model.runtime.instances,
+            device=model.runtime.device,
         )
 
     @property
@@ -150,7 +172,7 @@ class Signature:
         if not name:
             raise VisionError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"the request names no model; set the model name to {self.model!r}",
+                f"the request names no model; set the model name (e.g. {self.model!r})",
             )
         if name != self.model:
             raise VisionError(
@@ -214,7 +236,7 @@ class Signature:
                     "data_type": _CONFIG_TYPES[spec.datatype],
                     "dims": list(spec.shape[1:]),
                     # NOTE: Triton's classification reads labels from this file in the model folder
-                    "label_filename": "labels.txt",
+                    **({"label_filename": "labels.txt"} if self.task == "classification" else {}),
                 }
                 for spec in self.outputs
             ],

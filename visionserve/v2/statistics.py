@@ -10,11 +10,11 @@ items waited in the batcher, `compute_infer` the runtime's time per batch, `succ
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from visionserve.service import InferenceService
-    from visionserve.v2.signature import Signature
+    from visionserve.serving.model import ServedModel
 
 _REJECTIONS = ("queue_full", "deadline", "cancelled")
 
@@ -23,21 +23,26 @@ def _duration(count: float, seconds: float) -> dict[str, int]:
     return {"count": int(count), "ns": int(seconds * 1e9)}
 
 
-def model_statistics(signature: Signature, service: InferenceService) -> dict[str, object]:
-    """`{"model_stats": [...]}` for the served model, in Triton's JSON form."""
-    registry = service.metrics.registry
+def model_statistics(models: Iterable[ServedModel]) -> dict[str, object]:
+    """`{"model_stats": [...]}` for `models`, in Triton's JSON form."""
+    return {"model_stats": [_one(model) for model in models]}
 
-    def sample(name: str, labels: dict[str, str] | None = None) -> float:
-        return registry.get_sample_value(name, labels) or 0.0
+
+def _one(model: ServedModel) -> dict[str, object]:
+    registry = model.metrics.registry
+    labels = {"model": model.name}
+
+    def sample(name: str, extra: dict[str, str] | None = None) -> float:
+        return registry.get_sample_value(name, labels | (extra or {})) or 0.0
 
     images = sample("visionserve_batch_size_sum")
     batches = sample("visionserve_batch_size_count")
     queue_s = sample("visionserve_queue_time_seconds_sum")
     compute_s = sample("visionserve_compute_time_seconds_sum")
     failed = sum(sample("visionserve_rejected_total", {"reason": reason}) for reason in _REJECTIONS)
-    stats = {
-        "name": signature.model,
-        "version": signature.version,
+    return {
+        "name": model.name,
+        "version": str(model.entry.config.version),
         "last_inference": 0,
         "inference_count": int(images),
         "execution_count": int(batches),
@@ -51,7 +56,6 @@ def model_statistics(signature: Signature, service: InferenceService) -> dict[st
         },
         "batch_stats": [
             {"batch_size": size, "compute_infer": _duration(count, 0.0)}
-            for size, count in sorted(service.batcher.batch_sizes.items())
+            for size, count in sorted(model.batcher.batch_sizes.items())
         ],
     }
-    return {"model_stats": [stats]}

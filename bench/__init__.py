@@ -1,0 +1,72 @@
+"""The benchmark harness: the in-process limit and served latency and throughput, for every
+runtime, concurrency level and batching mode; against servers it starts itself, or against a
+running deployment (`--url`, `--grpc-target`). The soak (`python -m bench.soak`, `make soak`)
+lives here too.
+
+A development tool beside the served package, not part of it: it imports `visionserve` (the
+runtimes, preprocessing, settings) and starts the real servers as subprocesses, but no server
+ever imports `bench`, and the serving images do not contain it (only the JupyterLab image does,
+for the notebooks).
+
+`python -m bench` (or `make bench`) runs it and writes `--output DIR`:
+`DIR/bench.json`, `DIR/bench.md`, `DIR/bench.csv`, `DIR/throughput.png`. Notebooks and scripts
+call it without the command line, e.g. against `make run`'s stack:
+
+```python
+from pathlib import Path
+
+import pandas as pd
+
+from bench import BenchConfig, run_benchmark
+
+report = run_benchmark(
+    BenchConfig(
+        url="http://127.0.0.1:8000",
+        grpc_target="127.0.0.1:50051",
+        grpc_metrics_url="http://127.0.0.1:8002/metrics",
+        endpoints=("json", "grpc"),
+        concurrency=(1, 4, 16),
+        requests=200,
+    )
+)
+frame = pd.DataFrame(report.to_records())  # the columns of bench.csv, numbers as numbers
+latencies = pd.DataFrame(report.latency_records())  # one line per measured request (ms)
+batches = pd.DataFrame(report.batch_size_records())  # the servers' batch sizes, per row
+report.write(Path("bench-results"))  # the same files as the command line writes
+```
+
+`run_benchmark` blocks until the run is over (in a thread of its own where an event loop is
+running, as in a notebook's kernel) and raises `DeploymentError` when a target is not ready.
+
+The modules:
+
+- `stats`: percentiles and the `Measurement` / `LatencySummary` every row reports (milliseconds);
+- `closed_loop`: N closed-loop senders over any protocol, bounded by requests and/or duration;
+- `http_load`: HTTP requests encoded once and sent with `httpx2.AsyncClient` keep-alive;
+- `raw_http`: a minimal keep-alive HTTP/1.1 client, the default (least client overhead);
+- `grpc_load`: unary `Predict` senders and one `PredictStream`'s frames/s over grpc.aio;
+- `images`: the images sent (every packaged photo as a 600 px JPEG, or `--image FILE`);
+- `inprocess`: decode + preprocess + predict_batch + postprocess, timed per stage (batch 1);
+- `layouts`: the in-process limit, img/s over thread layouts (preprocessing x intra-op threads);
+- `server_metrics`: the server's /metrics scraped around a row and subtracted (batches, queue);
+- `servers`: the real services as subprocesses (`python -m fastapi_onnx` / `fastapi_pt`,
+  `python -m grpc_server`, and `baseline`: seed 004's plain endpoint, for `--baseline`);
+- `deployment`: a running deployment's targets, checked ready, and its served model;
+- `access`: the API key and TLS certificates a deployment's requests use (`--api-key`, `--tls-ca`);
+- `machine`: the date, CPU, cores and package versions a result is only meaningful with;
+- `config`: what a run measures (`BenchConfig`); `plans`: the served processes and rows of a
+  backend; `progress`: the progress bar on stderr;
+- `rows`, `report`, `tables`, `csvfile`, `plot`, `targets`, `facts`: the rows, the JSON
+  document, the markdown, the CSV (and the records of `BenchReport.to_records`,
+  `latency_records`, `batch_size_records`), the plot, the issue's targets and the report's
+  header;
+- `measure`: one runtime's rows measured in turns; `runner`: one whole run (`run_benchmark`),
+  `external`: one against a deployment; `__main__`: the command line.
+"""
+
+from bench.config import BenchConfig
+from bench.deployment import DeploymentError
+from bench.report import BenchReport
+from bench.runner import run_benchmark
+
+__all__ = ["BenchConfig", "BenchReport", "DeploymentError", "run_benchmark"]

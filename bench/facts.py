@@ -1,0 +1,115 @@
+"""The settings a report's header states: what was measured, how, and with which configuration,
+for a run that starts its own servers (`local_facts`) and, piece by piece, for one that measures
+a deployment (`external`)."""
+
+from __future__ import annotations
+
+import grpc
+
+from bench.config import HTTP_CLIENTS, BenchConfig
+from bench.http_load import event_loop_name
+from bench.images import DEFAULT_LONG_SIDE, DEFAULT_QUALITY
+from bench.layouts import PIPELINE as LIMIT_PIPELINE
+from bench.layouts import Layout
+from visionserve.cpu import available_cpus
+from visionserve.repository import ModelEntry
+from visionserve.settings import ModelSettings
+
+
+def images_fact(config: BenchConfig) -> str:
+    """What was sent."""
+    if config.image:
+        return "--image as is"
+    return f"every packaged photo, longer side {DEFAULT_LONG_SIDE} px, JPEG quality {DEFAULT_QUALITY}"
+
+
+def load_facts(config: BenchConfig) -> dict[str, object]:
+    """How hard each row was loaded."""
+    return {
+        "concurrency": list(config.concurrency),
+        "requests_per_row": config.requests,
+        "duration_bound_s": config.duration_s,
+        "warmup_per_row": config.warmup,
+        "rounds": f"{config.rounds} (every row takes a turn each round)",
+    }
+
+
+def limit_fact(config: BenchConfig, layouts: tuple[Layout, ...], max_batch: int) -> str:
+    """How the in-process limit was measured."""
+    if not layouts:
+        return "not measured (--layouts none)"
+    return (
+        f"{LIMIT_PIPELINE}, layouts {', '.join(layout.label for layout in layouts)} (W preprocessing "
+        f"threads x T intra-op threads), max batch {max_batch}, {config.requests or 'unbounded'} "
+        f"images each, capped at {config.limit_cap_s:g} s"
+    )
+
+
+def client_facts(config: BenchConfig, *, where: str, read_ahead: str) -> dict[str, object]:
+    """The clients: `where` they ran (e.g. `same machine`), the stream's window against the
+    server's `read_ahead`, and the baseline where there is one."""
+    loop = event_loop_name()
+    facts: dict[str, object] = {
+        "http_client": f"{HTTP_CLIENTS[config.client]}, {where}, keep-alive, closed loop, {loop}",
+        "latency_unit": "milliseconds; req/s = completed requests / wall time",
+    }
+    if config.grpc_endpoints:
+        facts["grpc_client"] = (
+            f"grpc.aio {grpc.__version__}, {where}, one channel (one HTTP/2 connection) per "
+            f"process, unary closed loop, {event_loop_name()}"
+        )
+    if "stream" in config.grpc_endpoints:
+        facts["grpc_stream"] = (
+            f"one PredictStream call per round, frames back to back with at most "
+            f"{config.resolved_stream_window()} unanswered (server read-ahead {read_ahead}); "
+            "latency = frame written -> its answer; req/s = frames/s"
+        )
+    if config.baseline:
+        facts["baseline"] = (
+            "seed 004's plain endpoint (python -m bench.baseline): sync def FastAPI "
+            "POST /predict, Pillow decode, resize to the input size, batch 1, ONNX Runtime with "
+            f"{available_cpus()} intra-op threads (the usable cores) and spinning off, uvicorn, one process"
+        )
+    return facts
+
+
+def local_facts(
+    config: BenchConfig, entry: ModelEntry, first: ModelSettings, max_batch: int
+) -> dict[str, object]:
+    """The header of a run whose servers the harness started: every setting they were given."""
+    server = config.server_settings()
+    delay = (
+        f"{server.max_queue_delay_us} us"
+        if server.max_queue_delay_us is not None
+        else f"{entry.config.max_queue_delay_us} us (config.json)"
+    )
+    facts: dict[str, object] = {
+        "model": entry.name,
+        "images": images_fact(config),
+        "device": first.device,
+        "runtime_threads": first.resolved_threads(),
+        "runtime_instances": first.instances or 1,
+        "server_preprocess_workers": server.resolved_preprocess_workers(),
+        "torch_compile": first.torch_compile,
+        "onnx_allow_spinning": first.onnx_allow_spinning,
+        "batching": ", ".join(config.batching)
+        + f" (on: max batch {max_batch}, max queue delay {delay}; off: VISION_MAX_BATCH_SIZE=1)",
+        "server_env": dict(config.server_env),
+        **load_facts(config),
+        "in_process_limit": limit_fact(config, config.resolved_layouts(), max_batch),
+        "in_process_stages": "batch 1, one image after another",
+        **client_facts(
+            config, where="same machine", read_ahead=str(config.grpc_settings().stream_read_ahead)
+        ),
+    }
+    if config.overload:
+        facts["overload"] = (
+            f"{config.overload_concurrency} closed-loop senders, VISION_MAX_QUEUE_SIZE="
+            f"{config.overload_queue_size}, on {', '.join(config.overload_endpoints)}; a refused "
+            + (
+                f"sender waits {config.overload_backoff_ms:g} ms before its next request"
+                if config.overload_backoff_ms
+                else "sender retries at once"
+            )
+        )
+    return facts

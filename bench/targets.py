@@ -1,0 +1,174 @@
+"""The issue's targets, checked against a run's rows (ONNX Runtime, where the rows exist).
+
+- concurrency 16, HTTP JSON: req/s at least 0.9 of the in-process limit, p99 ≤ 200 ms, no errors;
+- concurrency 16, gRPC unary: req/s at least 0.95 of the in-process limit;
+- concurrency 16, HTTP JSON vs the seed 004 baseline (`--baseline`): at least 1.1 times its req/s, lower p99;
+- concurrency 1, HTTP JSON: p50 no worse than the baseline's;
+- concurrency 1: batching on adds ≤ 0.5 ms to p50 compared with batching off;
+- overload: rejections p99 < 5 ms, accepted p99 ≤ 200 ms, nothing lost.
+
+A target whose rows the run did not measure is left out: the report lists what was checked. These
+are the figures to quote, not assertions: timed tests do not assert them (a shared machine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bench.grpc_load import UNARY
+from bench.http_load import json_request
+from bench.rows import BASELINE, DEPLOYED, GRPC, HTTP, REJECTIONS, ResultRow
+
+if TYPE_CHECKING:
+    from bench.report import BenchReport
+
+RUNTIME = "onnx"
+LEVEL = 16
+JSON_TARGET = json_request(b"").name
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target for one row (or pair of rows): what was measured, the goal, and whether it is met."""
+
+    target: str
+    row: str
+    measured: str
+    goal: str
+    met: bool
+
+
+def _find(report: BenchReport, mode: str, target: str, level: int, batching: str | None) -> ResultRow | None:
+    for row in report.rows:
+        if (
+            row.runtime == RUNTIME
+            and row.mode == mode
+            and row.target == target
+            and row.concurrency == level
+            and row.overload_queue_size is None
+            and (batching is None or row.batching == batching)
+        ):
+            return row
+    return None
+
+
+def check_targets(report: BenchReport) -> list[TargetCheck]:
+    """Every target this run's rows can answer."""
+    checks: list[TargetCheck] = []
+    modes = sorted({row.batching for row in report.rows if row.batching in ("on", "off", DEPLOYED)})
+    baseline_16 = _find(report, BASELINE, report_baseline_target(report), LEVEL, None)
+    baseline_1 = _find(report, BASELINE, report_baseline_target(report), 1, None)
+    for mode in modes:
+        label = f"batching {mode}"
+        json_16 = _find(report, HTTP, JSON_TARGET, LEVEL, mode)
+        if json_16 is not None:
+            checks += _ratio(report, json_16, 0.9, f"c={LEVEL} HTTP JSON throughput", label)
+            p99 = _p99(json_16)
+            if p99 is not None:
+                checks.append(
+                    TargetCheck(f"c={LEVEL} HTTP JSON p99", label, f"{p99:.1f} ms", "≤ 200 ms", p99 <= 200)
+                )
+            failed = json_16.measurement.failed
+            checks.append(TargetCheck(f"c={LEVEL} HTTP JSON errors", label, str(failed), "0", failed == 0))
+            if baseline_16 is not None:
+                ours, theirs = json_16.measurement.throughput_rps, baseline_16.measurement.throughput_rps
+                if theirs > 0:
+                    checks.append(
+                        TargetCheck(
+                            f"c={LEVEL} HTTP JSON vs baseline throughput",
+                            label,
+                            f"{ours:.1f} vs {theirs:.1f} req/s ({ours / theirs:.2f}×)",
+                            "≥ 1.1×",
+                            ours >= 1.1 * theirs,
+                        )
+                    )
+                mine, base = _p99(json_16), _p99(baseline_16)
+                if mine is not None and base is not None:
+                    checks.append(
+                        TargetCheck(
+                            f"c={LEVEL} HTTP JSON vs baseline p99",
+                            label,
+                            f"{mine:.1f} vs {base:.1f} ms",
+                            "lower",
+                            mine < base,
+                        )
+                    )
+        grpc_16 = _find(report, GRPC, UNARY, LEVEL, mode)
+        if grpc_16 is not None:
+            checks += _ratio(report, grpc_16, 0.95, f"c={LEVEL} gRPC unary throughput", label)
+        json_1 = _find(report, HTTP, JSON_TARGET, 1, mode)
+        if json_1 is not None and baseline_1 is not None:
+            mine, base = _p50(json_1), _p50(baseline_1)
+            if mine is not None and base is not None:
+                checks.append(
+                    TargetCheck(
+                        "c=1 HTTP JSON p50 vs baseline",
+                        label,
+                        f"{mine:.2f} vs {base:.2f} ms",
+                        "no worse",
+                        mine <= base,
+                    )
+                )
+    for mode_name, target in ((HTTP, JSON_TARGET), (GRPC, UNARY)):
+        on, off = _find(report, mode_name, target, 1, "on"), _find(report, mode_name, target, 1, "off")
+        if on is not None and off is not None:
+            p50_on, p50_off = _p50(on), _p50(off)
+            if p50_on is not None and p50_off is not None:
+                checks.append(
+                    TargetCheck(
+                        f"c=1 {mode_name} {target}: batching on − off, p50",
+                        "on vs off",
+                        f"{p50_on - p50_off:+.2f} ms",
+                        "≤ +0.5 ms",
+                        p50_on - p50_off <= 0.5,
+                    )
+                )
+    for row in report.overload_rows():
+        if row.runtime != RUNTIME:
+            continue
+        batching = f" batching {row.batching}" if row.batching else ""
+        label = f"{row.mode}{batching}, c={row.concurrency}"
+        refused = row.measurement.failures_summary(REJECTIONS)
+        if refused is not None:
+            checks.append(
+                TargetCheck(
+                    "overload: rejection p99", label, f"{refused.p99_ms:.2f} ms", "< 5 ms", refused.p99_ms < 5
+                )
+            )
+        accepted = _p99(row)
+        if accepted is not None:
+            checks.append(
+                TargetCheck(
+                    "overload: accepted p99", label, f"{accepted:.1f} ms", "≤ 200 ms", accepted <= 200
+                )
+            )
+        checks.append(TargetCheck("overload: nothing lost", label, f"{row.lost} lost", "0", row.lost == 0))
+    return checks
+
+
+def report_baseline_target(report: BenchReport) -> str:
+    """The baseline rows' target name in this report (empty when there are none)."""
+    return next((row.target for row in report.rows if row.mode == BASELINE), "")
+
+
+def _ratio(report: BenchReport, row: ResultRow, goal: float, name: str, label: str) -> list[TargetCheck]:
+    ratio = report.limit_ratio(row)
+    if ratio is None:
+        return []
+    rate = row.measurement.throughput_rps
+    return [
+        TargetCheck(
+            name, label, f"{rate:.1f} req/s = {ratio:.2f} × limit", f"≥ {goal:g} × limit", ratio >= goal
+        )
+    ]
+
+
+def _p50(row: ResultRow) -> float | None:
+    summary = row.measurement.summary()
+    return None if summary is None else summary.p50_ms
+
+
+def _p99(row: ResultRow) -> float | None:
+    summary = row.measurement.summary()
+    return None if summary is None else summary.p99_ms
