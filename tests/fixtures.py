@@ -163,3 +163,47 @@ def grpc_server_of(
 
     registry = registry_of(*runtimes, settings=server_settings)
     return GrpcServer(settings, server_settings, registry, security)
+
+
+DETECTOR_LABELS = ("cat", "dog", "bird")
+
+
+def write_fake_detector(
+    repository: Path, name: str = "fakedet", size: int = 64, max_detections: int = 5
+) -> ModelEntry:
+    """A detection entry (3 classes: cat, dog, bird; a `size` letterbox) without artefacts."""
+    folder = repository / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {
+        "name": name,
+        "task": "detection",
+        "input": {
+            "name": "images",
+            "size": [size, size],
+            "fit": "letterbox",
+            "mean": [0, 0, 0],
+            "std": [1, 1, 1],
+        },
+        "output": {"name": "predictions", "kind": "boxes", "classes": len(DETECTOR_LABELS)},
+        "detection": {"max_detections": max_detections},
+        "artefacts": {"onnx": {"path": "1/model.onnx"}},
+        "max_batch_size": 8,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "labels.txt").write_text("\n".join(DETECTOR_LABELS) + "\n")
+    return ModelRepository(repository).get(name)
+
+
+class FakeDetectorRuntime(FakeRuntime):
+    """Finds one object per image, in the middle of the input (half its width and height): its
+    class scores are the input's mean red, green and blue (in [0, 1]), so a red photo is a cat, a
+    green one a dog. Three more anchors score nothing."""
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.shape)
+        self.threads_seen.add(threading.current_thread().name)
+        count, _, height, width = batch.shape
+        outputs = np.zeros((count, 4, 4 + len(DETECTOR_LABELS)), dtype=np.float32)
+        outputs[:, 0, :4] = (width / 2, height / 2, width / 2, height / 2)
+        outputs[:, 0, 4:] = batch.mean(axis=(2, 3))
+        return outputs
