@@ -13,7 +13,7 @@ from pathlib import Path
 from export.pipeline import DEFAULT_OPSET, ExportOptions, export_model
 from export.sources import EMBEDDED, ExportError, ModelSource, embedded, factory, torchvision_arch
 from visionserve.photos import packaged_photos, photos_in
-from visionserve.repository import InputSpec
+from visionserve.repository import DetectionDefaults, InputSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         help="every embedded model, each under its own name; those present are kept unless --force",
+    )
+    parser.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        help="what a --factory/--arch model does (default classification); a detector returns "
+        "(N, anchors, 4 + classes): box centre x, y, width, height in input pixels, then class scores",
     )
     parser.add_argument("--weights", type=Path, help="state_dict file (.pth), loaded with weights_only=True")
     parser.add_argument("--labels", type=Path, help="class names, one per line (default for ImageNet models)")
@@ -66,6 +72,8 @@ def _source(args: argparse.Namespace) -> tuple[ModelSource, str]:
         return torchvision_arch(args.arch, args.weights), args.arch
     if args.factory:
         return factory(args.factory, args.weights), args.factory.partition(":")[2]
+    if args.task:
+        raise ExportError("--task goes with --factory or --arch; an embedded model knows its task")
     name = args.model or EMBEDDED[0]
     if args.weights:
         raise ExportError("--weights goes with --arch or --factory; the embedded model has its own")
@@ -79,10 +87,28 @@ def _source(args: argparse.Namespace) -> tuple[ModelSource, str]:
     return embedded(name), name
 
 
+def _as_detector(source: ModelSource, args: argparse.Namespace) -> None:
+    """A --factory model declared a detector (--task detection): letterboxed input, RGB in [0, 1]
+    unless --mean/--std say otherwise, boxes out, the default thresholds."""
+    size = args.input_size or 640
+    if size % 32:
+        raise ExportError(f"a detector's --input-size must be a multiple of 32, got {size}")
+    source.task, source.output_name, source.output_kind = "detection", "predictions", "boxes"
+    source.detection = DetectionDefaults()
+    source.input = InputSpec(
+        name="images", size=(size, size), fit="letterbox", mean=(0.0,) * 3, std=(1.0,) * 3
+    )
+
+
 def _apply_overrides(source: ModelSource, args: argparse.Namespace) -> None:
+    if args.task == "detection" and source.task != "detection":
+        _as_detector(source, args)
     spec = source.input.model_dump()
     if source.task == "detection":  # its size is chosen when it is built
-        pass
+        if args.resize or args.interpolation:
+            raise ExportError(
+                "a detector letterboxes its input: --resize and --interpolation apply to classifiers"
+            )
     elif args.input_size:
         spec["size"] = (args.input_size, args.input_size)
         spec["resize"] = args.resize or round(args.input_size * 256 / 224)

@@ -90,6 +90,36 @@ def test_factory_export_writes_a_servable_verified_entry(
         np.testing.assert_allclose(runtime.predict_batch(batch[:1]), expected[:1], atol=1e-4)
 
 
+def test_a_factory_detector_exports_to_a_servable_verified_detection_entry(
+    tmp_path: Path, photos: Path, labels: Path
+) -> None:
+    """`--task detection`: letterbox input, boxes out, detection parity (same objects, boxes within
+    a pixel), and the entry serves through the detection task."""
+    repo = tmp_path / "repo"
+    assert (
+        _export(repo, photos, labels, "--task", "detection", "--name", "tinydet", factory="tiny_detector")
+        == 0
+    )
+    entry = ModelRepository(repo).get("tinydet")
+    config = entry.config
+    assert config.task == "detection" and config.input.fit == "letterbox" and config.output.kind == "boxes"
+    assert config.input.size == (64, 64) and config.detection is not None
+    assert config.parity["passed"] and config.parity["same_objects"]
+    from visionserve.tasks import create_task
+
+    task = create_task(entry, max_image_pixels=10**8)
+    runtime = OnnxRuntime(entry, threads=1)
+    runtime.load()
+    prepared = task.preprocess((photos / "chelsea.png").read_bytes())
+    found = task.postprocess(
+        runtime.predict_batch(prepared.tensor[np.newaxis])[0], prepared.meta, task.parameters({})
+    )
+    assert found.width == 451 and found.height == 300  # type: ignore[attr-defined]
+    assert (
+        _export(repo, photos, labels, "--task", "detection", "--resize", "80", factory="tiny_detector") == 1
+    )
+
+
 def test_failed_parity_fails_loudly_and_writes_nothing(
     tmp_path: Path, photos: Path, labels: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,9 +29,31 @@ class NoisyClassifier(TinyClassifier):
         return logits + 10.0 * torch.rand_like(logits)
 
 
+class TinyDetector(nn.Module):
+    """A 4-class "detector": an 8x8 grid of cells, each with a box (centre, size in input pixels)
+    and 4 class probabilities computed from the image; the contract of a served detector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(8))
+        self.head = nn.Conv2d(8, 4 + 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = self.head(self.features(x)).flatten(2).transpose(1, 2)  # (N, 64, 8)
+        size = float(x.shape[-1])
+        boxes = torch.sigmoid(cells[..., :4]) * size
+        return torch.cat((boxes, torch.sigmoid(cells[..., 4:] * 4.0)), dim=-1)
+
+
 def tiny() -> nn.Module:
     """Factory for TinyClassifier."""
     return TinyClassifier()
+
+
+def tiny_detector() -> nn.Module:
+    """Factory for TinyDetector."""
+    return TinyDetector()
 
 
 def noisy() -> nn.Module:
