@@ -4,6 +4,8 @@
     python -m grpc_server.client *.jpg --batch                # one PredictBatch with all of them
     python -m grpc_server.client clip.gif --stream --every 2  # the frames of a GIF (or a folder,
                                                               # or several files) as one stream
+    python -m grpc_server.client street.jpg --model yolo11n --score-threshold 0.5   # a detector
+    python -m grpc_server.client clip.gif --live --model yolo11n   # live: stale frames skipped
 
 The target is `--target`, else VISION_GRPC_TARGET, else 127.0.0.1:50051. Exit status: 0; 1 when the
 server answered with an error (its status code and details are printed) or an image, batch slot or
@@ -39,15 +41,24 @@ SINGLE_CALL_TIMEOUT_S = 30.0
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m grpc_server.client", description="Classify images with a visionserve gRPC server."
+        prog="python -m grpc_server.client",
+        description="Classify images, or find the objects in them, with a visionserve gRPC server.",
     )
     parser.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE", help="image files, or folders of them"
     )
-    parser.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--model", default="", help="the model to use (default: the server's default)")
+    parser.add_argument(
+        "--topk", type=int, help="a classifier's classes per image (default: the server's, 5)"
+    )
+    parser.add_argument("--score-threshold", type=float, help="a detector's lowest score kept")
+    parser.add_argument("--classes", help="a detector's classes to keep, comma-separated labels")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--batch", action="store_true", help="one PredictBatch call with every image")
     mode.add_argument("--stream", action="store_true", help="the inputs' frames as one PredictStream")
+    mode.add_argument(
+        "--live", action="store_true", help="the frames as one PredictLive: stale frames are skipped"
+    )
     parser.add_argument("--every", type=int, default=1, metavar="N", help="--stream: send every Nth frame")
     parser.add_argument(
         "--target",
@@ -75,9 +86,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else None
     if args.every < 1:
         parser.error("--every must be at least 1")
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         parser.error("--topk must be at least 1")
+    args.streaming = args.stream or args.live
     return args
+
+
+def task_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The request fields of the model and its task's parameters given on the command line."""
+    fields: dict[str, object] = {"model": args.model, "topk": args.topk or 0}
+    if args.score_threshold is not None:
+        fields["score_threshold"] = args.score_threshold
+    if args.classes:
+        fields["classes"] = [name.strip() for name in args.classes.split(",") if name.strip()]
+    return fields
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:
@@ -111,8 +133,23 @@ def describe(predictions: Iterable[pb.Prediction]) -> str:
     return ", ".join(f"{p.label}:{p.prob:.3f}" for p in predictions)
 
 
+def describe_objects(detections: Sequence[pb.Detection]) -> str:
+    """`label:score [x1,y1,x2,y2], ...`, or a word when nothing was found."""
+    if not detections:
+        return "no objects"
+    return ", ".join(
+        f"{d.label}:{d.score:.3f} [{d.box.x1:.0f},{d.box.y1:.0f},{d.box.x2:.0f},{d.box.y2:.0f}]"
+        for d in detections
+    )
+
+
+def answer_text(answer: pb.PredictResponse | pb.FramePrediction) -> str:
+    """What a classifier's or a detector's answer says."""
+    return describe_objects(answer.detections) if answer.task == "detection" else describe(answer.topk)
+
+
 def show_result(name: str, result: pb.PredictResponse) -> None:
-    print(f"{name}  {describe(result.topk)}  (server {result.latency_ms:.1f} ms)")
+    print(f"{name}  {answer_text(result)}  (server {result.latency_ms:.1f} ms)")
 
 
 def show_error(name: str, error: pb.Error) -> None:
@@ -123,14 +160,14 @@ async def predict_each(stub: pb_grpc.InferenceStub, args: argparse.Namespace) ->
     for path in args.images:
         image = path.read_bytes()
         reply = await stub.Predict(
-            pb.PredictRequest(image=image, topk=args.topk), timeout=args.timeout, metadata=args.metadata
+            pb.PredictRequest(image=image, **task_fields(args)), timeout=args.timeout, metadata=args.metadata
         )
         show_result(path.name, reply)
     return 0
 
 
 async def predict_batch(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
-    request = pb.PredictBatchRequest(images=[p.read_bytes() for p in args.images], topk=args.topk)
+    request = pb.PredictBatchRequest(images=[p.read_bytes() for p in args.images], **task_fields(args))
     reply = await stub.PredictBatch(request, timeout=args.timeout, metadata=args.metadata)
     for path, slot in zip(args.images, reply.results, strict=True):
         if slot.HasField("error"):
@@ -141,24 +178,32 @@ async def predict_batch(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -
 
 
 async def predict_stream(stub: pb_grpc.InferenceStub, args: argparse.Namespace) -> int:
+    fields = task_fields(args)
+
     async def requests() -> AsyncIterator[pb.Frame]:
         for frame_id, image in enumerate(frames(args.images)):
             if frame_id % args.every == 0:
-                yield pb.Frame(image=image, frame_id=frame_id, topk=args.topk)
+                yield pb.Frame(image=image, frame_id=frame_id, **fields)
 
-    answered = failed = 0
+    answered = failed = skipped = 0
     started = time.perf_counter()
-    async for answer in stub.PredictStream(requests(), timeout=args.timeout, metadata=args.metadata):
+    call = stub.PredictLive if args.live else stub.PredictStream
+    async for answer in call(requests(), timeout=args.timeout, metadata=args.metadata):
         answered += 1
         if answer.HasField("error"):
             failed += 1
             show_error(f"frame {answer.frame_id}", answer.error)
+        elif answer.skipped:
+            skipped += 1
+            print(f"frame {answer.frame_id}  skipped (a newer frame was computed)")
         else:
-            top = answer.topk[0]
-            print(f"frame {answer.frame_id}  {top.label}:{top.prob:.3f}  (server {answer.latency_ms:.1f} ms)")
+            print(f"frame {answer.frame_id}  {answer_text(answer)}  (server {answer.latency_ms:.1f} ms)")
     elapsed = time.perf_counter() - started
-    rate = answered / elapsed if elapsed > 0 else 0.0
-    print(f"{answered} frames ({failed} failed) in {elapsed:.2f} s: {rate:.1f} frames/s")
+    rate = (answered - skipped) / elapsed if elapsed > 0 else 0.0
+    print(
+        f"{answered} frames ({failed} failed, {skipped} skipped) in {elapsed:.2f} s: "
+        f"{rate:.1f} frames/s computed"
+    )
     return 1 if failed else 0
 
 
@@ -166,14 +211,14 @@ async def run(args: argparse.Namespace) -> int:
     """One call (or one per image) to `args.target`; the exit status."""
     for path in args.images:
         path.stat()  # a missing input fails here, before any call
-    if not args.stream:
+    if not args.streaming:
         args.images = list(expand(args.images))
         if not args.images:
             print("error: no image files in the folders given", file=sys.stderr)
             return 2
-    if args.timeout is None and not args.stream:
+    if args.timeout is None and not args.streaming:
         args.timeout = SINGLE_CALL_TIMEOUT_S
-    call = predict_stream if args.stream else predict_batch if args.batch else predict_each
+    call = predict_stream if args.streaming else predict_batch if args.batch else predict_each
     if args.tls or args.tls_ca:
         roots = args.tls_ca.read_bytes() if args.tls_ca else None
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)

@@ -14,21 +14,29 @@ from PIL import Image
 from grpc_server.client import frames, main
 from grpc_server.server import GrpcServer
 from tests.conftest import encode
-from tests.fixtures import FakeRuntime, grpc_server_of, write_fake_entry
+from tests.fixtures import (
+    FakeDetectorRuntime,
+    FakeRuntime,
+    grpc_server_of,
+    write_fake_detector,
+    write_fake_entry,
+)
 from visionserve.settings import GrpcSettings, ServerSettings
 
 
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[str]:
-    """A ready GrpcServer over FakeRuntime on its own event loop in a thread; yields host:port."""
+    """A ready GrpcServer over FakeRuntime (the default) and the fake detector (`fakedet`) on its
+    own event loop in a thread; yields host:port."""
     runtime = FakeRuntime(write_fake_entry(tmp_path / "repo"))
+    detector = FakeDetectorRuntime(write_fake_detector(tmp_path / "repo"))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-server", daemon=True)
     thread.start()
 
     async def start() -> tuple[GrpcServer, int]:
         server = grpc_server_of(
-            GrpcSettings(port=0, metrics_port=0), ServerSettings(), runtime
+            GrpcSettings(port=0, metrics_port=0), ServerSettings(), runtime, detector
         )  # on its loop
         port = await server.start()
         assert server.loaded is not None
@@ -97,7 +105,7 @@ def test_stream_of_an_animated_gif_answers_every_frame_in_order(
     *answers, summary = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in answers] == [["frame", str(i)] for i in range(5)]
     assert all("class_9:" in line and "(server " in line for line in answers)
-    assert summary.startswith("5 frames (0 failed) in ") and summary.endswith(" frames/s")
+    assert summary.startswith("5 frames (0 failed, 0 skipped) in ") and summary.endswith(" frames/s computed")
 
 
 def test_stream_every_second_frame(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,7 +113,7 @@ def test_stream_every_second_frame(target: str, tmp_path: Path, capsys: pytest.C
     assert main([str(gif), "--stream", "--every", "2", "--target", target]) == 0
     *answers, summary = capsys.readouterr().out.splitlines()
     assert [int(line.split()[1]) for line in answers] == [0, 2, 4]  # frame ids are the frames' indices
-    assert summary.startswith("3 frames (0 failed)")
+    assert summary.startswith("3 frames (0 failed, 0 skipped)")
 
 
 def test_stream_of_a_folder_and_files_with_a_bad_frame(
@@ -125,7 +133,7 @@ def test_stream_of_a_folder_and_files_with_a_bad_frame(
     *answers, summary = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in answers] == ["0", "1", "2", "3"]
     assert " error " in answers[3] and "class_9:" in answers[0]
-    assert summary.startswith("4 frames (1 failed)")
+    assert summary.startswith("4 frames (1 failed, 0 skipped)")
 
 
 def test_a_server_that_is_down_prints_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,3 +161,29 @@ def test_a_server_error_prints_its_code_and_details(
 def test_a_missing_input_is_named_before_any_call(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nope.png"), "--target", "127.0.0.1:1"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_detector_answers_its_objects(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    red = _image(tmp_path, "red.png", "red")
+    assert main([str(red), "--model", "fakedet", "--target", target]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("red.png  cat:") and "[12,8,36,32]" in line, line
+    assert main([str(red), "--model", "fakedet", "--score-threshold", "0.99", "--target", target]) == 0
+    assert "no objects" in capsys.readouterr().out
+    assert main([str(red), "--model", "fakedet", "--topk", "2", "--target", target]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_live_answers_every_frame_skipped_or_computed(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = [Image.new("RGB", (40, 30), (20 * i, 100, 200 - 15 * i)) for i in range(12)]
+    gif = tmp_path / "clip.gif"
+    images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=40, loop=0)
+    assert main([str(gif), "--live", "--model", "fakedet", "--target", target]) == 0
+    *answers, summary = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[1]) for line in answers] == list(range(12))
+    assert all("skipped" in line or "no objects" in line or "[" in line for line in answers)
+    assert summary.startswith("12 frames (0 failed, ") and "frames/s computed" in summary
