@@ -19,15 +19,18 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from flask_ui.client import ApiClient
 from flask_ui.errors import Problem, UIError
-from flask_ui.frames import VideoSource, open_video
+from flask_ui.frames import open_video
 from flask_ui.grpc_client import VideoClient
-from flask_ui.preview import preview_data_url
+from flask_ui.overlay import box_shapes, font_size
+from flask_ui.params import DetectionParams, choose_model, detection_params, every, form_values, live_mode
+from flask_ui.preview import DETECTION_PREVIEW_SIDE, PREVIEW_SIDE, preview_data_url
+from flask_ui.results import DetectionPrediction, ModelInfo
 from flask_ui.settings import UISettings
+from flask_ui.video import video_events
 
 logger = logging.getLogger(__name__)
 
 TOPK = 5
-MAX_EVERY = 1000
 NDJSON = "application/x-ndjson"
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
@@ -60,69 +63,15 @@ def _upload(kind: str) -> tuple[bytes, str]:
     return data, upload.filename or ""
 
 
-def _every() -> int:
-    raw = request.form.get("every", "1").strip() or "1"
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_EVERY:
-        raise UIError(
-            Problem.BAD_INPUT,
-            "'Every Nth frame' must be a whole number",
-            f"Use 1 (every frame) up to {MAX_EVERY}; got {raw[:20]!r}.",
-        )
-    return int(raw)
-
-
-def video_events(
-    source: VideoSource, client: VideoClient, *, every: int, max_frames: int
-) -> Generator[dict[str, Any]]:
-    """What the video page shows, as events: `start`, one `frame` per answer (with the running
-    count and frames per second), then `end`, or `error` when the stream fails."""
-    yield {"event": "start", "kind": source.kind, "frames": source.frame_count, "every": every}
-    count = 0
-    started = time.perf_counter()
-    results = client.stream(source.frames(every=every, max_frames=max_frames))
-    try:
-        for result in results:
-            count += 1
-            elapsed = time.perf_counter() - started
-            event: dict[str, Any] = {
-                "event": "frame",
-                "frame_id": result.frame_id,
-                "count": count,
-                "fps": round(count / elapsed, 1) if elapsed > 0 else 0.0,
-                "server_ms": round(result.server_ms, 1),
-            }
-            if result.error:
-                event["error"] = result.error
-            else:
-                top = result.topk[0]
-                event |= {"label": top.label, "prob": round(top.prob, 4)}
-            yield event
-    except UIError as exc:
-        yield {"event": "error", "title": exc.title, "message": exc.message, "count": count}
-        return
-    except Exception:
-        logger.exception("video stream failed")
-        yield {
-            "event": "error",
-            "title": "The video failed",
-            "message": "The UI's log says why.",
-            "count": count,
-        }
-        return
-    finally:
-        # NOTE: when the browser goes away, the server closes this generator at a `yield`; closing
-        # the stream here cancels the gRPC call at once, so the model stops working for nobody.
-        results.close()
-    elapsed = time.perf_counter() - started
-    end: dict[str, Any] = {
-        "event": "end",
-        "count": count,
-        "elapsed_s": round(elapsed, 2),
-        "fps": round(count / elapsed, 1) if elapsed > 0 else 0.0,
-    }
-    if source.truncated:
-        end["note"] = f"Stopped at {max_frames} frames (VISION_UI_MAX_VIDEO_FRAMES)."
-    yield end
+def _settings_for(model: ModelInfo | None) -> tuple[int | None, DetectionParams | None]:
+    """The classifier's `topk` or the detector's settings from the form, for `model` (unknown:
+    the detector's settings only when some were set; the API says when they do not apply)."""
+    if model is not None and not model.is_detector:
+        return TOPK, None
+    params = detection_params(request.form)
+    if model is None and params == DetectionParams():
+        return None, None
+    return None, params
 
 
 def _closing(chunks: Iterator[str], events: Generator[dict[str, Any]]) -> Iterator[str]:
@@ -169,54 +118,85 @@ def create_app(
         response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
+    def _choice(models: list[ModelInfo] | None, values: dict[str, str]) -> dict[str, Any]:
+        """The picker's context: the served models, the chosen one, the form's values; `error`
+        when the form names a model that is not served (the default one is then chosen)."""
+        context: dict[str, Any] = {"models": models, "form": values, "error": None}
+        try:
+            context["chosen"] = choose_model(models, values["model"])
+        except UIError as exc:
+            context["error"], context["chosen"] = exc, choose_model(models, "")
+        return context
+
+    def _form_page(template: str, page: str, **extra: Any) -> tuple[str, int]:
+        context = _choice(api.models(), form_values(request.args)) | {"page": page, **extra}
+        return render_template(template, **context), context["error"].status if context["error"] else 200
+
     @app.get("/")
-    def image_page() -> str:
-        return render_template("index.html", model=api.model_details(), page="image")
+    def image_page() -> tuple[str, int]:
+        return _form_page("index.html", "image")
 
     @app.post("/")
-    def classify() -> tuple[str, int]:
-        context: dict[str, Any] = {"page": "image", "filename": None, "result": None, "error": None}
+    def predict_photo() -> tuple[str, int]:
+        context = _choice(api.models(), form_values(request.form))
+        context |= {"page": "image", "filename": None, "result": None}
         try:
+            if context["error"]:
+                raise context["error"]
+            chosen: ModelInfo | None = context["chosen"]
             data, context["filename"] = _upload("photo")
-            context["result"] = api.predict(data, context["filename"], topk=TOPK)
-            context["preview"] = preview_data_url(data)
+            topk, detection = _settings_for(chosen)
+            name = chosen.name if chosen else context["form"]["model"].strip() or None
+            result = api.predict(data, context["filename"], model=name, topk=topk, detection=detection)
+            context["result"] = result
+            if isinstance(result, DetectionPrediction):
+                context["preview"] = preview_data_url(data, DETECTION_PREVIEW_SIDE)
+                context["shapes"] = box_shapes(result.detections, result.width, result.height)
+                context["font_size"] = font_size(result.width, result.height)
+            else:
+                context["preview"] = preview_data_url(data, PREVIEW_SIDE)
         except UIError as exc:
             context["error"] = exc
-        context["model"] = api.model_details()
         status = context["error"].status if context["error"] else 200
         return render_template("_result.html" if _wants_fragment() else "index.html", **context), status
 
     @app.get("/video")
-    def video_page() -> str:
-        return render_template("video.html", page="video", events=None, max_frames=settings.max_video_frames)
+    def video_page() -> tuple[str, int]:
+        return _form_page("video.html", "video", events=None, max_frames=settings.max_video_frames)
 
     @app.post("/video")
-    def classify_video() -> Response | tuple[str, int]:
+    def predict_video() -> Response | tuple[str, int]:
+        context = _choice(api.models(), form_values(request.form))
+        context |= {"page": "video", "max_frames": settings.max_video_frames}
         try:
+            if context["error"]:
+                raise context["error"]
             data, filename = _upload("video")
-            every = _every()
+            sampling, live = every(request.form), live_mode(request.form)
+            _, detection = _settings_for(context["chosen"])
             source = open_video(data)
         except UIError as exc:
             if _wants_events():
                 body = json.dumps({"event": "error", "title": exc.title, "message": exc.message})
                 return Response(body, status=exc.status, mimetype="application/json")
-            return render_template(
-                "video.html", page="video", events=None, error=exc, max_frames=settings.max_video_frames
-            ), exc.status
-        events = video_events(source, video, every=every, max_frames=settings.max_video_frames)
+            return render_template("video.html", events=None, **context | {"error": exc}), exc.status
+        events = video_events(
+            source,
+            video,
+            every=sampling,
+            max_frames=settings.max_video_frames,
+            model=context["chosen"],
+            requested_model=context["form"]["model"].strip(),
+            detection=detection,
+            live=live,
+            previews=_wants_events(),  # NOTE: the page without JavaScript shows a table only
+        )
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # proxies: do not buffer
         if _wants_events():
             lines = (json.dumps(event) + "\n" for event in events)
             return Response(stream_with_context(_closing(lines, events)), mimetype=NDJSON, headers=headers)
         # No JavaScript: the page itself streams, a table row per frame as its answer arrives.
-        page = stream_template(
-            "video.html",
-            page="video",
-            events=events,
-            filename=filename,
-            every=every,
-            max_frames=settings.max_video_frames,
-        )
+        page = stream_template("video.html", events=events, filename=filename, **context)
         return Response(_closing(page, events), mimetype="text/html", headers=headers)
 
     @app.get("/status")
@@ -226,7 +206,7 @@ def create_app(
             page="status",
             api_state=api.readiness(),
             grpc_state=video.health(),
-            model=api.model_details(),
+            models=api.models(),
             checked_at=time.strftime("%H:%M:%S"),
         )
 

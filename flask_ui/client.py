@@ -1,4 +1,4 @@
-"""`ApiClient`: the UI's only way to the HTTP inference API (predict, readiness, model details).
+"""`ApiClient`: the UI's only way to the HTTP inference API (predict, readiness, the served models).
 
 Every failure comes out as a `UIError` whose words suit the page: the API's own error messages
 already say what to fix and are shown as they are; connection failures and timeouts are named
@@ -10,45 +10,27 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
 from flask_ui.errors import Problem, UIError
+from flask_ui.params import DetectionParams
+from flask_ui.results import (
+    DETECTION,
+    Box,
+    ClassScore,
+    Detection,
+    DetectionDefaults,
+    DetectionPrediction,
+    ImagePrediction,
+    ModelInfo,
+    Prediction,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    """One class of a prediction."""
-
-    label: str
-    prob: float
-    index: int
-
-
-@dataclass(frozen=True)
-class ImagePrediction:
-    """The API's answer for one image, with the time it took as seen from here."""
-
-    topk: list[ClassScore]
-    model: str
-    server_ms: float
-    """`latency_ms` of the answer: the API's own time for the request."""
-    round_trip_ms: float
-    """From sending the upload to the API until its answer was read, measured by the UI."""
-
-
-@dataclass(frozen=True)
-class ModelDetails:
-    """What `GET /models` says about the served model."""
-
-    name: str
-    runtime: str
-    device: str
-    ready: bool
 
 
 @dataclass(frozen=True)
@@ -78,9 +60,21 @@ def error_from_response(response: httpx2.Response) -> UIError:  # noqa: PLR0911 
     """Map an API error answer to what the page says (the API's message, when it has one, is
     shown as it is: it says what to fix)."""
     code, message = _error_detail(response)
-    message = message[:1].upper() + message[1:]
+    # NOTE: FastAPI's validation names a query parameter "query.score_threshold"; the parameter's
+    # own name is what the form shows, and a name is not capitalised.
+    message = message.removeprefix("query.")
+    if "_" not in message.split(maxsplit=1)[0] if message else True:
+        message = message[:1].upper() + message[1:]
     status = response.status_code
-    if status in (400, 422) or code in ("invalid_image", "invalid_base64", "invalid_argument"):
+    if code == "invalid_argument" or (status == 422 and not code):
+        return UIError(
+            Problem.BAD_INPUT,
+            "The model cannot take these settings",
+            message or "Check the settings in the form.",
+        )
+    if status == 404 and code == "model_not_found":
+        return UIError(Problem.BAD_INPUT, "There is no such model", message)
+    if status in (400, 415, 422) or code in ("invalid_image", "invalid_base64"):
         return UIError(
             Problem.BAD_INPUT,
             "That file is not an image we can read",
@@ -105,8 +99,6 @@ def error_from_response(response: httpx2.Response) -> UIError:  # noqa: PLR0911 
         )
     if status == 504:
         return UIError(Problem.TIMEOUT, "The model took too long", message or "Try again in a moment.")
-    if status == 404 and code == "model_not_found":
-        return UIError(Problem.API_ERROR, "The model is not served", message)
     logger.warning("the API answered %s %s: %s", status, code or "(no error code)", message)
     return UIError(
         Problem.API_ERROR,
@@ -158,13 +150,30 @@ class ApiClient:
             "VISION_UI_API_URL at it.",
         )
 
-    def predict(self, image: bytes, filename: str, *, topk: int = 5) -> ImagePrediction:
-        """POST the image to /predict/file; the top `topk` classes."""
+    def predict(
+        self,
+        image: bytes,
+        filename: str,
+        *,
+        model: str | None = None,
+        topk: int | None = None,
+        detection: DetectionParams | None = None,
+    ) -> Prediction:
+        """POST the image to /predict/file for `model` (None: the API's default) with a
+        classifier's `topk` or a detector's settings (only those given are sent); the answer as
+        the model's task has it."""
+        params: dict[str, str | list[str]] = {}
+        if model:
+            params["model"] = model
+        if topk is not None:
+            params["topk"] = str(topk)
+        if detection is not None:
+            params |= detection.query()
         started = time.perf_counter()
         try:
             response = self._http.post(
                 "/predict/file",
-                params={"topk": topk},
+                params=params,
                 files={"file": (filename or "upload", image, "application/octet-stream")},
             )
         except httpx2.TimeoutException as exc:
@@ -182,13 +191,7 @@ class ApiClient:
         if response.status_code != 200:
             raise error_from_response(response)
         try:
-            body = response.json()
-            return ImagePrediction(
-                topk=[ClassScore(str(p["label"]), float(p["prob"]), int(p["index"])) for p in body["topk"]],
-                model=str(body["model"]),
-                server_ms=float(body["latency_ms"]),
-                round_trip_ms=round_trip_ms,
-            )
+            return _prediction(response.json(), round_trip_ms)
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("unexpected answer from %s/predict/file: %s", self.base_url, exc)
             raise UIError(
@@ -204,25 +207,74 @@ class ApiClient:
         except httpx2.TransportError as exc:
             return Readiness("down", self._unreachable(exc).message)
         if response.status_code == 200:
-            return Readiness("ready", "the model is loaded and warmed up")
+            return Readiness("ready", "its models are loaded and warmed up")
         try:
             detail = str(response.json().get("detail") or f"HTTP {response.status_code}")
         except (ValueError, AttributeError):
             detail = f"HTTP {response.status_code}"
         return Readiness("not_ready", detail)
 
-    def model_details(self) -> ModelDetails | None:
-        """GET /models: the served model, or None when the API cannot say (down, odd answer)."""
+    def models(self) -> list[ModelInfo] | None:
+        """GET /models: every served model (the default one flagged), or None when the API
+        cannot say (down, odd answer)."""
         try:
             response = self._http.get("/models", timeout=self.status_timeout_s)
             response.raise_for_status()
-            first = response.json()["models"][0]
-            return ModelDetails(
-                name=str(first["name"]),
-                runtime=str(first["runtime"]),
-                device=str(first["device"]),
-                ready=bool(first.get("ready", False)),
-            )
+            models = [_model_info(entry) for entry in response.json()["models"]]
         except (httpx2.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            logger.debug("no model details from %s: %s", self.base_url, exc)
+            logger.debug("no model list from %s: %s", self.base_url, exc)
             return None
+        if models and not any(m.default for m in models):
+            # NOTE: an API from before several models were served lists only its one model.
+            models[0] = replace(models[0], default=True)
+        return models
+
+
+def _prediction(body: dict[str, Any], round_trip_ms: float) -> Prediction:
+    """The answer of /predict/file as the model's task has it (an answer without `task` comes
+    from a classifier-only API)."""
+    if body.get("task") == DETECTION:
+        return DetectionPrediction(
+            detections=[_detection(d) for d in body["detections"]],
+            width=int(body["image"]["width"]),
+            height=int(body["image"]["height"]),
+            model=str(body["model"]),
+            server_ms=float(body["latency_ms"]),
+            round_trip_ms=round_trip_ms,
+        )
+    return ImagePrediction(
+        topk=[ClassScore(str(p["label"]), float(p["prob"]), int(p["index"])) for p in body["topk"]],
+        model=str(body["model"]),
+        server_ms=float(body["latency_ms"]),
+        round_trip_ms=round_trip_ms,
+    )
+
+
+def _detection(entry: dict[str, Any]) -> Detection:
+    box = entry["box"]
+    return Detection(
+        label=str(entry["label"]),
+        index=int(entry["index"]),
+        score=float(entry["score"]),
+        box=Box(float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])),
+    )
+
+
+def _model_info(entry: dict[str, Any]) -> ModelInfo:
+    defaults = entry.get("detection")
+    return ModelInfo(
+        name=str(entry["name"]),
+        task=str(entry.get("task") or "classification"),
+        runtime=str(entry["runtime"]),
+        device=str(entry["device"]),
+        ready=bool(entry.get("ready", False)),
+        default=bool(entry.get("default", False)),
+        parameters=tuple(str(p) for p in entry.get("parameters") or ()),
+        detection=DetectionDefaults(
+            score_threshold=float(defaults["score_threshold"]),
+            iou_threshold=float(defaults["iou_threshold"]),
+            max_detections=int(defaults["max_detections"]),
+        )
+        if defaults
+        else None,
+    )

@@ -1,38 +1,68 @@
-"""`VideoClient`: frames to the gRPC API's `PredictStream`, answers back in frame order; and the
-standard gRPC health check for the status page.
+"""`VideoClient`: frames to the gRPC API's `PredictStream` (every frame answered) or
+`PredictLive` (the newest frame computed, superseded ones answered as skipped), answers back in
+frame order; and the standard gRPC health check for the status page.
 
-The stream is bounded on both sides: frames are produced lazily (decoded only as gRPC's flow
-control and the server's read-ahead take them), and the call has a deadline.
+The stream is bounded on both sides: frames are produced lazily, at most `max_in_flight` of them
+sent and not yet answered (so what the caller keeps per unanswered frame stays bounded), and the
+call has a deadline.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable
-from dataclasses import dataclass
+import threading
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flask_ui.client import ClassScore, Readiness
+from flask_ui.client import Readiness
 from flask_ui.errors import Problem, UIError
+from flask_ui.params import DetectionParams
+from flask_ui.results import DETECTION, Box, ClassScore, Detection, FrameResult
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "visionserve.v1.Inference"
+MAX_IN_FLIGHT = 16
+"""Frames sent and not yet answered, at most: twice the server's default read-ahead
+(VISION_GRPC_STREAM_READ_AHEAD=8), so the model is never starved, yet few enough that the page's
+previews of unanswered frames stay small (16 x about 20 KB)."""
+_POLL_S = 0.25
 
 
-@dataclass(frozen=True)
-class FrameResult:
-    """The answer for one frame: its classes, or the error the server gave for it alone."""
-
-    frame_id: int
-    topk: list[ClassScore]
-    server_ms: float
-    error: str = ""
+def frame_result(answer: pb.FramePrediction) -> FrameResult:
+    """One `FramePrediction` as the pages use it."""
+    if answer.skipped:
+        return FrameResult(answer.frame_id, task=answer.task, skipped=True)
+    if answer.HasField("error") and answer.error.code:
+        return FrameResult(
+            answer.frame_id,
+            task=answer.task,
+            server_ms=answer.latency_ms,
+            error=answer.error.message,
+            error_code=answer.error.code,
+        )
+    if answer.task == DETECTION:
+        detections = [
+            Detection(d.label, d.index, d.score, Box(d.box.x1, d.box.y1, d.box.x2, d.box.y2))
+            for d in answer.detections
+        ]
+        return FrameResult(
+            answer.frame_id,
+            task=DETECTION,
+            detections=detections,
+            width=answer.image.width,
+            height=answer.image.height,
+            server_ms=answer.latency_ms,
+        )
+    scores = [ClassScore(p.label, p.prob, p.index) for p in answer.topk]
+    return FrameResult(
+        answer.frame_id, task=answer.task or "classification", topk=scores, server_ms=answer.latency_ms
+    )
 
 
 def error_from_rpc(exc: grpc.RpcError, target: str, timeout_s: float) -> UIError:  # noqa: PLR0911
@@ -71,9 +101,49 @@ def error_from_rpc(exc: grpc.RpcError, target: str, timeout_s: float) -> UIError
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return UIError(Problem.TOO_LARGE, "A frame is too large", details or "Try a smaller video.")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return UIError(Problem.BAD_INPUT, "The video cannot be classified", details)
+        return UIError(Problem.BAD_INPUT, "The model cannot take these settings", details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return UIError(Problem.BAD_INPUT, "There is no such model", details)
     logger.warning("gRPC stream to %s failed: %s %s", target, code, details)
     return UIError(Problem.API_ERROR, "The gRPC service failed", "Its log says why. Try again.")
+
+
+def _frame_template(model: str, topk: int, detection: DetectionParams | None) -> pb.Frame:
+    """What every frame of a stream carries besides its image: the model and its settings (unset
+    ones left out: the model's own apply)."""
+    template = pb.Frame(model=model, topk=topk)
+    if detection is not None:
+        if detection.score_threshold is not None:
+            template.score_threshold = detection.score_threshold
+        if detection.iou_threshold is not None:
+            template.iou_threshold = detection.iou_threshold
+        if detection.max_detections is not None:
+            template.max_detections = detection.max_detections
+        template.classes.extend(detection.classes)
+    return template
+
+
+def windowed(
+    frames: Iterable[tuple[int, bytes]],
+    template: pb.Frame,
+    window: threading.Semaphore,
+    done: threading.Event,
+) -> Iterator[pb.Frame]:
+    """`frames` as `Frame`s like `template`, each once `window` has a free slot (the reader of
+    the answers frees one per answer); ends when `done` is set.
+
+    NOTE: gRPC reads this on its own thread: it must not wait forever once nobody reads the
+    answers any more, hence the polling of `done`.
+    """
+    for frame_id, image in frames:
+        while not window.acquire(timeout=_POLL_S):
+            if done.is_set():
+                return
+        if done.is_set():
+            return
+        frame = pb.Frame(image=image, frame_id=frame_id)
+        frame.MergeFrom(template)
+        yield frame
 
 
 class VideoClient:
@@ -110,24 +180,37 @@ class VideoClient:
             return grpc.secure_channel(self.target, self._credentials, options=options)
         return grpc.insecure_channel(self.target, options=options)
 
-    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Generator[FrameResult]:
-        """Send `(frame_id, encoded image)` pairs as one PredictStream; yield each answer as it
-        arrives, in frame order. Raises UIError when the call fails (a bad frame does not: it
-        comes back as a FrameResult with `error`). Closing the iterator early cancels the call."""
-        requests = (pb.Frame(image=image, frame_id=frame_id, topk=topk) for frame_id, image in frames)
+    def stream(
+        self,
+        frames: Iterable[tuple[int, bytes]],
+        *,
+        model: str = "",
+        topk: int = 0,
+        detection: DetectionParams | None = None,
+        live: bool = False,
+    ) -> Generator[FrameResult]:
+        """Send `(frame_id, encoded image)` pairs to `model` (empty: the default) as one
+        PredictStream, or PredictLive when `live`; yield each answer as it arrives, in frame order.
+        `topk` (0: the server's default) is a classifier's, `detection` a detector's settings.
+        Raises UIError when the call fails (a bad frame does not: it comes back as a FrameResult
+        with `error`). Closing the iterator early cancels the call."""
+        template = _frame_template(model, topk, detection)
+        window = threading.Semaphore(MAX_IN_FLIGHT)
+        done = threading.Event()
+
         channel = self._channel(self._options)
         stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]  # generated stub
-        call = stub.PredictStream(requests, timeout=self.timeout_s, metadata=self._metadata)
+        method = stub.PredictLive if live else stub.PredictStream
+        requests = windowed(frames, template, window, done)
+        call = method(requests, timeout=self.timeout_s, metadata=self._metadata)
         try:
             for answer in call:
-                if answer.HasField("error") and answer.error.code:
-                    yield FrameResult(answer.frame_id, [], answer.latency_ms, answer.error.message)
-                else:
-                    scores = [ClassScore(p.label, p.prob, p.index) for p in answer.topk]
-                    yield FrameResult(answer.frame_id, scores, answer.latency_ms)
+                window.release()
+                yield frame_result(answer)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, self.timeout_s) from None
         finally:
+            done.set()
             call.cancel()  # a no-op when the call is done; stops it when the page went away
             channel.close()
 

@@ -12,19 +12,22 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 PREVIEW_SIDE = 480
+DETECTION_PREVIEW_SIDE = 960
+"""A detector's photo is shown across the whole card, its boxes over it: larger than a classifier's."""
 
 
-def preview_data_url(data: bytes) -> str | None:
-    """`data:image/jpeg;base64,...` of the photo scaled to PREVIEW_SIDE, upright (EXIF applied);
-    None when Pillow cannot read it (the API may read formats this preview does not)."""
+def preview_data_url(data: bytes, side: int = PREVIEW_SIDE) -> str | None:
+    """`data:image/jpeg;base64,...` of the photo scaled to at most `side` pixels, upright (EXIF
+    applied, as the API applies it: boxes drawn over it land where the API found them); None when
+    Pillow cannot read it (the API may read formats this preview does not)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             # NOTE: draft() lets a large JPEG decode at a fraction of its size (8x faster for a
             # 12-megapixel photo); only called after the API accepted the image, so within its
             # pixel limit.
-            image.draft("RGB", (PREVIEW_SIDE * 2, PREVIEW_SIDE * 2))
+            image.draft("RGB", (side * 2, side * 2))
             frame = ImageOps.exif_transpose(image).convert("RGB")
-            frame.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+            frame.thumbnail((side, side))
             buffer = io.BytesIO()
             frame.save(buffer, format="JPEG", quality=85)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:

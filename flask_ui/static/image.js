@@ -1,5 +1,7 @@
 // The image page without reloading: the same form post, sent with fetch; the server answers the
-// result fragment (already escaped by its templates), which replaces the result section.
+// result fragment (already escaped by its templates, a detector's boxes drawn in it as SVG),
+// which replaces the result section. The chosen photo stays chosen: picking another model or
+// changing a setting runs it again.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("upload");
@@ -7,6 +9,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const drop = document.getElementById("drop");
   const result = document.getElementById("result");
   const button = document.getElementById("submit");
+  let inFlight = null;
 
   function showFailure(title, message) {
     const card = document.createElement("div");
@@ -24,26 +27,36 @@ document.addEventListener("DOMContentLoaded", () => {
 
   async function send() {
     if (!input.files.length) return;
+    if (inFlight) inFlight.abort(); // only the newest choice's answer is shown
+    const request = new AbortController();
+    inFlight = request;
     button.disabled = true;
-    button.textContent = "Classifying…";
+    button.textContent = "Running…";
     try {
       const response = await fetch(form.action, {
         method: "POST",
         body: new FormData(form),
         headers: { "X-Requested-With": "fetch" },
+        signal: request.signal,
       });
-      result.innerHTML = await response.text();
+      const html = await response.text();
+      if (inFlight === request) result.innerHTML = html;
     } catch (err) {
-      showFailure("The UI is not reachable", "The page could not reach its server; is it still running?");
+      if (err.name !== "AbortError") {
+        showFailure("The UI is not reachable", "The page could not reach its server; is it still running?");
+      }
     } finally {
-      button.disabled = false;
-      button.textContent = "Classify";
-      form.reset();
+      if (inFlight === request) {
+        inFlight = null;
+        button.disabled = false;
+        button.textContent = "Run";
+      }
     }
   }
 
   form.addEventListener("submit", (event) => { event.preventDefault(); send(); });
-  input.addEventListener("change", send);
+  // a photo chosen, another model picked or a setting changed: (re)run the chosen photo
+  form.addEventListener("change", send);
   for (const name of ["dragenter", "dragover"]) {
     drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("dragging"); });
   }

@@ -1,8 +1,12 @@
 // The video page without reloading: the upload is posted with fetch asking for newline-delimited
-// JSON events; each frame's answer is added to the table as it arrives. Text goes in through
-// textContent only.
+// JSON events. Each answered frame comes with a small JPEG of itself; it is shown with its own
+// boxes (a detector's) as one element, so the overlay is always in step with its frame, and the
+// last few frames stay in a strip. Skipped frames (live mode) are counted and listed, never drawn.
+// Text goes in through textContent only.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
+  const SVG = "http://www.w3.org/2000/svg";
+  const STRIP_LENGTH = 8; // frames kept in the strip: the page's memory stays bounded
   const form = document.getElementById("video-form");
   const input = document.getElementById("file");
   const drop = document.getElementById("drop");
@@ -11,9 +15,14 @@ document.addEventListener("DOMContentLoaded", () => {
   const rows = document.getElementById("frames");
   const count = document.getElementById("frame-count");
   const fps = document.getElementById("fps");
+  const skipped = document.getElementById("skipped-count");
   const kind = document.getElementById("video-kind");
   const state = document.getElementById("video-state");
   const errorCard = document.getElementById("video-error");
+  const player = document.getElementById("player");
+  const stage = document.getElementById("stage");
+  const caption = document.getElementById("stage-caption");
+  const strip = document.getElementById("strip");
 
   function ordinal(n) {
     const tens = n % 100;
@@ -29,6 +38,107 @@ document.addEventListener("DOMContentLoaded", () => {
     return td;
   }
 
+  function svg(name, attributes) {
+    const element = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+    return element;
+  }
+
+  // A detector's boxes as an SVG whose viewBox is the frame's size as the server saw it: the
+  // browser scales the boxes with the frame, whatever size it is shown at.
+  function overlay(event) {
+    const layer = svg("svg", {
+      class: "overlay",
+      viewBox: `0 0 ${Number(event.width)} ${Number(event.height)}`,
+      preserveAspectRatio: "none",
+      "aria-hidden": "true",
+      "font-size": Number(event.font_size),
+    });
+    for (const d of [...event.detections].reverse()) { // the highest score drawn last, on top
+      const [x1, y1, x2, y2] = d.box.map(Number);
+      const [tx, ty, tw, th] = d.tag.map(Number);
+      const group = svg("g", { class: "box" });
+      group.dataset.label = d.label;
+      group.dataset.score = String(d.score);
+      group.append(
+        svg("rect", { class: "outline", x: x1, y: y1, width: x2 - x1, height: y2 - y1, stroke: d.colour }),
+        svg("rect", { class: "tag", x: tx, y: ty, width: tw, height: th, fill: d.colour }),
+      );
+      const text = svg("text", { class: "tag-text", x: Number(d.text_at[0]), y: Number(d.text_at[1]), fill: d.ink });
+      text.textContent = d.text;
+      group.append(text);
+      layer.append(group);
+    }
+    return layer;
+  }
+
+  // One frame and its answer as one element: replacing it replaces both at once.
+  function framed(event) {
+    const figure = document.createElement("figure");
+    figure.className = "boxed";
+    figure.dataset.frame = String(event.frame_id);
+    const img = document.createElement("img");
+    img.alt = `Frame ${event.frame_id}`;
+    img.src = event.image;
+    figure.append(img);
+    if (event.task === "detection") figure.append(overlay(event));
+    return figure;
+  }
+
+  function summary(event) {
+    if (event.task === "detection") {
+      if (!event.detections.length) return "nothing found";
+      return event.detections.map((d) => `${d.label} ${(d.score * 100).toFixed(0)}%`).join(", ");
+    }
+    return `${event.label} ${(event.prob * 100).toFixed(1)}%`;
+  }
+
+  function show(event) {
+    if (typeof event.image !== "string" || !event.image.startsWith("data:image/jpeg;base64,")) return;
+    player.hidden = false;
+    stage.replaceChildren(framed(event));
+    caption.textContent = `Frame ${event.frame_id}: ${summary(event)}`;
+    const item = document.createElement("li");
+    item.dataset.frame = String(event.frame_id);
+    const label = document.createElement("span");
+    label.className = "strip-label";
+    label.textContent = `frame ${event.frame_id}`;
+    item.append(framed(event), label);
+    strip.append(item);
+    while (strip.children.length > STRIP_LENGTH) strip.firstElementChild.remove();
+  }
+
+  function addRow(event) {
+    const row = document.createElement("tr");
+    row.className = event.skipped ? "frame-row skipped" : "frame-row";
+    row.dataset.frame = String(event.frame_id);
+    cell(row, String(event.frame_id));
+    if (event.skipped) {
+      cell(row, "skipped: a newer frame was computed", "muted").colSpan = 3;
+    } else if (event.error) {
+      cell(row, event.error, "bad").colSpan = 2;
+      cell(row, `${event.server_ms} ms`);
+    } else if (event.task === "detection") {
+      const labels = cell(row, "");
+      if (!event.detections.length) labels.textContent = "nothing found";
+      event.detections.forEach((d, i) => {
+        const span = document.createElement("span");
+        span.className = "label";
+        span.textContent = d.label;
+        labels.append(...(i ? [", ", span] : [span]));
+      });
+      cell(row, event.detections.map((d) => `${(d.score * 100).toFixed(0)}%`).join(", "));
+      cell(row, `${event.server_ms} ms`);
+    } else {
+      cell(row, event.label, "label");
+      cell(row, `${(event.prob * 100).toFixed(1)}%`);
+      cell(row, `${event.server_ms} ms`);
+    }
+    cell(row, String(event.count));
+    cell(row, String(event.fps));
+    rows.append(row);
+  }
+
   function showError(title, message) {
     errorCard.querySelector(".error-title").textContent = title;
     errorCard.querySelector(".error-message").textContent = message;
@@ -39,29 +149,21 @@ document.addEventListener("DOMContentLoaded", () => {
     if (event.event === "start") {
       const total = event.frames ? `${event.frames} frames` : "frame count unknown";
       const sampling = event.every === 1 ? "every frame" : `every ${ordinal(event.every)} frame`;
-      kind.textContent = `${event.kind}, ${total}, ${sampling}`;
+      const mode = event.mode === "live" ? "live" : "in order";
+      kind.textContent = `${event.kind}, ${total}, ${sampling} · ${event.model || "default model"}, ${mode}`;
       state.textContent = "Streaming…";
     } else if (event.event === "frame") {
-      const row = document.createElement("tr");
-      row.className = "frame-row";
-      row.dataset.frame = String(event.frame_id);
-      cell(row, String(event.frame_id));
-      if (event.error) {
-        cell(row, event.error, "bad").colSpan = 2;
-      } else {
-        cell(row, event.label, "label");
-        cell(row, `${(event.prob * 100).toFixed(1)}%`);
-      }
-      cell(row, `${event.server_ms} ms`);
-      cell(row, String(event.count));
-      cell(row, String(event.fps));
-      rows.append(row);
+      addRow(event);
+      if (!event.skipped && !event.error) show(event);
       count.textContent = String(event.count);
       fps.textContent = String(event.fps);
+      skipped.textContent = String(event.skipped_count);
     } else if (event.event === "end") {
       count.textContent = String(event.count);
       fps.textContent = String(event.fps);
-      state.textContent = `Done: ${event.count} frames in ${event.elapsed_s} s. ${event.note || ""}`;
+      skipped.textContent = String(event.skipped_count);
+      const skips = event.skipped_count ? `, ${event.skipped_count} skipped` : "";
+      state.textContent = `Done: ${event.count} frames in ${event.elapsed_s} s (${event.fps} frames/s${skips}). ${event.note || ""}`;
       state.className = "state done";
     } else if (event.event === "error") {
       state.textContent = "Stopped.";
@@ -74,7 +176,12 @@ document.addEventListener("DOMContentLoaded", () => {
     button.disabled = true;
     errorCard.hidden = true;
     rows.replaceChildren();
+    stage.replaceChildren();
+    strip.replaceChildren();
+    caption.textContent = "";
+    player.hidden = true;
     count.textContent = "0";
+    skipped.textContent = "0";
     fps.textContent = "";
     state.textContent = "Uploading…";
     state.className = "state";

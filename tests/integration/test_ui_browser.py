@@ -1,8 +1,10 @@
 """The upload UI in a real browser (Debian's chromium, driven by Playwright) against the real
 stack: the HTTP API, the gRPC API and the UI, each started as users start it, on free ports, with
-the real exported model.
+the real exported models (the EfficientNet-Lite0 classifier, the default, and the YOLO11n
+detector).
 
-Screenshots of every page go to the pytest tmp dir (`ui-screenshots*`), to look at.
+Screenshots of every page go to the pytest tmp dir (`ui-screenshots*`), to look at; those in
+docs/ (ui-image.png, ui-video.png, ui-detection.png, ui-video-detection.png) are copied from there.
 `make test` installs chromium when it is missing; without it these tests fail where apt-get could
 install it, and skip (saying why) only where it cannot.
 """
@@ -29,6 +31,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import photo_bytes
 from tests.processes import ServiceProcess
+from visionserve.repository import ModelEntry
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow, pytest.mark.browser]
 
@@ -80,9 +83,9 @@ def _wait_ready(stack: Stack, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(real_repository: Path) -> Iterator[Stack]:
-    """HTTP API, gRPC API and UI as processes on free ports (the gRPC one may be stopped by a
-    test: the status test comes last in this module)."""
+def stack(real_repository: Path, real_detector: ModelEntry) -> Iterator[Stack]:
+    """HTTP API, gRPC API and UI as processes on free ports, each API serving both models (the
+    gRPC one may be stopped by a test: the status test comes last in this module)."""
     _require_chromium()
     model = {"VISION_MODEL_REPOSITORY": str(real_repository), "VISION_THREADS": "1"}
     started: list[ServiceProcess] = []
@@ -308,6 +311,205 @@ def test_video_page_decodes_an_mp4_with_pyav(stack: Stack, page: Page) -> None:
     labels = rows.locator(".label").all_inner_texts()
     assert all(label in CATS for label in labels), labels
     expect(page.locator("#video-kind")).to_contain_text("MP4, 6 frames, every 2nd frame")
+
+
+# What yolo11n finds on motorcycle_left.png (741x500): the bike spans about x 115..683, y 47..456.
+MOTORCYCLE = (114.5, 46.8, 683.5, 456.1)
+PHOTO = (741, 500)
+
+
+def _on_screen(page: Page, selector: str) -> dict[str, float]:
+    return page.locator(selector).evaluate(
+        "e => { const r = e.getBoundingClientRect();"
+        " return {x: r.x, y: r.y, width: r.width, height: r.height}; }"
+    )
+
+
+def _outline_box(page: Page, selector: str) -> tuple[float, float, float, float]:
+    """The SVG rect's corners in its viewBox's units: the photo's pixels."""
+    x, y, width, height = page.locator(selector).first.evaluate(
+        "e => [e.x.baseVal.value, e.y.baseVal.value, e.width.baseVal.value, e.height.baseVal.value]"
+    )
+    return x, y, x + width, y + height
+
+
+def _assert_box_over(
+    page: Page, image: str, outline: str, box: tuple[float, float, float, float], size: tuple[int, int]
+) -> None:
+    """The outline's on-screen corners are where `box` (in the photo's pixels) falls on the image
+    as it is shown, within 2 screen pixels (the outline's stroke)."""
+    shown, drawn = _on_screen(page, image), _on_screen(page, outline)
+    scale_x, scale_y = shown["width"] / size[0], shown["height"] / size[1]
+    expected = {
+        "x": shown["x"] + box[0] * scale_x,
+        "y": shown["y"] + box[1] * scale_y,
+        "width": (box[2] - box[0]) * scale_x,
+        "height": (box[3] - box[1]) * scale_y,
+    }
+    for key, value in expected.items():
+        assert abs(drawn[key] - value) <= 2.5, (key, drawn, expected, shown)
+
+
+def test_a_detector_draws_its_boxes_over_the_photo_at_any_size(stack: Stack, page: Page, shots: Path) -> None:
+    page.goto(stack.url)
+    expect(page.locator("#model option")).to_have_count(2)
+    expect(page.locator("#model")).to_have_value("efficientnet_lite0")  # the default
+    expect(page.locator("#detection-params")).to_be_hidden()  # a classifier has no such settings
+    page.select_option("#model", "yolo11n")
+    expect(page.locator("#detection-params")).to_be_visible()
+    expect(page.locator("#score_threshold")).to_have_attribute("placeholder", "0.25")
+    page.set_input_files("#file", files=[_file("motorcycle_left.png", photo_bytes("motorcycle_left.png"))])
+    bike = page.locator('#result .overlay .box[data-label="motorcycle"]')
+    expect(bike).to_have_count(1)
+    expect(bike.locator("text")).to_have_text(re.compile(r"^motorcycle \d+%$"))
+    image, outline = "#result .boxed img", '#result .overlay .box[data-label="motorcycle"] .outline'
+    assert _outline_box(page, outline) == pytest.approx(MOTORCYCLE, abs=1.5)
+    _assert_box_over(page, image, outline, MOTORCYCLE, PHOTO)
+    shown = _on_screen(page, image)
+    assert shown["width"] > 600, "shown larger than the photo's preview size would be at 480"
+    # the table below: label, score, box in the photo's pixels
+    row = page.locator('#result tr.detection[data-label="motorcycle"]')
+    expect(row.locator(".box")).to_have_text(re.compile(r"^11[0-9], (4[0-9]|5[0-9]) – 68[0-9], 45[0-9]$"))
+    page.screenshot(path=shots / "ui-detection.png", full_page=True)
+    # the same boxes on a narrow window: they scale with the photo
+    page.set_viewport_size({"width": 520, "height": 820})
+    _assert_box_over(page, image, outline, MOTORCYCLE, PHOTO)
+    assert _on_screen(page, image)["width"] < shown["width"] * 0.8
+    # a higher threshold and a class filter go to the API: only the bike, its colour unchanged
+    colour = page.locator(outline).get_attribute("stroke")
+    page.fill("#score_threshold", "0.5")
+    page.fill("#classes", "motorcycle")
+    page.click("#submit")
+    expect(page.locator("#result .overlay .box")).to_have_count(1)
+    assert page.locator(outline).get_attribute("stroke") == colour
+    # the API's word on a setting out of range, then the classifier again on the chosen photo
+    page.fill("#score_threshold", "1.5")
+    page.locator("#score_threshold").dispatch_event("change")
+    expect(page.locator("#result .error-title")).to_have_text("The model cannot take these settings")
+    expect(page.locator("#result .error-message")).to_contain_text("score_threshold")
+    page.select_option("#model", "efficientnet_lite0")
+    expect(page.locator("#result .topk li")).to_have_count(5)
+    expect(page.locator("#result .overlay")).to_have_count(0)
+
+
+def test_a_photo_with_exif_orientation_gets_its_boxes_where_the_bike_is(stack: Stack, page: Page) -> None:
+    upright = Image.open(io.BytesIO(photo_bytes("motorcycle_left.png"))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter left, as phones store photos: shown upright
+    buffer = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=92, exif=exif.tobytes())
+    page.goto(f"{stack.url}/?model=yolo11n")
+    page.set_input_files("#file", files=[_file("phone.jpg", buffer.getvalue(), "image/jpeg")])
+    expect(page.locator('#result .overlay .box[data-label="motorcycle"]')).to_have_count(1)
+    shown = _on_screen(page, "#result .boxed img")
+    assert shown["width"] > shown["height"], "the preview is upright, as the API saw the photo"
+    assert page.locator("#result .overlay").get_attribute("viewBox") == "0 0 741 500"
+    outline = '#result .overlay .box[data-label="motorcycle"] .outline'
+    box = _outline_box(page, outline)
+    # about where the upright photo has it: the bike's top edge (its mirror) moves with JPEG noise,
+    # by 25 px between quality 75 and 92 with or without a rotation
+    assert box == pytest.approx(MOTORCYCLE, abs=30), box
+    _assert_box_over(page, "#result .boxed img", outline, box, PHOTO)
+
+
+def test_without_javascript_a_detector_s_answer_is_a_plain_page(stack: Stack, browser: Browser) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        page.goto(stack.url)
+        page.select_option("#model", "yolo11n")
+        page.fill("#score_threshold", "0.5")
+        page.set_input_files(
+            "#file", files=[_file("motorcycle_left.png", photo_bytes("motorcycle_left.png"))]
+        )
+        with page.expect_navigation():
+            page.click("#submit")
+        expect(page.locator('#result tr.detection[data-label="motorcycle"]')).to_have_count(1)
+        expect(page.locator("#model")).to_have_value("yolo11n")  # the choice is kept
+        expect(page.locator("#score_threshold")).to_have_value("0.5")
+    finally:
+        context.close()
+
+
+def _clip(names: list[str], size: tuple[int, int] = (400, 300), duration: int = 100) -> bytes:
+    frames = [Image.open(io.BytesIO(photo_bytes(name))).convert("RGB").resize(size) for name in names]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
+    return buffer.getvalue()
+
+
+CLIP = ["motorcycle_left.png", "astronaut.png", "coffee.png", "chelsea.png"]
+EXPECTED = ["motorcycle", "person", "cup", "cat"]  # one object each frame shows, in order
+
+# Records what the stage shows each time it changes: the frame and the labels drawn on it.
+WATCH_STAGE = """() => {
+    window.shown = [];
+    new MutationObserver((changes) => {
+        for (const figure of changes.flatMap((change) => [...change.addedNodes])) {
+            const labels = [...figure.querySelectorAll(".overlay .box")].map((g) => g.dataset.label);
+            window.shown.push({frame: Number(figure.dataset.frame), labels});
+        }
+    }).observe(document.getElementById("stage"), {childList: true});
+}"""
+
+
+def test_video_page_draws_a_detector_s_boxes_on_each_frame_in_order(
+    stack: Stack, page: Page, shots: Path
+) -> None:
+    page.goto(f"{stack.url}/video")
+    page.evaluate(WATCH_STAGE)
+    page.select_option("#model", "yolo11n")
+    page.set_input_files("#file", files=[_file("clip.gif", _clip(CLIP), "image/gif")])
+    page.click("#submit")
+    expect(page.locator("#video-state")).to_contain_text("Done: 4 frames")
+    # the stage showed each frame with its own boxes, in frame order
+    shown = page.evaluate("window.shown")
+    assert [s["frame"] for s in shown] == [0, 1, 2, 3], shown
+    for step, label in zip(shown, EXPECTED, strict=True):
+        assert label in step["labels"], shown
+    # the strip keeps them, each frame with the boxes found on it, scaled onto the frame shown
+    tiles = page.locator("#strip li")
+    expect(tiles).to_have_count(4)
+    for i, label in enumerate(EXPECTED):
+        tile = tiles.nth(i)
+        assert tile.get_attribute("data-frame") == str(i)
+        assert tile.locator("figure").get_attribute("data-frame") == str(i)
+        assert tile.locator(".overlay").get_attribute("viewBox") == "0 0 400 300"
+        expect(tile.locator(f'.overlay .box[data-label="{label}"]')).not_to_have_count(0)
+    stage_image = "#stage figure img"
+    cat = '#stage .overlay .box[data-label="cat"] .outline'
+    bounds = _outline_box(page, cat)
+    _assert_box_over(page, stage_image, cat, bounds, (400, 300))
+    assert bounds[2] - bounds[0] > 200, "the cat fills most of its frame"
+    assert float(page.inner_text("#fps")) > 0
+    expect(page.locator("#skipped-count")).to_have_text("0")
+    labels = [page.locator("#frames tr.frame-row").nth(i).inner_text() for i in range(4)]
+    assert all(label in row for label, row in zip(EXPECTED, labels, strict=True)), labels
+    page.screenshot(path=shots / "ui-video-detection.png", full_page=True)
+
+
+def test_video_page_live_mode_skips_what_the_model_cannot_keep_up_with(stack: Stack, page: Page) -> None:
+    """12 frames 20 ms apart (50 frames/s) into PredictLive: the detector on these cores cannot
+    keep up, so frames are answered as skipped, counted, listed and never drawn."""
+    page.goto(f"{stack.url}/video")
+    page.select_option("#model", "yolo11n")
+    page.check("#mode-live")
+    clip = _clip(CLIP * 3, size=(200, 150), duration=20)
+    page.set_input_files("#file", files=[_file("clip.gif", clip, "image/gif")])
+    page.click("#submit")
+    expect(page.locator("#video-state")).to_contain_text("Done: 12 frames")
+    skipped_rows = page.locator("#frames tr.frame-row.skipped")
+    skipped = int(page.inner_text("#skipped-count"))
+    assert skipped > 0 and skipped_rows.count() == skipped
+    expect(page.locator("#frames tr.frame-row")).to_have_count(12)
+    computed = {
+        int(row.get_attribute("data-frame") or -1)
+        for row in page.locator("#frames tr.frame-row:not(.skipped)").all()
+    }
+    drawn = {int(tile.get_attribute("data-frame") or -1) for tile in page.locator("#strip li").all()}
+    assert drawn and drawn <= computed, "only computed frames are drawn"
+    assert 11 in computed, "the newest frame is always computed"
+    expect(page.locator("#video-kind")).to_contain_text("live")
 
 
 def test_status_page_says_when_the_grpc_service_is_down(stack: Stack, page: Page, shots: Path) -> None:

@@ -4,11 +4,14 @@ and a fake gRPC video client. The real stack in a real browser: tests/integratio
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 
 import av
@@ -17,30 +20,60 @@ import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 
-from flask_ui.app import create_app, megabytes, video_events
-from flask_ui.client import ApiClient, ClassScore, Readiness, error_from_response
+from flask_ui.app import create_app, megabytes
+from flask_ui.client import ApiClient, Readiness, error_from_response
 from flask_ui.errors import Problem, UIError
-from flask_ui.frames import open_video
-from flask_ui.grpc_client import FrameResult, VideoClient
+from flask_ui.frames import PREVIEW_SIDE, open_video
+from flask_ui.grpc_client import MAX_IN_FLIGHT, VideoClient, windowed
+from flask_ui.overlay import box_shapes
+from flask_ui.params import DetectionParams
+from flask_ui.results import Box, ClassScore, Detection, FrameResult, colour_for
 from flask_ui.settings import UISettings
+from flask_ui.video import video_events
 from tests.conftest import ROOT, encode, photo_bytes
 from visionserve.errors import ConfigurationError
 from visionserve.settings import from_env
+from visionserve.v1 import inference_pb2 as pb
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 XSS = "<img src=x onerror=alert(1)>"
+NDJSON = {"Accept": "application/x-ndjson"}
 
-MODELS = {
-    "models": [
-        {
-            "name": "efficientnet_lite0",
-            "runtime": "onnx",
-            "device": "cpu",
-            "ready": True,
-            "version": 1,
-            "task": "classification",
-        }
-    ]
+CLASSIFIER = {
+    "name": "efficientnet_lite0",
+    "runtime": "onnx",
+    "device": "cpu",
+    "ready": True,
+    "version": 1,
+    "task": "classification",
+    "default": True,
+    "parameters": ["topk"],
+    "detection": None,
+}
+DETECTOR = {
+    "name": "yolo11n",
+    "runtime": "onnx",
+    "device": "cpu",
+    "ready": True,
+    "version": 1,
+    "task": "detection",
+    "default": False,
+    "parameters": ["score_threshold", "iou_threshold", "max_detections", "classes"],
+    "detection": {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 100},
+}
+MODELS = {"models": [CLASSIFIER, DETECTOR]}
+# What yolo11n answers for motorcycle_left.png (741x500), measured against the real model.
+MOTORCYCLE = {
+    "label": "motorcycle",
+    "index": 3,
+    "score": 0.861,
+    "box": {"x1": 114.52, "y1": 46.83, "x2": 683.45, "y2": 456.06},
+}
+BICYCLE = {
+    "label": "bicycle",
+    "index": 1,
+    "score": 0.366,
+    "box": {"x1": 0.0, "y1": 124.29, "x2": 48.93, "y2": 229.9},
 }
 
 
@@ -51,20 +84,37 @@ def prediction(labels: list[str]) -> dict[str, object]:
         "probability": 0.5,
         "topk": topk,
         "model": "efficientnet_lite0",
+        "task": "classification",
         "latency_ms": 7.25,
     }
 
 
-def fake_api(predict: Handler | None = None) -> Handler:
-    """An API answering /models, /health/ready and /predict/file (with `predict`)."""
+def detections(found: list[dict[str, object]], width: int = 741, height: int = 500) -> dict[str, object]:
+    return {
+        "model": "yolo11n",
+        "task": "detection",
+        "detections": found,
+        "image": {"width": width, "height": height},
+        "latency_ms": 61.5,
+    }
+
+
+def fake_api(predict: Handler | None = None, seen: list[httpx2.Request] | None = None) -> Handler:
+    """An API answering /models, /health/ready and /predict/file (with `predict`; by default a
+    classifier's classes, or the detector's boxes when the request names yolo11n). Requests to
+    /predict/file are added to `seen`."""
 
     def handle(request: httpx2.Request) -> httpx2.Response:
         if request.url.path == "/models":
             return httpx2.Response(200, json=MODELS)
         if request.url.path == "/health/ready":
             return httpx2.Response(200, json={"status": "ready"})
+        if seen is not None:
+            seen.append(request)
         if request.url.path == "/predict/file" and predict is not None:
             return predict(request)
+        if request.url.params.get("model") == "yolo11n":
+            return httpx2.Response(200, json=detections([MOTORCYCLE, BICYCLE]))
         return httpx2.Response(
             200, json=prediction(["tabby", "tiger cat", "Egyptian cat", "lynx", "Persian cat"])
         )
@@ -78,21 +128,60 @@ def api_client(handler: Handler, **kwargs: float) -> ApiClient:
 
 
 class FakeVideo(VideoClient):
-    """Answers each frame with the next of `labels`; `fail` raises it after the frames."""
+    """Answers each frame with the next of `labels` (a classifier), or a box in the frame's own
+    pixels (model yolo11n); frames in `skip` come back skipped, in `errors` with that error code;
+    `fail` is raised after the frames. What each stream was asked for is kept in `calls`."""
 
-    def __init__(self, labels: Iterable[str] = ("tabby",), fail: UIError | None = None):
+    def __init__(
+        self,
+        labels: Iterable[str] = ("tabby",),
+        fail: UIError | None = None,
+        skip: Iterable[int] = (),
+        errors: dict[int, str] | None = None,
+    ):
         super().__init__("fake:1", timeout_s=5, status_timeout_s=1, max_message_bytes=1 << 20)
         self.labels = list(labels)
         self.fail = fail
+        self.skip = set(skip)
+        self.errors = errors or {}
         self.sent: list[int] = []
+        self.sent_at: list[float] = []
+        self.calls: list[dict[str, object]] = []
         self.closed = False
 
-    def stream(self, frames: Iterable[tuple[int, bytes]], *, topk: int = 3) -> Generator[FrameResult]:
+    def stream(
+        self,
+        frames: Iterable[tuple[int, bytes]],
+        *,
+        model: str = "",
+        topk: int = 0,
+        detection: DetectionParams | None = None,
+        live: bool = False,
+    ) -> Generator[FrameResult]:
+        self.calls.append({"model": model, "topk": topk, "detection": detection, "live": live})
         try:
             for n, (frame_id, image) in enumerate(frames):
                 assert image[:2] == b"\xff\xd8", "frames are sent as JPEG"
                 self.sent.append(frame_id)
-                yield FrameResult(frame_id, [ClassScore(self.labels[n % len(self.labels)], 0.9, 1)], 3.0)
+                self.sent_at.append(time.monotonic())
+                if frame_id in self.skip:
+                    yield FrameResult(frame_id, task="detection" if model == "yolo11n" else "", skipped=True)
+                elif frame_id in self.errors:
+                    yield FrameResult(
+                        frame_id, error=f"frame {frame_id} refused", error_code=self.errors[frame_id]
+                    )
+                elif model == "yolo11n":
+                    with Image.open(io.BytesIO(image)) as decoded:
+                        width, height = decoded.size
+                    found = Detection(
+                        self.labels[n % len(self.labels)], 15, 0.9, Box(10, 5, width / 2, height - 5)
+                    )
+                    yield FrameResult(
+                        frame_id, "detection", detections=[found], width=width, height=height, server_ms=3.0
+                    )
+                else:
+                    label = self.labels[n % len(self.labels)]
+                    yield FrameResult(frame_id, topk=[ClassScore(label, 0.9, 1)], server_ms=3.0)
             if self.fail:
                 raise self.fail
         finally:
@@ -111,10 +200,10 @@ def ui(handler: Handler | None = None, video: VideoClient | None = None, **setti
     return app.test_client()
 
 
-def gif(names: list[str], size: int = 64) -> bytes:
+def gif(names: list[str], size: int = 64, duration: int = 100) -> bytes:
     frames = [Image.open(io.BytesIO(photo_bytes(n))).convert("RGB").resize((size, size)) for n in names]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=duration)
     return buffer.getvalue()
 
 
@@ -130,6 +219,21 @@ def mp4(names: list[str]) -> bytes:
         for packet in stream.encode():
             out.mux(packet)
     return buffer.getvalue()
+
+
+def data_url_image(url: str) -> Image.Image:
+    prefix = "data:image/jpeg;base64,"
+    assert url.startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
+    image.load()
+    return image
+
+
+def upload(name: str = "chelsea.png", **fields: str) -> dict[str, object]:
+    """Form data posting photo `name` (as a JPEG: a body over 500 KB would make the test client
+    spool it to a temporary file it never closes) with `fields`."""
+    photo = encode(Image.open(io.BytesIO(photo_bytes(name))).convert("RGB"), "JPEG", quality=90)
+    return {"file": (io.BytesIO(photo), name), **fields}
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -202,6 +306,24 @@ def test_settings_defaults_and_the_public_api_url(monkeypatch: pytest.MonkeyPatc
             Problem.TIMEOUT,
             "Deadline passed",
         ),
+        (
+            422,
+            {"error": {"code": "invalid_argument", "message": "query.score_threshold: Input should be <= 1"}},
+            Problem.BAD_INPUT,
+            "score_threshold: Input should be <= 1",
+        ),
+        (
+            400,
+            {"error": {"code": "invalid_argument", "message": "parameter `topk` does not apply"}},
+            Problem.BAD_INPUT,
+            "Parameter `topk` does not apply",
+        ),
+        (
+            404,
+            {"error": {"code": "model_not_found", "message": "model 'x' is not served here"}},
+            Problem.BAD_INPUT,
+            "Model 'x' is not served here",
+        ),
         (500, {"error": {"code": "internal", "message": "inference failed"}}, Problem.API_ERROR, "HTTP 500"),
         (502, "<html>bad gateway</html>", Problem.API_ERROR, "HTTP 502"),
     ],
@@ -236,7 +358,7 @@ def test_unreachable_and_timeouts_name_the_address_and_the_setting() -> None:
     assert timed_out.value.problem == Problem.TIMEOUT and timed_out.value.status == 504
     assert "3 s" in timed_out.value.message and "VISION_UI_REQUEST_TIMEOUT_S" in timed_out.value.message
     assert api_client(refuse).readiness().state == "down"
-    assert api_client(refuse).model_details() is None
+    assert api_client(refuse).models() is None
 
 
 def test_an_answer_that_is_not_the_api_s_is_reported_as_such() -> None:
@@ -376,6 +498,222 @@ def test_health_and_status() -> None:
     assert 'href="http://127.0.0.1:8000/docs"' in status
 
 
+# --- models, the picker and a detector's answer --------------------------------------------
+
+
+def options(html: str) -> list[tuple[str, str, bool]]:
+    """(value, data-task, selected) of the model picker's options."""
+    found = re.findall(r'<option value="([^"]*)" data-task="([^"]*)"[^>]*?( selected)?>', html)
+    return [(value, task, bool(selected)) for value, task, selected in found]
+
+
+def test_the_picker_lists_every_served_model_with_its_task_the_default_chosen() -> None:
+    client = ui()
+    for path in ("/", "/video"):
+        html = client.get(path).get_data(as_text=True)
+        assert options(html) == [
+            ("efficientnet_lite0", "classification", True),
+            ("yolo11n", "detection", False),
+        ]
+        assert "efficientnet_lite0 · classification (default)" in html and "yolo11n · detection" in html
+        assert 'name="score_threshold"' in html and 'placeholder="0.25"' in html, "the detector's default"
+        assert 'id="detection-params" data-task="detection"' in html
+    assert options(client.get("/?model=yolo11n").get_data(as_text=True))[1] == ("yolo11n", "detection", True)
+    models = api_client(fake_api()).models()
+    assert models is not None and [(m.name, m.task, m.default, m.is_detector) for m in models] == [
+        ("efficientnet_lite0", "classification", True, False),
+        ("yolo11n", "detection", False, True),
+    ]
+    assert models[1].detection is not None and models[1].detection.score_threshold == 0.25
+
+
+def test_a_classifier_only_api_still_works_its_one_model_the_default() -> None:
+    """An API from before several models were served lists one model without `task`/`default`."""
+    old = {"models": [{"name": "resnet18", "runtime": "torch", "device": "cpu", "ready": True}]}
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/models":
+            return httpx2.Response(200, json=old)
+        return httpx2.Response(200, json=prediction(["tabby"]) | {"model": "resnet18"})
+
+    html = ui(handle).get("/").get_data(as_text=True)
+    assert options(html) == [("resnet18", "classification", True)]
+    assert 'id="detection-params"' not in html, "no detector served: no detector settings"
+    page = ui(handle).post("/", data=upload())
+    assert page.status_code == 200 and 'class="label">tabby<' in page.get_data(as_text=True)
+
+
+def test_a_detector_s_answer_is_the_photo_with_its_boxes_and_a_table() -> None:
+    seen: list[httpx2.Request] = []
+    page = ui(fake_api(seen=seen)).post(
+        "/",
+        data=upload(
+            "motorcycle_left.png", model="yolo11n", score_threshold="0.3", classes="motorcycle, bicycle"
+        ),
+        headers={"X-Requested-With": "fetch"},
+    )
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'data-task="detection"' in html
+    # the overlay: an SVG whose viewBox is the photo's size as the API saw it, laid over the preview
+    assert re.search(r'<svg class="overlay" viewBox="0 0 741 500" preserveAspectRatio="none"', html)
+    boxes = re.findall(r'<g class="box" data-label="([^"]+)"', html)
+    assert boxes == ["bicycle", "motorcycle"], "the highest score drawn last (on top)"
+    outline = re.search(
+        r'data-label="motorcycle".*?<rect class="outline" x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" '
+        r'height="([\d.]+)" stroke="(#[0-9a-f]{6})"',
+        html,
+        re.S,
+    )
+    assert outline is not None
+    assert [float(v) for v in outline.groups()[:4]] == pytest.approx([114.5, 46.8, 568.9, 409.2], abs=0.06)
+    assert outline.group(5) == colour_for(3), "a colour per class"
+    assert ">motorcycle 86%</text>" in html
+    # the preview is the photo itself (same aspect ratio as the viewBox), as a data URL
+    preview = re.search(r'<figure class="boxed">\s*<img src="([^"]+)"', html)
+    assert preview is not None
+    width, height = data_url_image(preview.group(1)).size
+    assert width / height == pytest.approx(741 / 500, abs=0.01)
+    # the table below, highest score first, box in the photo's pixels
+    rows = re.findall(
+        r'<tr class="detection" data-label="([^"]+)">.*?class="score">([^<]+)<.*?class="box">([^<]+)<',
+        html,
+        re.S,
+    )
+    assert rows == [("motorcycle", "86.1%", "115, 47 – 683, 456"), ("bicycle", "36.6%", "0, 124 – 49, 230")]
+    assert "2 objects found" in html and "yolo11n" in html
+    # the settings went to the API, and nothing of the classifier's
+    params = seen[0].url.params
+    assert params["model"] == "yolo11n" and params["score_threshold"] == "0.3"
+    assert params.get_list("classes") == ["motorcycle", "bicycle"] and "topk" not in params
+
+
+def test_colours_are_the_class_s_on_every_photo() -> None:
+    shapes = box_shapes(
+        [Detection("cat", 15, 0.9, Box(0, 0, 10, 10)), Detection("cat", 15, 0.5, Box(5, 5, 20, 20))], 100, 100
+    )
+    assert shapes[0].detection.colour == shapes[1].detection.colour == colour_for(15)
+    assert len({colour_for(i) for i in range(80)}) == 80, "80 COCO classes, 80 colours"
+
+
+def test_a_label_never_leaves_the_photo() -> None:
+    (top_right,) = box_shapes([Detection("motorcycle", 3, 0.9, Box(90, 0, 100, 30))], 100, 100)
+    x, y, width, _ = top_right.tag
+    assert x >= 0 and x + width <= 100.1, "pushed left, inside the photo"
+    assert y == 0, "a box at the top edge has its label inside"
+
+
+def test_nothing_found_is_said() -> None:
+    client = ui(fake_api(lambda request: httpx2.Response(200, json=detections([]))))
+    html = client.post("/", data=upload(model="yolo11n", score_threshold="0.99")).get_data(as_text=True)
+    assert "0 objects found" in html and "Nothing found with a score of at least 0.99" in html
+    assert '<g class="box"' not in html
+
+
+def test_a_classifier_gets_its_topk_only_and_its_bars_as_before() -> None:
+    seen: list[httpx2.Request] = []
+    # without JavaScript the form sends the detector's fields too: they are not the classifier's
+    page = ui(fake_api(seen=seen)).post("/", data=upload(model="efficientnet_lite0", score_threshold="0.5"))
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'class="topk"' in html and '<svg class="overlay"' not in html
+    assert dict(seen[0].url.params) == {"model": "efficientnet_lite0", "topk": "5"}
+
+
+def test_the_choice_and_the_settings_are_kept_across_posts() -> None:
+    html = (
+        ui()
+        .post("/", data=upload(model="yolo11n", score_threshold="0.4", classes="cat"))
+        .get_data(as_text=True)
+    )
+    assert options(html)[1] == ("yolo11n", "detection", True)
+    assert re.search(r'name="score_threshold"[^>]*value="0.4"', html)
+    assert re.search(r'name="classes"[^>]*value="cat"', html)
+
+
+def test_the_api_s_message_about_a_setting_is_shown_as_it_is() -> None:
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        message = "query.score_threshold: Input should be less than or equal to 1"
+        return httpx2.Response(422, json={"error": {"code": "invalid_argument", "message": message}})
+
+    page = ui(fake_api(refuse)).post("/", data=upload(model="yolo11n", score_threshold="1.5"))
+    html = page.get_data(as_text=True)
+    assert page.status_code == 400
+    assert "The model cannot take these settings" in html
+    assert "score_threshold: Input should be less than or equal to 1" in html
+    assert options(html)[1] == ("yolo11n", "detection", True), "the form keeps the choice to fix it"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("score_threshold", "high", "The score threshold must be a number"),
+        ("score_threshold", "nan", "The score threshold must be a number"),
+        ("max_detections", "2.5", "The most boxes must be a whole number"),
+        ("classes", "x" * 600, "The classes field is too long"),
+    ],
+)
+def test_settings_that_are_not_numbers_are_refused_before_the_api(field: str, value: str, shown: str) -> None:
+    seen: list[httpx2.Request] = []
+    page = ui(fake_api(seen=seen)).post("/", data=upload(model="yolo11n", **{field: value}))
+    assert page.status_code == 400 and shown in page.get_data(as_text=True)
+    assert seen == []
+
+
+def test_a_crafted_form_naming_a_model_that_is_not_served_gets_a_clear_message() -> None:
+    seen: list[httpx2.Request] = []
+    client = ui(fake_api(seen=seen))
+    page = client.post("/", data=upload(model=XSS))
+    html = page.get_data(as_text=True)
+    assert page.status_code == 400 and "There is no such model" in html
+    assert "efficientnet_lite0 (classification), yolo11n (detection)" in html
+    assert XSS not in html and "&lt;img src=x" in html
+    assert seen == [], "nothing was sent to the API"
+    events = client.post(
+        "/video", data={"file": (io.BytesIO(gif(["chelsea.png"])), "a.gif"), "model": "nope"}, headers=NDJSON
+    )
+    assert events.status_code == 400 and events.get_json()["title"] == "There is no such model"
+    assert client.get("/?model=nope").status_code == 400
+
+
+def test_when_the_model_list_is_unknown_the_api_judges_the_name() -> None:
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        if request.url.path == "/models":
+            return httpx2.Response(503, json={"error": {"code": "not_ready", "message": "loading"}})
+        message = "model 'nope' is not served here; this server serves 'efficientnet_lite0'"
+        return httpx2.Response(404, json={"error": {"code": "model_not_found", "message": message}})
+
+    page = ui(handle).post("/", data=upload(model="nope"))
+    assert page.status_code == 400
+    assert "There is no such model" in page.get_data(as_text=True)
+    assert "Model &#39;nope&#39; is not served here" in page.get_data(as_text=True)
+
+
+def test_the_preview_is_upright_as_the_api_saw_a_photo_with_exif_orientation() -> None:
+    upright = Image.open(io.BytesIO(photo_bytes("motorcycle_left.png"))).convert("RGB")  # 741x500
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter left: shown turned right, upright again
+    stored = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif.tobytes())
+    seen: list[httpx2.Request] = []
+    page = ui(fake_api(seen=seen)).post(
+        "/", data={"file": (io.BytesIO(stored), "phone.jpg"), "model": "yolo11n"}
+    )
+    html = page.get_data(as_text=True)
+    preview = re.search(r'<figure class="boxed">\s*<img src="([^"]+)"', html)
+    assert preview is not None
+    image = data_url_image(preview.group(1))
+    assert image.width > image.height, "landscape, as the API saw it (its boxes are in 741x500)"
+    assert image.width / image.height == pytest.approx(741 / 500, abs=0.01)
+    # the motorcycle's side of the photo is where the API found it: the bike's red tank is at
+    # about (45%, 45%) of the photo; a photo left turned would have it elsewhere
+    red, green, blue = image.resize((100, 100)).getpixel((45, 45))[:3]  # type: ignore[misc]
+    assert red > green + 40 and red > blue + 40, (red, green, blue)
+
+
+def test_the_status_page_lists_every_model() -> None:
+    html = ui().get("/status").get_data(as_text=True)
+    rows = re.findall(r'<tr class="model-row" data-model="([^"]+)" data-task="([^"]+)"', html)
+    assert rows == [("efficientnet_lite0", "classification"), ("yolo11n", "detection")]
+
+
 # --- the video page -------------------------------------------------------------------------
 
 
@@ -392,7 +730,15 @@ def test_video_events_stream_in_frame_order_with_count_and_rate() -> None:
     )
     assert response.mimetype == "application/x-ndjson"
     events = events_of(response)
-    assert events[0] == {"event": "start", "kind": "GIF", "frames": 6, "every": 2}
+    assert events[0] == {
+        "event": "start",
+        "kind": "GIF",
+        "frames": 6,
+        "every": 2,
+        "model": "efficientnet_lite0",
+        "task": "classification",
+        "mode": "stream",
+    }
     frames = [e for e in events if e["event"] == "frame"]
     assert [e["frame_id"] for e in frames] == [0, 2, 4] == video.sent
     assert [e["count"] for e in frames] == [1, 2, 3]
@@ -478,6 +824,182 @@ def test_video_errors_before_and_during_the_stream() -> None:
     assert events[-1]["title"] == "The gRPC service is not reachable"
 
 
+def test_a_detector_s_video_events_carry_each_frame_with_its_boxes() -> None:
+    video = FakeVideo(["motorcycle", "person", "cup", "cat"])
+    names = ["motorcycle_left.png", "astronaut.png", "coffee.png", "chelsea.png"]
+    response = ui(video=video).post(
+        "/video",
+        data={
+            "file": (io.BytesIO(gif(names, size=200)), "clip.gif"),
+            "model": "yolo11n",
+            "score_threshold": "0.4",
+        },
+        headers=NDJSON,
+    )
+    events = events_of(response)
+    assert events[0]["model"] == "yolo11n" and events[0]["task"] == "detection"
+    assert video.calls == [
+        {"model": "yolo11n", "topk": 0, "detection": DetectionParams(score_threshold=0.4), "live": False}
+    ]
+    frames = [e for e in events if e["event"] == "frame"]
+    assert [e["frame_id"] for e in frames] == [0, 1, 2, 3]
+    assert [e["detections"][0]["label"] for e in frames] == ["motorcycle", "person", "cup", "cat"]  # type: ignore[index]
+    first = frames[0]
+    assert (first["width"], first["height"]) == (200, 200), "the size the boxes refer to"
+    (box,) = first["detections"]  # type: ignore[misc]
+    assert (
+        box["box"] == [10, 5, 100, 195]
+        and box["colour"] == colour_for(15)
+        and box["text"] == "motorcycle 90%"
+    )
+    # the frame itself, small, to draw the boxes on: the same picture as the frame answered
+    image = data_url_image(str(first["image"]))
+    assert image.format == "JPEG" and image.size == (200, 200)
+    assert max(len(str(e["image"])) for e in frames) < 40_000, "a few tens of KB per frame"
+    assert events[-1] == events[-1] | {"event": "end", "count": 4, "computed": 4, "skipped_count": 0}
+
+
+def test_a_classifier_s_video_gets_its_top_class_and_the_frames_too() -> None:
+    video = FakeVideo(["tabby"])
+    events = events_of(
+        ui(video=video).post(
+            "/video", data={"file": (io.BytesIO(gif(["chelsea.png"])), "a.gif")}, headers=NDJSON
+        )
+    )
+    assert video.calls[0] == {"model": "efficientnet_lite0", "topk": 1, "detection": None, "live": False}
+    frame = events[1]
+    assert frame["label"] == "tabby" and str(frame["image"]).startswith("data:image/jpeg;base64,")
+
+
+def test_live_mode_answers_skipped_frames_as_skipped_and_paces_the_clip() -> None:
+    video = FakeVideo(["cat"], skip={1, 2})
+    response = ui(video=video).post(
+        "/video",
+        data={
+            "file": (io.BytesIO(gif(["chelsea.png", "coffee.png"] * 2, duration=60)), "clip.gif"),
+            "model": "yolo11n",
+            "mode": "live",
+        },
+        headers=NDJSON,
+    )
+    events = events_of(response)
+    assert events[0]["mode"] == "live" and video.calls[0]["live"] is True
+    frames = [e for e in events if e["event"] == "frame"]
+    assert [(e["frame_id"], bool(e.get("skipped"))) for e in frames] == [
+        (0, False),
+        (1, True),
+        (2, True),
+        (3, False),
+    ]
+    assert "image" not in frames[1] and "detections" not in frames[1], "nothing drawn for a skipped frame"
+    assert [e["skipped_count"] for e in frames] == [0, 1, 2, 2]
+    assert events[-1] == events[-1] | {"event": "end", "count": 4, "computed": 2, "skipped_count": 2}
+    # sent as a camera would: each frame at its time in the clip (60 ms apart), not all at once
+    gaps = [later - earlier for earlier, later in zip(video.sent_at, video.sent_at[1:], strict=False)]
+    assert min(gaps) >= 0.05, gaps
+
+
+def test_a_setting_the_server_refuses_stops_the_video_at_once_saying_why() -> None:
+    video = FakeVideo(errors={0: "invalid_argument", 1: "invalid_argument"})
+    events = events_of(
+        ui(video=video).post(
+            "/video",
+            data={
+                "file": (io.BytesIO(gif(["chelsea.png", "coffee.png", "chelsea.png"])), "a.gif"),
+                "model": "yolo11n",
+                "classes": "bogus",
+            },
+            headers=NDJSON,
+        )
+    )
+    assert [e["event"] for e in events] == ["start", "error"]
+    assert events[-1]["title"] == "The model cannot take these settings"
+    assert events[-1]["message"] == "Frame 0 refused"
+    assert video.closed
+
+
+def test_a_frame_s_own_error_does_not_stop_the_video() -> None:
+    video = FakeVideo(errors={1: "invalid_image"})
+    events = events_of(
+        ui(video=video).post(
+            "/video",
+            data={"file": (io.BytesIO(gif(["chelsea.png", "coffee.png", "chelsea.png"])), "a.gif")},
+            headers=NDJSON,
+        )
+    )
+    assert [e["event"] for e in events] == ["start", "frame", "frame", "frame", "end"]
+    assert events[2]["error"] == "frame 1 refused" and "image" not in events[2]
+
+
+def test_a_detector_s_video_without_javascript_is_a_table_and_no_images() -> None:
+    response = ui(video=FakeVideo([XSS, "cat"], skip={2})).post(
+        "/video",
+        data={
+            "file": (io.BytesIO(gif(["chelsea.png", "coffee.png", "chelsea.png"])), "a.gif"),
+            "model": "yolo11n",
+            "mode": "live",
+        },
+    )
+    html = response.get_data(as_text=True)
+    assert re.findall(r'<tr class="frame-row[^"]*" data-frame="(\d+)"', html) == ["0", "1", "2"]
+    assert XSS not in html and '<span class="label">&lt;img src=x' in html
+    assert '<span class="label">cat</span>' in html
+    assert 'class="frame-row skipped" data-frame="2"' in html and "1 skipped" in html
+    assert "data:image/jpeg" not in html, "no previews made for a page that cannot show them"
+    assert (
+        options(html)[1] == ("yolo11n", "detection", True) and 'value="live" id="mode-live" checked' in html
+    )
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    response = ui().post(
+        "/video", data={"file": (io.BytesIO(gif(["chelsea.png"])), "a.gif"), "mode": "fast"}, headers=NDJSON
+    )
+    assert response.status_code == 400 and response.get_json()["title"] == "Unknown video mode"
+
+
+def test_frames_in_flight_are_bounded_and_the_sender_stops_when_nobody_reads() -> None:
+    """The gRPC client's request side: at most MAX_IN_FLIGHT frames unanswered (so the previews the
+    page keeps for them stay few), and gRPC's sending thread ends once the answers stop."""
+    window = threading.Semaphore(MAX_IN_FLIGHT)
+    done = threading.Event()
+    template = pb.Frame(model="yolo11n", score_threshold=0.4)
+    template.classes.extend(["cat"])
+    produced: list[int] = []
+
+    def frames() -> Generator[tuple[int, bytes]]:
+        for n in range(100):
+            produced.append(n)
+            yield n, b"jpeg"
+
+    sent: list[pb.Frame] = []
+    sender = threading.Thread(target=lambda: sent.extend(windowed(frames(), template, window, done)))
+    sender.start()
+    time.sleep(0.3)
+    assert len(sent) == MAX_IN_FLIGHT, "the window is full: the sender waits"
+    assert len(produced) == MAX_IN_FLIGHT + 1, "one decoded and waiting for a slot, no more"
+    window.release()  # one answer read: one more frame may go
+    time.sleep(0.3)
+    assert len(sent) == MAX_IN_FLIGHT + 1 and len(produced) == MAX_IN_FLIGHT + 2
+    done.set()  # the answers are no longer read (page gone, call cancelled)
+    sender.join(timeout=2)
+    assert not sender.is_alive()
+    assert len(sent) == MAX_IN_FLIGHT + 1
+    assert [f.frame_id for f in sent[:3]] == [0, 1, 2]
+    assert sent[1].model == "yolo11n" and sent[1].score_threshold == pytest.approx(0.4)
+    assert list(sent[1].classes) == ["cat"] and sent[1].image == b"jpeg"
+    assert not pb.Frame(model="x").HasField("score_threshold"), "unset settings stay unset"
+
+
+def test_gif_frames_carry_their_time_in_the_clip() -> None:
+    frames = list(
+        open_video(gif(["chelsea.png", "coffee.png", "chelsea.png"], duration=250)).frames(
+            every=1, max_frames=9
+        )
+    )
+    assert [f.time_s for f in frames] == pytest.approx([0.0, 0.25, 0.5])
+
+
 # --- frames ---------------------------------------------------------------------------------
 
 
@@ -485,16 +1007,21 @@ def test_mp4_frames_are_decoded_with_pyav_in_order() -> None:
     source = open_video(mp4(["chelsea.png", "coffee.png", "chelsea.png", "coffee.png"]))
     assert source.kind == "MP4" and source.frame_count == 4
     frames = list(source.frames(every=1, max_frames=10))
-    assert [index for index, _ in frames] == [0, 1, 2, 3]
-    with Image.open(io.BytesIO(frames[0][1])) as first:
+    assert [frame.index for frame in frames] == [0, 1, 2, 3]
+    assert [frame.time_s for frame in frames] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert all(frame.preview is None for frame in frames), "previews only when asked for"
+    with Image.open(io.BytesIO(frames[0].jpeg)) as first:
         assert (first.format, first.size) == ("JPEG", (128, 96))
 
 
 def test_large_frames_are_scaled_down_before_sending() -> None:
     big = encode(Image.new("RGB", (3000, 1500), "white"), "PNG")
-    ((_, frame),) = list(open_video(big).frames(every=1, max_frames=1))
-    with Image.open(io.BytesIO(frame)) as image:
+    (frame,) = list(open_video(big).frames(every=1, max_frames=1, previews=True))
+    with Image.open(io.BytesIO(frame.jpeg)) as image:
         assert image.size == (1024, 512)
+    assert frame.preview is not None
+    with Image.open(io.BytesIO(frame.preview)) as preview:
+        assert (preview.format, preview.size) == ("JPEG", (PREVIEW_SIDE, PREVIEW_SIDE // 2))
 
 
 @pytest.mark.parametrize(
