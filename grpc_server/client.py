@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from PIL import Image, ImageSequence
@@ -92,9 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def task_fields(args: argparse.Namespace) -> dict[str, object]:
+def task_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields of the model and its task's parameters given on the command line."""
-    fields: dict[str, object] = {"model": args.model, "topk": args.topk or 0}
+    fields: dict[str, Any] = {"model": args.model, "topk": args.topk or 0}
     if args.score_threshold is not None:
         fields["score_threshold"] = args.score_threshold
     if args.classes:
