@@ -16,12 +16,13 @@ ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format bench soak notebooks export protos clean help up down
+.PHONY: run test lint format bench bench-processes soak notebooks export protos clean help up down
 
 help:
-	@echo "make run        export the default model once, serve it: HTTP :8000, gRPC :50051, UI :5000 (BACKEND=onnx|torch)"
+	@echo "make run        export both models once, serve them: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
-	@echo "make bench      load benchmark: in-process limit vs served HTTP/gRPC (BENCH_ARGS=\"--concurrency 1,16 ...\")"
+	@echo "make bench      load benchmark: classifier + detector (640, 320), in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
+	@echo "make bench-processes  one process or two for HTTP + gRPC under load on both (BENCH_ARGS=...)"
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
@@ -53,7 +54,8 @@ $(DETECTOR_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 
 export: $(MODELS)
 
-# The HTTP API (:8000), the gRPC API (:50051) and the UI (:5000), each its own process; Ctrl-C stops all.
+# The HTTP API (:8000) and the gRPC API (:50051) from one process over every model, and the UI
+# (:5000); Ctrl-C stops all.
 run: $(VENV)/.installed-local $(MODELS)
 	VISION_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/stack.py --backend $(BACKEND)
 
@@ -73,6 +75,10 @@ test: $(VENV)/.installed-dev $(MODELS) $(CHROMIUM)
 
 bench: $(VENV)/.installed-dev $(MODELS)
 	$(BIN)/python -m bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
+
+# The measurement behind `make run`'s layout (docs/benchmarks.md): one process for both APIs or two.
+bench-processes: $(VENV)/.installed-dev $(MODELS)
+	$(BIN)/python -m bench.processes --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
 
 # Steady load on the real HTTP and gRPC processes; writes bench-results/soak/soak.{md,json}.
 soak: $(VENV)/.installed-dev $(MODELS)

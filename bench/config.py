@@ -1,114 +1,72 @@
 """What one benchmark run measures and how hard: `BenchConfig`, with every default of the CLI.
 
+A run measures one or more models (`models`; the CLI's `--model`), each with its own rows: the
+in-process limit and stages, served HTTP and gRPC at each concurrency level, the streams. The
+harness's servers load every model of the run (so a row sees the others idle beside it), and,
+with two or more models, the first is also served alone (`coserving`), so that what the others
+cost it is measured in the same run.
+
 Settings that the served processes read (`VISION_*`) reach them in three ways: the harness's own
 options (`--backends`, `--threads`, `--device`, ...) through `model_env`; `--batching off`
 (`VISION_MAX_BATCH_SIZE=1`) and `--overload` (`VISION_MAX_QUEUE_SIZE`); and `--server-env
-KEY=VALUE` for anything else, so that a new server setting needs no harness change. Where a
-`--server-env` variable is a setting the in-process measurement also uses (e.g.
+KEY=VALUE` for anything else (`server_env`), so that a new server setting needs no harness
+change. Where a `--server-env` variable is a setting the in-process measurement also uses (e.g.
 `VISION_ONNX_ALLOW_SPINNING`, `VISION_MAX_BATCH_SIZE`), it applies there too, so that both sides
 measure the same configuration.
 
 With `url` and/or `grpc_target` (`--url`, `--grpc-target`) the harness starts no servers of the
-project's API: it measures that deployment as it is (`deployment`, `external`). The options that
-only configure servers it starts (`--batching off`, `--server-env`, `--overload`, more than one
-of `--backends`, `--threads`, `--device`) are refused then, by `external_conflicts`.
+project's API: it measures that deployment as it is (`deployment`, `external`), one model. The
+options that only configure servers it starts (`--batching off`, `--server-env`, `--overload`,
+more than one of `--backends`, `--threads`, `--device`) are refused then (`deployment.server_only_options`).
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic_settings import BaseSettings
+from typing import Any
 
 from bench.access import OPEN, Access
-from bench.deployment import normalise_grpc_target, normalise_metrics_url, normalise_url
-from bench.grpc_load import GRPC_ENDPOINTS
+from bench.choices import (
+    BATCHING_MODES,
+    DEFAULT_BACKENDS,
+    DEFAULT_ENDPOINTS,
+    DEFAULT_MODELS,
+    ENDPOINTS,
+    HTTP_CLIENTS,
+    IMAGE_SETS,
+    OVERLOAD_ENDPOINTS,
+)
+from bench.deployment import (
+    normalise_grpc_target,
+    normalise_metrics_url,
+    normalise_url,
+    refuse_server_only_options,
+    server_only_options,
+)
+from bench.grpc_load import GRPC_ENDPOINTS, STREAM_ENDPOINTS
 from bench.http_load import REQUESTS
 from bench.layouts import Layout, default_layouts
+from bench.server_env import check_server_env_key, settings_from
 from bench.servers import DEPLOYABLES
 from visionserve.cpu import available_cpus
-from visionserve.errors import ConfigurationError
 from visionserve.repository import Backend
-from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings, from_env
+from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
 
-SettingsT = TypeVar("SettingsT", bound=BaseSettings)
-
-ENDPOINTS = [*REQUESTS, *GRPC_ENDPOINTS]
-"""Every endpoint name the CLI knows: HTTP (`http_load.REQUESTS`), then gRPC (`grpc`, `stream`)."""
-
-BATCHING_MODES = ("on", "off")
-"""`on`: the server's batcher as configured; `off`: `VISION_MAX_BATCH_SIZE=1` (one image per batch)."""
-
-OVERLOAD_ENDPOINTS = ("json", "file", "grpc")
-"""The endpoints an overload run loads (HTTP JSON, HTTP multipart and gRPC unary), where they are
-measured."""
-
-HTTP_CLIENTS = {
-    "raw": "minimal HTTP/1.1 client (bench.raw_http)",
-    "httpx2": "httpx2 AsyncClient",
-}
-"""Client name -> description for reports."""
-
-_ENV_KEY = re.compile(r"^VISION_[A-Z0-9_]+$")
-RESERVED_ENV = {
-    "VISION_HOST": "the harness makes every server listen on a free port of 127.0.0.1",
-    "VISION_PORT": "the harness makes every server listen on a free port of 127.0.0.1",
-    "VISION_GRPC_HOST": "the harness makes every server listen on a free port of 127.0.0.1",
-    "VISION_GRPC_PORT": "the harness makes every server listen on a free port of 127.0.0.1",
-    "VISION_GRPC_METRICS_PORT": "the harness reads the gRPC metrics from a free port it is told",
-    "VISION_GRPC_METRICS": "the harness reads the server figures from the gRPC metrics endpoint",
-    "VISION_BACKEND": "use --backends",
-    "VISION_MODEL_NAME": "use --model",
-    "VISION_MODEL_REPOSITORY": "use --model-repository",
-    "VISION_DEVICE": "use --device",
-    "VISION_THREADS": "use --threads",
-}
-"""Variables `--server-env` may not set, and what to use instead: the harness sets them itself,
-the same for the served processes and the in-process measurement."""
-
-
-def check_server_env_key(key: str) -> None:
-    """Raise ValueError (saying how to fix it) unless `key` may be passed with `--server-env`."""
-    if not _ENV_KEY.match(key):
-        raise ValueError(
-            f"{key!r} is not a server setting: server settings are VISION_ variables in capitals, "
-            "e.g. VISION_MAX_QUEUE_DELAY_US=500"
-        )
-    if key in RESERVED_ENV:
-        raise ValueError(f"{key} cannot be set with --server-env: {RESERVED_ENV[key]}")
-
-
-def parse_server_env(text: str) -> tuple[str, str]:
-    """`KEY=VALUE` -> (KEY, VALUE), the key checked by `check_server_env_key`."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep:
-        raise ValueError(f"{text!r}: write KEY=VALUE, e.g. VISION_MAX_QUEUE_DELAY_US=500")
-    check_server_env_key(key)
-    return key, value
-
-
-def _overrides(cls: type[BaseSettings], env: Mapping[str, str]) -> dict[str, Any]:
-    """The entries of `env` that are fields of `cls` (by its env prefix), as keyword arguments."""
-    prefix = str(cls.model_config.get("env_prefix") or "")
-    found = {}
-    for key, value in env.items():
-        name = key[len(prefix) :].lower() if key.startswith(prefix) else ""
-        if name in cls.model_fields:
-            found[name] = value
-    return found
-
-
-def _settings(cls: type[SettingsT], env: Mapping[str, str], **overrides: Any) -> SettingsT:
-    try:
-        return from_env(cls, **{**_overrides(cls, env), **overrides})
-    except ConfigurationError as exc:
-        raise ValueError(f"{exc} (from --server-env or the environment)") from None
+__all__ = [
+    "BATCHING_MODES",
+    "DEFAULT_BACKENDS",
+    "DEFAULT_ENDPOINTS",
+    "DEFAULT_MODELS",
+    "ENDPOINTS",
+    "HTTP_CLIENTS",
+    "IMAGE_SETS",
+    "OVERLOAD_ENDPOINTS",
+    "BenchConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -134,28 +92,38 @@ class BenchConfig:
     """Where the harness's own servers, the in-process rows and the baseline load the model from;
     with a deployment, only the in-process rows and the baseline, and only if it holds the served
     model."""
-    model_name: str | None = None
-    """None: the `ModelSettings` default (or `VISION_MODEL_NAME`); with a deployment, the model it
-    serves (`GET {url}/models`), which this must match if given."""
+    models: tuple[str, ...] | None = None
+    """The models to measure, in order, the first the servers' default; None: `DEFAULT_MODELS`
+    (with a deployment: the model it serves by default, `GET {url}/models`). With a deployment,
+    one model, which it must serve."""
     backends: tuple[Backend, ...] = ()
-    """Runtimes to start servers for; empty: onnx and torch. With a deployment: empty (its
+    """Runtimes to start servers for; empty: `DEFAULT_BACKENDS`. With a deployment: empty (its
     runtime, from `GET {url}/models`) or the one runtime it serves."""
-    endpoints: tuple[str, ...] = ("file", "json", "live", "grpc", "health", "stream")
-    """Names from `ENDPOINTS`: HTTP requests (`http_load.REQUESTS`), `grpc` (unary Predict in a
-    closed loop), `health` (the gRPC health check: the gRPC floor) and `stream` (one PredictStream
-    call per round, frames back to back)."""
+    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
+    """Names from `ENDPOINTS`: HTTP requests (`http_load.REQUESTS`: `json`, `file`, `v2`, and
+    `live`, the HTTP floor), `grpc` (unary Predict in a closed loop), `v2grpc`, `health` (the
+    gRPC floor), `stream` (one PredictStream call per round, frames back to back), `pacedstream`
+    and `livestream` (one PredictStream / PredictLive call per round, frames at `clip_fps`). The
+    floors are measured once per run (with the first model), the V2 ones for classifiers only."""
     image: Path | None = None
-    """None: every packaged photo as a 600 px JPEG (`images.default_images`); else this file."""
-    requests: int | None = 300
+    """None: the images of `images` (per model); else this file for every model."""
+    images: str = "auto"
+    """From `IMAGE_SETS`: which images each model is sent (and measured with in-process)."""
+    clip_fps: float = 30.0
+    """Frame rate of the paced streams (`pacedstream`, `livestream`): a camera's."""
+    coserving: bool = True
+    """With two or more models: also serve the first one alone (its own processes) and measure
+    its closed-loop rows there, against the same rows with every model loaded."""
+    requests: int | None = 200
     """Measured requests per row (None: bounded by `duration_s` only); also the images of each
     in-process layout."""
     duration_s: float | None = None
     """Stop each row after this long, if `requests` have not run out first."""
     warmup: int = 30
     """Unmeasured requests before each row."""
-    concurrency: tuple[int, ...] = (1,)
+    concurrency: tuple[int, ...] = (1, 16)
     """Closed-loop senders: every served closed-loop row (HTTP, gRPC unary, the floors, the
-    baseline) is measured at each level. The in-process stages are one image at a time, the
+    baseline) is measured at each level. The in-process stages are one image at a time, a
     stream always one call."""
     batching: tuple[str, ...] = ("on",)
     """Served processes to measure, from `BATCHING_MODES`: each mode has its own processes."""
@@ -189,7 +157,7 @@ class BenchConfig:
     """Runtime threads; None: the usable cores, as the server's default."""
     torch_eager: bool = True
     """Also measure torch eager in-process, to show what compiling gains."""
-    rounds: int = 5
+    rounds: int = 4
     """Each row's requests are split into this many rounds, and the rows take turns round by
     round (in-process, then each served row), so that a machine whose speed drifts over tens of
     seconds (shared or virtual CPUs) shifts every row alike; 1: one row after another."""
@@ -207,7 +175,8 @@ class BenchConfig:
         object.__setattr__(self, "server_env", dict(self.server_env))
         object.__setattr__(self, "backends", tuple(self.backends))
         if not self.backends and not self.external:
-            object.__setattr__(self, "backends", tuple(DEPLOYABLES))
+            object.__setattr__(self, "backends", DEFAULT_BACKENDS)
+        self._check_models()
         unknown = [b for b in self.backends if b not in DEPLOYABLES]
         if unknown:
             raise ValueError(
@@ -239,6 +208,12 @@ class BenchConfig:
             raise ValueError(f"the stream window must be at least 1, got {self.stream_window}")
         if self.limit_cap_s <= 0:
             raise ValueError(f"the layout time cap must be positive, got {self.limit_cap_s}")
+        if self.images not in IMAGE_SETS:
+            raise ValueError(f"images must be one of {', '.join(IMAGE_SETS)}, got {self.images!r}")
+        if not (math.isfinite(self.clip_fps) and 0 < self.clip_fps <= 1000):
+            raise ValueError(
+                f"the clip's frame rate must be between 0 and 1000 frames/s, got {self.clip_fps}"
+            )
         if self.overload:
             if self.overload_concurrency < 1 or self.overload_queue_size < 1:
                 raise ValueError("the overload concurrency and queue size must be at least 1")
@@ -257,7 +232,36 @@ class BenchConfig:
         self.server_settings()
         self.grpc_settings()
         for backend in self.backends:
-            self.model_settings(backend)
+            for model in self.resolved_models() or (None,):
+                self.model_settings(backend, model)
+
+    def _check_models(self) -> None:
+        if self.models is None:
+            return
+        names = tuple(dict.fromkeys(name.strip() for name in self.models if name.strip()))
+        if not names:
+            raise ValueError("name at least one model, e.g. efficientnet_lite0")
+        for name in names:
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"{name!r} is not a model name: give a folder name of the model repository")
+        if self.external and len(names) > 1:
+            raise ValueError(
+                "a deployment is measured one model at a time: give one --model (it must serve it)"
+            )
+        object.__setattr__(self, "models", names)
+
+    def resolved_models(self) -> tuple[str, ...]:
+        """The models measured, in order: `models`, else `DEFAULT_MODELS`; with a deployment,
+        `models` or none (the deployment's default, which `GET /models` says)."""
+        if self.models is not None:
+            return self.models
+        return () if self.external else DEFAULT_MODELS
+
+    @property
+    def model_name(self) -> str | None:
+        """The first model named (the servers' default), if any."""
+        models = self.resolved_models()
+        return models[0] if models else None
 
     @property
     def external(self) -> bool:
@@ -288,50 +292,21 @@ class BenchConfig:
                 raise ValueError(f"--tls-ca {self.tls_ca}: no such file (give a PEM certificate bundle)")
         if not self.external:
             return
-        conflicts = self.external_conflicts()
-        if conflicts:
-            raise ValueError(
-                "with --url/--grpc-target the harness starts no servers and measures the deployment "
-                "as it is, so these options do not apply: "
-                + "; ".join(f"{option} ({why})" for option, why in conflicts.items())
-                + ". Configure the deployment itself, or leave out --url/--grpc-target to let the "
-                "harness start its own servers."
+        refuse_server_only_options(
+            server_only_options(
+                batching=self.batching,
+                server_env=self.server_env,
+                overload=self.overload,
+                backends=self.backends,
+                threads=self.threads,
+                device=self.device,
             )
+        )
         if not self.http_endpoints and not self.grpc_endpoints:
             raise ValueError(
                 f"nothing to measure: --endpoints {','.join(self.endpoints)} asks for "
                 + ("gRPC rows: add --grpc-target" if self.url else "HTTP rows: add --url")
             )
-
-    def external_conflicts(self) -> dict[str, str]:
-        """Options set that only configure servers the harness starts -> why they do not apply to
-        a deployment (empty when none are set)."""
-        found: dict[str, str] = {}
-        if "off" in self.batching:
-            found["--batching off"] = (
-                "batching is as deployed; measure batching off against a deployment started with "
-                "VISION_MAX_BATCH_SIZE=1"
-            )
-        if self.server_env:
-            found["--server-env " + ",".join(self.server_env)] = "set VISION_* variables on the deployment"
-        if self.overload:
-            found["--overload"] = (
-                "it needs servers started with a small queue; start the deployment with a small "
-                "VISION_MAX_QUEUE_SIZE and raise --concurrency instead"
-            )
-        if len(self.backends) > 1:
-            found["--backends " + ",".join(self.backends)] = (
-                "a deployment serves one runtime; give at most one, the one it serves"
-            )
-        if self.threads is not None:
-            found["--threads"] = (
-                "threads are as deployed (GET /models shows them; the in-process rows use the same)"
-            )
-        if self.device is not None:
-            found["--device"] = (
-                "the device is as deployed (GET /models shows it; the in-process rows use the same)"
-            )
-        return found
 
     def resolved_stream_window(self) -> int:
         """The stream window: the setting, or the server's read-ahead (as the served process reads
@@ -380,29 +355,35 @@ class BenchConfig:
         return tuple(e for e in self.endpoints if e not in measured)
 
     @property
+    def stream_endpoints(self) -> tuple[str, ...]:
+        """The streams asked for (`stream`, `pacedstream`, `livestream`), in order."""
+        return tuple(e for e in self.grpc_endpoints if e in STREAM_ENDPOINTS)
+
+    @property
     def overload_endpoints(self) -> tuple[str, ...]:
         """The endpoints an overload run loads: HTTP JSON, multipart and gRPC unary, where asked for."""
         return tuple(e for e in OVERLOAD_ENDPOINTS if e in self.endpoints)
 
     def server_settings(self) -> ServerSettings:
         """The served processes' front-door settings: the environment, then `--server-env`."""
-        return _settings(ServerSettings, self.server_env)
+        return settings_from(ServerSettings, self.server_env)
 
     def grpc_settings(self) -> GrpcSettings:
         """The gRPC processes' settings: the environment, then `--server-env`."""
-        return _settings(GrpcSettings, self.server_env)
+        return settings_from(GrpcSettings, self.server_env)
 
-    def model_settings(self, backend: Backend) -> ModelSettings:
-        """The runtime settings for `backend`: the environment's `VISION_*`, `--server-env`, then
-        these fields."""
+    def model_settings(self, backend: Backend, model: str | None = None) -> ModelSettings:
+        """The runtime settings for `backend` and `model` (None: the run's first): the
+        environment's `VISION_*`, `--server-env`, then these fields."""
         overrides: dict[str, Any] = {}
-        if self.model_name:
-            overrides["model_name"] = self.model_name
+        model = model or self.model_name
+        if model:
+            overrides["model_name"] = model
         if self.device:
             overrides["device"] = self.device
         if self.threads:
             overrides["threads"] = self.threads
-        return _settings(
+        return settings_from(
             ModelSettings,
             self.server_env,
             backend=backend,

@@ -19,12 +19,14 @@ COLUMNS = (
     "protocol",
     "endpoint",
     "backend",
+    "model",
     "batching",
     "concurrency",
     "max_queue_size",
     "ok",
     "errors",
     "rejected",
+    "skipped",
     "errors_by_status",
     "p50_ms",
     "p95_ms",
@@ -38,7 +40,7 @@ COLUMNS = (
 )
 """The header, in order. Empty cells mean "not applicable" (e.g. no /metrics in-process)."""
 
-KEY_COLUMNS = COLUMNS[:7]
+KEY_COLUMNS = COLUMNS[:8]
 """The columns that say which row a record belongs to (scenario ... max_queue_size); every kind of
 record starts with them, so that records of one report can be joined on them."""
 
@@ -77,6 +79,7 @@ def records(report: BenchReport) -> list[Record]:
             "ok": m.completed,
             "errors": m.failed,
             "rejected": row.rejected,
+            "skipped": m.skipped,
             "errors_by_status": "; ".join(f"{kind}: {count}" for kind, count in sorted(m.errors.items())),
             "p50_ms": s.p50_ms if s else None,
             "p95_ms": s.p95_ms if s else None,
@@ -102,6 +105,7 @@ def _key(row: ResultRow) -> Record:
         "protocol": row.mode,
         "endpoint": row.target,
         "backend": row.runtime,
+        "model": row.model,
         "batching": row.batching,
         "concurrency": row.concurrency,
         "max_queue_size": row.overload_queue_size,

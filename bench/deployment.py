@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -99,9 +100,60 @@ class ExternalGrpc:
     metrics_url: str | None
 
 
+def server_only_options(
+    *,
+    batching: tuple[str, ...],
+    server_env: Mapping[str, str],
+    overload: bool,
+    backends: tuple[str, ...],
+    threads: int | None,
+    device: str | None,
+) -> dict[str, str]:
+    """The options given that only configure servers the harness starts -> why they do not apply
+    to a deployment (empty when none are set)."""
+    found: dict[str, str] = {}
+    if "off" in batching:
+        found["--batching off"] = (
+            "batching is as deployed; measure batching off against a deployment started with "
+            "VISION_MAX_BATCH_SIZE=1"
+        )
+    if server_env:
+        found["--server-env " + ",".join(server_env)] = "set VISION_* variables on the deployment"
+    if overload:
+        found["--overload"] = (
+            "it needs servers started with a small queue; start the deployment with a small "
+            "VISION_MAX_QUEUE_SIZE and raise --concurrency instead"
+        )
+    if len(backends) > 1:
+        found["--backends " + ",".join(backends)] = (
+            "a deployment serves one runtime; give at most one, the one it serves"
+        )
+    if threads is not None:
+        found["--threads"] = (
+            "threads are as deployed (GET /models shows them; the in-process rows use the same)"
+        )
+    if device is not None:
+        found["--device"] = (
+            "the device is as deployed (GET /models shows it; the in-process rows use the same)"
+        )
+    return found
+
+
+def refuse_server_only_options(conflicts: Mapping[str, str]) -> None:
+    """ValueError naming `conflicts` (from `server_only_options`), if there are any."""
+    if conflicts:
+        raise ValueError(
+            "with --url/--grpc-target the harness starts no servers and measures the deployment "
+            "as it is, so these options do not apply: "
+            + "; ".join(f"{option} ({why})" for option, why in conflicts.items())
+            + ". Configure the deployment itself, or leave out --url/--grpc-target to let the "
+            "harness start its own servers."
+        )
+
+
 @dataclass(frozen=True)
 class DeployedModel:
-    """What `GET /models` says about the served model (the first one listed)."""
+    """What `GET /models` says about the model measured: the one named, else the default."""
 
     name: str
     runtime: str
@@ -110,28 +162,38 @@ class DeployedModel:
     instances: int | None = None
     max_batch_size: int | None = None
     preprocess_workers: int | None = None
+    task: str = "classification"
+    served: tuple[str, ...] = ()
+    """Every model the deployment serves, as listed."""
 
     @classmethod
-    def from_models(cls, body: object) -> DeployedModel:
-        """`GET /models`'s JSON -> the served model; ValueError if it is not such an answer."""
+    def from_models(cls, body: object, name: str | None = None) -> DeployedModel:
+        """`GET /models`'s JSON -> the model called `name` (None: the default, else the first
+        listed; a name not served: the default, for the caller to refuse); ValueError if it is
+        not such an answer."""
         try:
-            first = body["models"][0]  # type: ignore[index]
-            name, runtime, device = str(first["name"]), str(first["runtime"]), str(first["device"])
-        except (KeyError, IndexError, TypeError) as exc:
+            listed = list(body["models"])  # type: ignore[index]
+            names = tuple(str(entry["name"]) for entry in listed)
+            default = next((e for e in listed if e.get("default") is True), listed[0])
+            chosen = next((e for e in listed if e["name"] == name), default)
+            runtime, device = str(chosen["runtime"]), str(chosen["device"])
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ValueError("not a visionserve model list") from exc
 
         def whole(key: str) -> int | None:
-            value = first.get(key)
+            value = chosen.get(key)
             return value if isinstance(value, int) and not isinstance(value, bool) else None
 
         return cls(
-            name=name,
+            name=str(chosen["name"]),
             runtime=runtime,
             device=device,
             threads=whole("threads"),
             instances=whole("instances"),
             max_batch_size=whole("max_batch_size"),
             preprocess_workers=whole("preprocess_workers"),
+            task=str(chosen.get("task") or "classification"),
+            served=names,
         )
 
 
@@ -245,9 +307,9 @@ def _refused(what: str, access: Access) -> DeploymentError:
     return DeploymentError(f"{what} needs an API key: {KEY_HINT}")
 
 
-def read_model(url: str, access: Access = OPEN) -> DeployedModel:
-    """The served model from `GET {url}/models`; DeploymentError naming what it answered (on a
-    401: naming `--api-key`)."""
+def read_model(url: str, access: Access = OPEN, name: str | None = None) -> DeployedModel:
+    """The model `name` (None: the default) from `GET {url}/models`; DeploymentError naming what
+    it answered (on a 401: naming `--api-key`)."""
     with _http_client(access) as client:
         try:
             response = client.get(f"{url}/models")
@@ -258,7 +320,7 @@ def read_model(url: str, access: Access = OPEN) -> DeployedModel:
     try:
         if response.status_code != 200:
             raise ValueError(_answer(response))
-        return DeployedModel.from_models(response.json())
+        return DeployedModel.from_models(response.json(), name)
     except (ValueError, json.JSONDecodeError) as exc:
         raise DeploymentError(
             f"{url} is not a visionserve HTTP API: GET {url}/models answered {_answer(response)} ({exc})"
@@ -285,6 +347,7 @@ def connect(
     ready_timeout_s: float,
     bar: ProgressBar,
     access: Access = OPEN,
+    model_name: str | None = None,
 ) -> Deployment:
     """Wait until every target given is ready (both within `ready_timeout_s`), read the served
     model, and check the metrics endpoints: the HTTP API's `/metrics` not answering costs its rows
@@ -297,7 +360,7 @@ def connect(
         wait_grpc_serving(grpc_target, deadline=deadline, bar=bar, access=access)
     deployment = Deployment(http=None, grpc=None, access=access)
     if url is not None:
-        deployment.model = read_model(url, access)
+        deployment.model = read_model(url, access, model_name)
         metrics: str | None = f"{url}/metrics"
         try:
             scrape(f"{url}/metrics", access=access)

@@ -16,17 +16,18 @@ from urllib.parse import urlsplit
 from bench.config import BenchConfig
 from bench.deployment import DeployedModel, Deployment, DeploymentError, connect
 from bench.facts import client_facts, images_fact, limit_fact, load_facts
+from bench.groups import ServedGroup, baseline_process
 from bench.images import BenchImage
 from bench.machine import describe_machine
-from bench.measure import InProcess, check_images, measure_runtime
-from bench.plans import ServedGroup, baseline_process
+from bench.measure import measure_runtime
 from bench.progress import ProgressBar
 from bench.report import BenchReport
 from bench.rows import DEPLOYED
 from bench.servers import DEPLOYABLES
+from bench.steps import TaskSteps
+from bench.subjects import BenchModel, ImageSets, InProcess, check_images
 from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError
-from visionserve.preprocessing import ImagePreprocessor
 from visionserve.repository import Backend, ModelEntry, ModelRepository
 
 UNKNOWN = "unknown"
@@ -52,7 +53,8 @@ def _served_model(config: BenchConfig, model: DeployedModel | None) -> tuple[str
         return name, backend, backend or UNKNOWN
     if name is not None and name != model.name:
         raise DeploymentError(
-            f"--model {name}, but {config.url} serves {model.name} (GET {config.url}/models)"
+            f"--model {name}, but {config.url} serves {', '.join(model.served) or model.name} "
+            f"(GET {config.url}/models)"
         )
     if backend is not None and backend != model.runtime:
         raise DeploymentError(
@@ -80,7 +82,7 @@ def _hosts(config: BenchConfig) -> list[str]:
     return hosts
 
 
-def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar) -> BenchReport:
+def run_external(config: BenchConfig, sets: ImageSets, bar: ProgressBar) -> BenchReport:
     """Check the deployment, measure it (and the in-process rows and the baseline where this
     machine has the model), and return the report."""
     targets = ", ".join(
@@ -99,6 +101,7 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
         ready_timeout_s=config.ready_timeout_s,
         bar=bar,
         access=config.access,
+        model_name=config.model_name,
     )
     model = deployment.model
     name, runtime, label = _served_model(config, model)
@@ -108,6 +111,8 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
         notes.append(f"not measured: {', '.join(config.unmeasured_endpoints)} (no {missing})")
 
     in_process: InProcess | None = None
+    task = model.task if model is not None else _local_task(config, name)
+    images = sets.for_task(task)
     if name is None:
         why = "the served model is unknown: give --url, or --model with --grpc-target"
         limit = f"not measured ({why})"
@@ -125,7 +130,7 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
             limit, why = NO_LOCAL_MODEL, f"not in --model-repository: {exc}"
         else:
             in_process = _in_process(config, entry, runtime, model, images)
-            limit = limit_fact(config, in_process.layouts, in_process.max_batch)
+            limit = limit_fact(config, in_process.layouts)
             why = f"{entry.root} ({runtime}), " + (
                 "with the deployment's device and threads (GET /models)"
                 if model is not None
@@ -153,7 +158,9 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
                 f"and cannot: {exc}"
             ) from None
         assert name is not None
-        baseline = baseline_process(config, model_name=name, threads=available_cpus())
+        baseline = baseline_process(
+            config, repository=Path(config.model_repository), model_name=name, threads=available_cpus()
+        )
 
     report = BenchReport(
         machine=describe_machine(device=model.device if model else "cpu"),
@@ -166,22 +173,37 @@ def run_external(config: BenchConfig, images: list[BenchImage], bar: ProgressBar
             local=why,
             in_process=in_process,
         ),
-        images=[image.describe() for image in images],
+        images=[image.describe() for image in images[:10]]
+        + ([f"... {len(images) - 10} more"] if len(images) > 10 else []),
         notes=notes,
+        tasks={name or "": task},
+        stream_fps=config.clip_fps if {"pacedstream", "livestream"} & set(config.stream_endpoints) else None,
     )
+    measured = BenchModel.of(name or "", task, images, in_process)
+    group = ServedGroup(DEPLOYED, None, deployment.http, deployment.grpc, deployment.access)
     rows, layout_rows = measure_runtime(
         config,
         label=label,
-        groups=[ServedGroup(DEPLOYED, None, deployment.http, deployment.grpc, deployment.access)],
-        baseline=baseline,
-        in_process=in_process,
-        images=images,
+        groups=[group],
+        models=[measured],
         bar=bar,
-        model_name=name,
+        baseline=baseline,
+        baseline_model=(name or "") if task == "classification" else "",
     )
     report.rows += rows
     report.layouts += layout_rows
     return report
+
+
+def _local_task(config: BenchConfig, name: str | None) -> str:
+    """The task of `name` in the local repository (a deployment reached over gRPC only does not
+    say); classification when it is not there."""
+    try:
+        return (
+            ModelRepository(config.model_repository).get(name or "").config.task if name else "classification"
+        )
+    except ConfigurationError:
+        return "classification"
 
 
 def _in_process(
@@ -200,16 +222,14 @@ def _in_process(
         if model.threads:
             update["threads"] = model.threads
     settings = settings.model_copy(update=update)
-    preprocessor = ImagePreprocessor(
-        entry.config.input, max_image_pixels=config.server_settings().max_image_pixels
-    )
-    check_images(images, preprocessor)
+    steps = TaskSteps.of(entry, max_image_pixels=config.server_settings().max_image_pixels)
+    steps = check_images(images, steps)
     max_batch = (
         model.max_batch_size if model is not None and model.max_batch_size else entry.config.max_batch_size
     )
     return InProcess(
         entry=entry,
-        preprocessor=preprocessor,
+        steps=steps,
         settings=settings,
         layouts=config.resolved_layouts(),
         max_batch=max_batch,

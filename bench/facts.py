@@ -4,6 +4,9 @@ a deployment (`external`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import grpc
 
 from bench.config import HTTP_CLIENTS, BenchConfig
@@ -20,7 +23,13 @@ def images_fact(config: BenchConfig) -> str:
     """What was sent."""
     if config.image:
         return "--image as is"
-    return f"every packaged photo, longer side {DEFAULT_LONG_SIDE} px, JPEG quality {DEFAULT_QUALITY}"
+    photos = f"every packaged photo, longer side {DEFAULT_LONG_SIDE} px, JPEG quality {DEFAULT_QUALITY}"
+    clip = "the clip's frames (bench.clip: pans over the packaged photos, 640x480 JPEG)"
+    return {
+        "photos": photos,
+        "clip": clip,
+        "auto": f"a classifier: {photos}; a detector: {clip}",
+    }[config.images]
 
 
 def load_facts(config: BenchConfig) -> dict[str, object]:
@@ -34,14 +43,14 @@ def load_facts(config: BenchConfig) -> dict[str, object]:
     }
 
 
-def limit_fact(config: BenchConfig, layouts: tuple[Layout, ...], max_batch: int) -> str:
+def limit_fact(config: BenchConfig, layouts: tuple[Layout, ...]) -> str:
     """How the in-process limit was measured."""
     if not layouts:
         return "not measured (--layouts none)"
     return (
         f"{LIMIT_PIPELINE}, layouts {', '.join(layout.label for layout in layouts)} (W preprocessing "
-        f"threads x T intra-op threads), max batch {max_batch}, {config.requests or 'unbounded'} "
-        f"images each, capped at {config.limit_cap_s:g} s"
+        f"threads, which also postprocess, x T intra-op threads), each model's max batch, "
+        f"{config.requests or 'unbounded'} images each, capped at {config.limit_cap_s:g} s"
     )
 
 
@@ -64,6 +73,13 @@ def client_facts(config: BenchConfig, *, where: str, read_ahead: str) -> dict[st
             f"{config.resolved_stream_window()} unanswered (server read-ahead {read_ahead}); "
             "latency = frame written -> its answer; req/s = frames/s"
         )
+    if {"pacedstream", "livestream"} & set(config.grpc_endpoints):
+        facts["paced_streams"] = (
+            f"one PredictStream (in order) / PredictLive (live) call per round, a frame captured "
+            f"every {1e3 / config.clip_fps:.1f} ms ({config.clip_fps:g} frames/s, a camera); "
+            "latency = frame captured -> its answer; req/s = frames computed per second; live "
+            "frames superseded by a newer one are answered skipped (counted, not timed)"
+        )
     if config.baseline:
         facts["baseline"] = (
             "seed 004's plain endpoint (python -m bench.baseline): sync def FastAPI "
@@ -73,19 +89,39 @@ def client_facts(config: BenchConfig, *, where: str, read_ahead: str) -> dict[st
     return facts
 
 
+def models_fact(config: BenchConfig, entries: Mapping[str, ModelEntry], repository: Path) -> str:
+    """The models measured: name, task, input size, where from."""
+    parts = []
+    for number, (name, entry) in enumerate(entries.items()):
+        height, width = entry.config.input.size
+        default = ", the servers' default" if number == 0 else ""
+        parts.append(f"{name} ({entry.config.task}, {width}x{height}{default})")
+    where = (
+        ""
+        if repository == Path(config.model_repository)
+        else f" (run repository {repository}: links and exports)"
+    )
+    return ", ".join(parts) + where
+
+
 def local_facts(
-    config: BenchConfig, entry: ModelEntry, first: ModelSettings, max_batch: int
+    config: BenchConfig, entries: Mapping[str, ModelEntry], first: ModelSettings, repository: Path
 ) -> dict[str, object]:
     """The header of a run whose servers the harness started: every setting they were given."""
     server = config.server_settings()
     delay = (
         f"{server.max_queue_delay_us} us"
         if server.max_queue_delay_us is not None
-        else f"{entry.config.max_queue_delay_us} us (config.json)"
+        else "each model's max_queue_delay_us (config.json)"
     )
+    max_batch = server.max_batch_size or "each model's max_batch_size (config.json)"
+    names = list(entries)
     facts: dict[str, object] = {
-        "model": entry.name,
+        "models": models_fact(config, entries, repository),
+        "served": "every model by every served process"
+        + (f"; {names[0]} also alone (processes of its own)" if config.coserving and len(names) > 1 else ""),
         "images": images_fact(config),
+        "request_parameters": "classification: topk=5; detection: none (the model's thresholds)",
         "device": first.device,
         "runtime_threads": first.resolved_threads(),
         "runtime_instances": first.instances or 1,
@@ -96,7 +132,7 @@ def local_facts(
         + f" (on: max batch {max_batch}, max queue delay {delay}; off: VISION_MAX_BATCH_SIZE=1)",
         "server_env": dict(config.server_env),
         **load_facts(config),
-        "in_process_limit": limit_fact(config, config.resolved_layouts(), max_batch),
+        "in_process_limit": limit_fact(config, config.resolved_layouts()),
         "in_process_stages": "batch 1, one image after another",
         **client_facts(
             config, where="same machine", read_ahead=str(config.grpc_settings().stream_read_ahead)

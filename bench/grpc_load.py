@@ -1,27 +1,23 @@
-"""gRPC load over grpc.aio: unary `Predict` (and the health check, the gRPC floor) in a closed
-loop, and one `PredictStream`'s frames/s.
+"""gRPC load over grpc.aio: unary `Predict` (and the health check, the gRPC floor, and the Open
+Inference Protocol's `ModelInfer`) in a closed loop. Streams are `stream_load`'s.
 
 Everything goes over one channel (one HTTP/2 connection), built once per server; the request
-messages are built once too, so the client's per-request cost is the call itself. The unary sender
-plugs into `closed_loop.run_closed_loop`; a stream is measured by `measure_stream`.
+messages are built once too, so the client's per-request cost is the call itself. The senders
+plug into `closed_loop.run_closed_loop`. A request names its model and carries the task's
+parameters (`topk` for a classifier, none for a detector), as the HTTP requests do.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import math
 import struct
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.closed_loop import RequestFailed, SendOnce
-from bench.stats import Measurement
+from bench.http_load import CLASSIFY
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -31,9 +27,32 @@ MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 UNARY = "Inference/Predict (unary)"
 HEALTH = "Health/Check (gRPC floor)"
 STREAM = "Inference/PredictStream (1 stream)"
+PACED = "Inference/PredictStream (1 stream, paced)"
+LIVE = "Inference/PredictLive (1 stream, paced)"
 V2_UNARY = "GRPCInferenceService/ModelInfer (V2, BYTES)"
-GRPC_ENDPOINTS = {"grpc": UNARY, "health": HEALTH, "stream": STREAM, "v2grpc": V2_UNARY}
+GRPC_ENDPOINTS = {
+    "grpc": UNARY,
+    "health": HEALTH,
+    "stream": STREAM,
+    "pacedstream": PACED,
+    "livestream": LIVE,
+    "v2grpc": V2_UNARY,
+}
 """The CLI's gRPC endpoint names -> what the report calls them."""
+STREAM_ENDPOINTS = ("stream", "pacedstream", "livestream")
+"""The gRPC endpoints that are one streaming call per round (not closed-loop senders)."""
+CLASSIFIER_ONLY = ("v2grpc",)
+"""gRPC endpoints that ask for a classification (the V2 request's `classification` output)."""
+
+
+def message_fields(model: str, params: Mapping[str, object]) -> dict[str, Any]:
+    """The fields of a `PredictRequest` or `Frame` that name the model and carry the task's
+    parameters (`topk`, `score_threshold`, ..., `classes` as a list)."""
+    fields: dict[str, Any] = {"model": model} if model else {}
+    for key, value in params.items():
+        fields[key] = list(value) if isinstance(value, list | tuple) else value
+    return fields
+
 
 Metadata = tuple[tuple[str, str], ...]
 """gRPC metadata sent with every call (the API key: `Access.metadata()`)."""
@@ -62,15 +81,18 @@ def grpc_sender(
     channel: grpc.aio.Channel,
     image: bytes,
     *,
-    topk: int = 5,
+    model: str = "",
+    params: Mapping[str, object] = CLASSIFY,
     timeout_s: float = 30.0,
     check: CheckOutcome | None = None,
     metadata: Metadata = (),
 ) -> SendOnce:
-    """A `send` for `run_closed_loop`: one `Predict` of `image` with `metadata` (e.g. the API
-    key), the answer read; a failed call raises `RequestFailed("gRPC <STATUS>")`."""
+    """A `send` for `run_closed_loop`: one `Predict` of `image` for `model` (empty: the server's
+    default) with the task's `params` and `metadata` (e.g. the API key), the answer read; a failed
+    call raises `RequestFailed("gRPC <STATUS>")`."""
     predict = pb_grpc.InferenceStub(channel).Predict  # type: ignore[no-untyped-call]
-    return _unary_sender(predict, pb.PredictRequest(image=image, topk=topk), timeout_s, check, metadata)
+    request = pb.PredictRequest(image=image, **message_fields(model, params))
+    return _unary_sender(predict, request, timeout_s, check, metadata)
 
 
 def v2_grpc_sender(
@@ -143,90 +165,3 @@ def health_sender(channel: grpc.aio.Channel, *, timeout_s: float = 30.0) -> Send
             raise RequestFailed(f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
 
     return send
-
-
-async def measure_stream(
-    channel: grpc.aio.Channel,
-    image: bytes | Sequence[bytes],
-    *,
-    frames: int | None = None,
-    duration_s: float | None = None,
-    window: int | None = None,
-    topk: int = 5,
-    frame_timeout_s: float = 30.0,
-    metadata: Metadata = (),
-) -> Measurement:
-    """One `PredictStream` call: `image` (or several, in turn) sent as frames back to back until
-    `frames` and/or `duration_s` run out, then the answers awaited. With `window`, at most that
-    many frames are written and not yet answered; without, frames go as fast as the server's
-    read-ahead and HTTP/2 flow control take them.
-
-    A frame's latency runs from just before it is written to its answer, so it includes waiting
-    behind the frames ahead of it; frames/s is `throughput_rps` (answered frames / wall time,
-    first write to last answer). Error answers count as failures `frame <code>`; frames written
-    but never answered (the call failed) as `gRPC <STATUS>`. The call's deadline is
-    `frame_timeout_s` per frame bound plus the duration bound.
-    """
-    if frames is None and duration_s is None:
-        raise ValueError("bound the stream: give a number of frames, a duration, or both")
-    if frames is not None and frames < 0:
-        raise ValueError(f"frames must not be negative, got {frames}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
-    if frames == 0:
-        return Measurement(latencies_s=(), wall_s=0.0)
-    limit = math.inf if frames is None else frames
-    images = [image] if isinstance(image, bytes) else list(image)
-    if not images:
-        raise ValueError("no images to stream")
-    timeout_s = frame_timeout_s * (1 + (frames or 0)) + (duration_s or 0.0)
-    stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
-    call = stub.PredictStream(timeout=timeout_s, metadata=metadata)
-    sent_at: dict[int, float] = {}
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    started = time.perf_counter()
-    deadline = math.inf if duration_s is None else started + duration_s
-    room = asyncio.Semaphore(window) if window is not None else None
-
-    async def write() -> None:
-        frame_id = 0
-        try:
-            while frame_id < limit and time.perf_counter() < deadline:
-                if room is not None:
-                    await room.acquire()
-                    if time.perf_counter() >= deadline:
-                        break
-                sent_at[frame_id] = time.perf_counter()
-                frame = pb.Frame(image=images[frame_id % len(images)], frame_id=frame_id, topk=topk)
-                await call.write(frame)
-                frame_id += 1
-            await call.done_writing()
-        except BaseException:
-            call.cancel()  # the reader must not wait for answers that will not come
-            raise
-
-    writer = asyncio.create_task(write())
-    last = started
-    try:
-        while (answer := await call.read()) is not grpc.aio.EOF:
-            last = time.perf_counter()
-            if room is not None:
-                room.release()
-            sent = sent_at.pop(answer.frame_id, None)
-            if answer.HasField("error"):
-                errors[f"frame {answer.error.code}"] += 1
-            elif sent is not None:
-                latencies.append(last - sent)
-        await writer
-    except grpc.aio.AioRpcError as exc:
-        last = time.perf_counter()
-        errors[f"gRPC {exc.code().name}"] += len(sent_at)  # written and never answered
-        sent_at.clear()
-    finally:
-        writer.cancel()
-        # the call's failure is counted above; the writer only saw it too
-        with contextlib.suppress(asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
-            await writer
-        call.cancel()
-    return Measurement(latencies_s=tuple(latencies), wall_s=last - started, errors=dict(errors))

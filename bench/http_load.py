@@ -1,7 +1,10 @@
 """HTTP load: requests encoded once, sent by closed-loop senders over keep-alive connections.
 
 Each request body (multipart upload, JSON with base64) is built once up front, so the client's
-per-request cost is the HTTP exchange only and not the encoding of the same image again.
+per-request cost is the HTTP exchange only and not the encoding of the same image again. A request
+names its model in the query (`?model=NAME`), which lets a server of several models refuse it
+before reading its body, and carries the task's parameters (`topk` for a classifier; a detector's
+request sets none, so it gets the model's thresholds).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import struct
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
+from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx2
 
@@ -23,6 +28,9 @@ from bench.closed_loop import RequestFailed, SendOnce, run_closed_loop
 from bench.stats import Measurement
 
 T = TypeVar("T")
+
+CLASSIFY: Mapping[str, object] = MappingProxyType({"topk": 5})
+"""A classification request's parameters: the top 5 classes."""
 
 
 @dataclass(frozen=True)
@@ -39,28 +47,41 @@ class HttpRequestSpec:
     """False for requests that run no model (the HTTP floor): nothing in-process to compare with."""
 
 
-def file_request(image: bytes, filename: str, *, topk: int = 5) -> HttpRequestSpec:
-    """POST /predict/file: the image as a multipart upload (field `file`)."""
+def _query(model: str, params: Mapping[str, object]) -> str:
+    """`?model=NAME&topk=5` (only what is given), or nothing."""
+    pairs: list[tuple[str, object]] = [("model", model)] if model else []
+    for key, value in params.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        pairs += [(key, item) for item in values]
+    return f"?{urlencode(pairs)}" if pairs else ""
+
+
+def file_request(
+    image: bytes, filename: str, *, model: str = "", params: Mapping[str, object] = CLASSIFY
+) -> HttpRequestSpec:
+    """POST /predict/file: the image as a multipart upload (field `file`), the model and the
+    task's parameters in the query."""
     mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    encoded = httpx2.Request(
-        "POST", "http://bench/predict/file", files={"file": (filename, image, mime)}, params={"topk": topk}
-    )
+    encoded = httpx2.Request("POST", "http://bench/predict/file", files={"file": (filename, image, mime)})
     return HttpRequestSpec(
         name="POST /predict/file (multipart)",
         method="POST",
-        path=f"/predict/file?topk={topk}",
+        path=f"/predict/file{_query(model, params)}",
         headers={"Content-Type": encoded.headers["Content-Type"]},
         body=encoded.read(),
     )
 
 
-def json_request(image: bytes, *, topk: int = 5) -> HttpRequestSpec:
-    """POST /predict: the image base64-encoded in a JSON body."""
-    body = json.dumps({"image": base64.b64encode(image).decode("ascii"), "topk": topk})
+def json_request(
+    image: bytes, *, model: str = "", params: Mapping[str, object] = CLASSIFY
+) -> HttpRequestSpec:
+    """POST /predict: the image base64-encoded in a JSON body with the task's parameters; the
+    model in the query."""
+    body = json.dumps({"image": base64.b64encode(image).decode("ascii"), **params})
     return HttpRequestSpec(
         name="POST /predict (JSON base64)",
         method="POST",
-        path="/predict",
+        path=f"/predict{_query(model, {})}",
         headers={"Content-Type": "application/json"},
         body=body.encode("ascii"),
     )
@@ -103,13 +124,19 @@ def live_request() -> HttpRequestSpec:
     )
 
 
-REQUESTS: dict[str, Callable[[bytes, str, str], HttpRequestSpec]] = {
-    "file": lambda image, filename, model: file_request(image, filename),
-    "json": lambda image, filename, model: json_request(image),
-    "live": lambda image, filename, model: live_request(),
-    "v2": lambda image, filename, model: v2_request(image, model),
+RequestBuilder = Callable[[bytes, str, str, Mapping[str, object]], HttpRequestSpec]
+"""builder(image bytes, file name, model name, the task's parameters) -> the request."""
+
+REQUESTS: dict[str, RequestBuilder] = {
+    "file": lambda image, filename, model, params: file_request(image, filename, model=model, params=params),
+    "json": lambda image, filename, model, params: json_request(image, model=model, params=params),
+    "live": lambda image, filename, model, params: live_request(),
+    "v2": lambda image, filename, model, params: v2_request(image, model),
 }
-"""The endpoints the CLI knows by name: name -> builder(image bytes, file name, model name)."""
+"""The HTTP endpoints the CLI knows by name -> their builders."""
+
+CLASSIFIER_ONLY = ("v2",)
+"""HTTP endpoints that ask for a classification (the V2 request's `classification` output)."""
 
 
 def http_client(

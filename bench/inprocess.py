@@ -1,9 +1,11 @@
 """The pipeline without a server: decode + preprocess + predict_batch (batch 1) + postprocess,
 timed per stage with `time.perf_counter`, in the calling thread, one image after another.
 
-This is the floor a served request's latency is compared with: the same runtime class, settings
-and images as the served process, with no protocol, queueing or thread hand-offs. (The
-throughput a machine can reach, over several threads and batches, is `layouts`.)
+This is the floor a served request's latency is compared with: the same runtime class, settings,
+task steps (`steps`: centre crop and top-k, or letterbox and NMS) and images as the served
+process, with no protocol, queueing or thread hand-offs. (The throughput a machine can reach, over
+several threads and batches, is `layouts`.) Where the task's decoding cannot be timed apart, the
+`decode` stage reads 0 and `preprocess` holds both.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.stats import Measurement
-from visionserve.postprocessing import postprocess
-from visionserve.preprocessing import ImagePreprocessor
+from bench.steps import TaskSteps
 from visionserve.repository import ModelEntry
 from visionserve.runtimes import create_runtime
 from visionserve.runtimes.base import ModelRuntime
@@ -62,13 +63,9 @@ def loaded_runtime(entry: ModelEntry, settings: ModelSettings) -> Iterator[Model
 class PipelineTimer:
     """Runs the pipeline on one image and returns each stage's duration (seconds)."""
 
-    def __init__(self, runtime: ModelRuntime, preprocessor: ImagePreprocessor, *, topk: int = 5):
+    def __init__(self, runtime: ModelRuntime, steps: TaskSteps):
         self.runtime = runtime
-        self.preprocessor = preprocessor
-        self.topk = topk
-        config = runtime.model.config
-        self._labels = runtime.model.labels
-        self._kind = config.output.kind
+        self.steps = steps
 
     def warm_up(self, images: Images, passes: int) -> None:
         """Run the pipeline `passes` times over `images` in turn, unmeasured."""
@@ -77,14 +74,20 @@ class PipelineTimer:
 
     def run_once(self, image: bytes) -> tuple[float, float, float, float]:
         """decode, preprocess, predict_batch, postprocess durations of one pass, in seconds."""
+        steps = self.steps
         t0 = time.perf_counter()
-        decoded = self.preprocessor.decode(image)
-        t1 = time.perf_counter()
-        tensor = self.preprocessor.preprocess(decoded)
+        if steps.split is not None:
+            decode, shape = steps.split
+            decoded = decode(image)
+            t1 = time.perf_counter()
+            prepared = shape(decoded)
+        else:
+            t1 = t0
+            prepared = steps.prepare(image)
         t2 = time.perf_counter()
-        scores = self.runtime.predict_batch(tensor[np.newaxis])
+        outputs = self.runtime.predict_batch(prepared.tensor[np.newaxis])
         t3 = time.perf_counter()
-        postprocess(scores, self.topk, self._labels, kind=self._kind)
+        steps.finish(outputs[0], prepared.meta)
         t4 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t2, t4 - t3
 

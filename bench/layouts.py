@@ -1,15 +1,18 @@
-"""The in-process limit: the best throughput of decode + preprocess + predict_batch, no network,
-over a few thread layouts.
+"""The in-process limit: the best throughput of decode + preprocess + predict_batch +
+postprocess, no network, over a few thread layouts.
 
 A layout is W preprocessing threads and one inference thread whose runtime has T intra-op
 threads. The W threads decode and preprocess images from a fixed list (image i of the run is
 `images[i % len(images)]`, whichever thread claims it) into a bounded queue; the inference thread
-takes whatever is queued, up to the maximum batch size, runs `predict_batch` and counts images.
-That is the served pipeline without HTTP, gRPC, asyncio or the batcher's hand-offs: the number
-a served req/s is held against ("in-process limit" in the report is the best layout's img/s).
+takes whatever is queued, up to the maximum batch size, runs `predict_batch` and hands each output
+row back to the W threads, which postprocess it (top-k, or NMS and the boxes mapped back) before
+they claim the next image. That is the served pipeline without HTTP, gRPC, asyncio or the
+batcher's hand-offs: the number a served req/s is held against ("in-process limit" in the report
+is the best layout's img/s).
 
 Each layout is bounded by a number of images and/or a time cap; images claimed before the cap
-are still computed and counted, and img/s is images / wall time (first claim to last batch).
+are still computed, postprocessed and counted, and img/s is images / wall time (first claim to
+the last image postprocessed).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visionserve.preprocessing import ImagePreprocessor
+from bench.steps import TaskSteps
 from visionserve.runtimes.base import ModelRuntime
+from visionserve.tasks import Prepared
 
-PIPELINE = "decode + preprocess + predict_batch"
+PIPELINE = "decode + preprocess + predict_batch + postprocess"
 
 
 @dataclass(frozen=True, order=True)
@@ -122,7 +126,7 @@ def use_threads(runtime: ModelRuntime) -> None:
 
 def measure_layout(
     runtime: ModelRuntime,
-    preprocessor: ImagePreprocessor,
+    steps: TaskSteps,
     images: Sequence[bytes],
     *,
     workers: int,
@@ -131,7 +135,10 @@ def measure_layout(
     duration_s: float | None = None,
 ) -> LayoutMeasurement:
     """Run `workers` preprocessing threads and one inference thread (the caller) over `images`
-    until `count` images and/or `duration_s` run out; return what was computed."""
+    until `count` images and/or `duration_s` run out; return what was computed and postprocessed.
+
+    The workers also postprocess the inference thread's output rows, before they claim another
+    image (the server runs both in its one preprocessing pool)."""
     if count is None and duration_s is None:
         raise ValueError("bound the run: give a number of images, a duration, or both")
     if workers < 1 or max_batch_size < 1:
@@ -144,15 +151,18 @@ def measure_layout(
     limit = math.inf if count is None else count
     # NOTE: bounded, so that preprocessing cannot run far ahead of inference (a backlog would
     # make every batch the largest, a throughput a server with a closed loop of clients never sees).
-    tensors: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=max(2 * max_batch_size, 2 * workers))
+    tensors: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(2 * max_batch_size, 2 * workers))
+    outputs: queue.Queue[tuple[np.ndarray, object]] = queue.Queue()
     claim = threading.Lock()
     stop = threading.Event()
+    computed = threading.Event()  # the inference thread has run its last batch
     claimed = 0
+    finished: list[float] = []  # when each image's postprocessing ended
     failures: list[BaseException] = []
     started = time.perf_counter()
     deadline = math.inf if duration_s is None else started + duration_s
 
-    def put(item: np.ndarray | None) -> None:
+    def put(item: Prepared | None) -> None:
         while not stop.is_set():
             try:
                 tensors.put(item, timeout=0.1)
@@ -160,29 +170,42 @@ def measure_layout(
             except queue.Full:
                 continue
 
-    def preprocess() -> None:
+    def postprocess_one(block: bool) -> bool:
+        """Postprocess one output row if there is one (waiting a little if `block`)."""
+        try:
+            row, meta = outputs.get(timeout=0.05) if block else outputs.get_nowait()
+        except queue.Empty:
+            return False
+        steps.finish(row, meta)
+        finished.append(time.perf_counter())
+        return True
+
+    def work() -> None:
         nonlocal claimed
         try:
             while not stop.is_set():
+                if postprocess_one(block=False):
+                    continue
                 with claim:
                     if claimed >= limit or time.perf_counter() >= deadline:
                         break
                     index = claimed
                     claimed += 1
-                put(preprocessor(images[index % len(images)]))
+                put(steps.prepare(images[index % len(images)]))
+            put(None)  # this worker claims no more
+            while not stop.is_set() and not (computed.is_set() and outputs.empty()):
+                postprocess_one(block=True)
         except BaseException as exc:
             failures.append(exc)
             stop.set()
-        finally:
-            put(None)  # this worker is done
+            put(None)
 
     threads = [
-        threading.Thread(target=preprocess, name=f"bench-preprocess-{i}", daemon=True) for i in range(workers)
+        threading.Thread(target=work, name=f"bench-preprocess-{i}", daemon=True) for i in range(workers)
     ]
     for thread in threads:
         thread.start()
     done = batches = ended = 0
-    last = started
     try:
         while ended < workers and not stop.is_set():
             try:
@@ -202,14 +225,20 @@ def measure_layout(
                     ended += 1
                 else:
                     batch.append(more)
-            runtime.predict_batch(np.stack(batch))
+            rows = runtime.predict_batch(np.stack([prepared.tensor for prepared in batch]))
+            for row, prepared in zip(rows, batch, strict=True):
+                outputs.put((row, prepared.meta))
             done += len(batch)
             batches += 1
-            last = time.perf_counter()
-    finally:
+    except BaseException:
         stop.set()
+        raise
+    finally:
+        computed.set()
         for thread in threads:
             thread.join()
+        stop.set()
     if failures:
         raise failures[0]
+    last = max(finished, default=started)
     return LayoutMeasurement(images=done, wall_s=last - started, batches=batches)

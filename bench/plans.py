@@ -1,96 +1,45 @@
-"""The served rows of one backend: which processes to start, and for each row how to measure it.
+"""The served rows of one backend, and for each how to measure a round of it.
 
-A backend gets one HTTP and one gRPC process per batching mode (`on`: the batcher as configured;
-`off`: `VISION_MAX_BATCH_SIZE=1`), the same again with a small `VISION_MAX_QUEUE_SIZE` for the
-overload rows, and, once per run, the baseline server. A `RowPlan` is one served row: the
-`ResultRow` it will become, a `measure(requests, duration_s)` that runs one round of it, and the
-`/metrics` URL to scrape around each round.
-
-A group's HTTP and gRPC ends are anything with an address and a metrics URL (`HttpEndpoint`,
-`GrpcEndpoint`): a process the harness started, or a deployment it did not (`deployment`).
+A `RowPlan` is one served row: the `ResultRow` it will become, a `measure(requests, duration_s)`
+that runs one round of it, and the `/metrics` URL to scrape around each round (only its model's
+samples). `build_plans` lists every served row of the run's models against the groups'
+processes (`groups`): each concurrency level (per model: each group's HTTP then gRPC rows, then
+the baseline), the streams, the overload rows. The floors (`live`, `health`) run no model and are
+measured once, with the first model's group; the V2 endpoints and the baseline ask for a
+classification and are measured for classifiers only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Protocol
-
-import grpc
+from dataclasses import dataclass, field
+from typing import Any
 
 from bench.access import OPEN, Access
-from bench.closed_loop import OnAnswer, SendOnce, cycling, run_closed_loop
+from bench.closed_loop import OnAnswer, SendOnce, run_closed_loop
 from bench.config import BenchConfig
-from bench.grpc_load import (
-    HEALTH,
-    STREAM,
-    UNARY,
-    V2_UNARY,
-    grpc_channel,
-    grpc_sender,
-    health_sender,
-    measure_stream,
-    v2_grpc_sender,
-)
-from bench.http_load import REQUESTS, HttpRequestSpec, http_client, http_sender
-from bench.images import BenchImage
+from bench.groups import HttpEndpoint, ServedGroup
+from bench.grpc_load import CLASSIFIER_ONLY as GRPC_CLASSIFIER_ONLY
+from bench.grpc_load import GRPC_ENDPOINTS, HEALTH, UNARY, V2_UNARY
+from bench.http_load import CLASSIFIER_ONLY as HTTP_CLASSIFIER_ONLY
+from bench.http_load import REQUESTS, HttpRequestSpec
 from bench.progress import ProgressBar
-from bench.raw_http import RawHttpClient
 from bench.rows import BASELINE, GRPC, GRPC_STREAM, HTTP, ResultRow
+from bench.senders import Clients
 from bench.server_metrics import ServerFigures
-from bench.servers import BaselineServerProcess, GrpcServerProcess, ServerProcess
 from bench.stats import Measurement
+from bench.subjects import BenchModel
 
 Measure = Callable[[int | None, float | None], Coroutine[Any, Any, Measurement]]
 """Runs one round of a served row, bounded by (requests, duration_s)."""
 
 BASELINE_TARGET = "POST /predict (JSON base64, seed 004 plain endpoint)"
+FLOORS = ("live", "health")
+"""Endpoints that run no model: measured once per group, with the first model."""
 
 _EMPTY = Measurement(latencies_s=(), wall_s=0.0)
-
-
-class HttpEndpoint(Protocol):
-    """Where an HTTP API listens (`http://host:port`) and its Prometheus endpoint, if any."""
-
-    @property
-    def base_url(self) -> str: ...
-
-    @property
-    def metrics_url(self) -> str | None: ...
-
-
-class GrpcEndpoint(Protocol):
-    """Where a gRPC API listens (`host:port`) and its Prometheus endpoint, if any."""
-
-    @property
-    def target(self) -> str: ...
-
-    @property
-    def metrics_url(self) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class ServedGroup:
-    """The served ends of one configuration: a batching mode, and whether it is the overload
-    configuration (small queue). Ends the harness starts are `ServerProcess`es; a deployment's are
-    only addresses."""
-
-    batching: str
-    overload_queue_size: int | None
-    http: HttpEndpoint | None
-    grpc: GrpcEndpoint | None
-    access: Access = OPEN
-    """The key and CAs of every request to these ends (a deployment's; open for the harness's own)."""
-
-    @property
-    def processes(self) -> list[ServerProcess]:
-        """The processes the harness must start for it (HTTP first); none for a deployment."""
-        return [p for p in (self.http, self.grpc) if isinstance(p, ServerProcess)]
 
 
 def split_requests(total: int | None, rounds: int) -> list[int | None]:
@@ -101,58 +50,9 @@ def split_requests(total: int | None, rounds: int) -> list[int | None]:
     return [base + 1 if i < extra else base for i in range(rounds)]
 
 
-def group_env(base: dict[str, str], batching: str, overload_queue_size: int | None) -> dict[str, str]:
-    """The served processes' `VISION_*` for a batching mode and, for overload, a queue size."""
-    env = dict(base)
-    if batching == "off":
-        env["VISION_MAX_BATCH_SIZE"] = "1"
-    if overload_queue_size is not None:
-        env["VISION_MAX_QUEUE_SIZE"] = str(overload_queue_size)
-    return env
-
-
-def served_groups(config: BenchConfig, backend: str, env: dict[str, str]) -> list[ServedGroup]:
-    """The process groups a backend needs (not started): sweep groups, then overload groups."""
-    log_dir = config.output
-    groups = []
-    plans: list[tuple[str, int | None, bool, bool]] = [
-        (mode, None, bool(config.http_endpoints), bool(config.grpc_endpoints)) for mode in config.batching
-    ]
-    if config.overload:
-        wants_http = bool({"json", "file"} & set(config.overload_endpoints))
-        wants_grpc = "grpc" in config.overload_endpoints
-        plans += [(mode, config.overload_queue_size, wants_http, wants_grpc) for mode in config.batching]
-    for mode, queue_size, wants_http, wants_grpc in plans:
-        suffix = f"{'-overload' if queue_size is not None else ''}-batching-{mode}"
-        group_vars = group_env(env, mode, queue_size)
-        http = grpc = None
-        if wants_http:
-            http = ServerProcess(
-                backend,
-                env=group_vars,
-                log_path=log_dir / f"server-{backend}{suffix}.log",
-                ready_timeout_s=config.ready_timeout_s,
-            )
-        if wants_grpc:
-            grpc = GrpcServerProcess(
-                backend,
-                env=group_vars,
-                log_path=log_dir / f"server-grpc-{backend}{suffix}.log",
-                ready_timeout_s=config.ready_timeout_s,
-            )
-        groups.append(ServedGroup(mode, queue_size, http, grpc))
-    return groups
-
-
-def baseline_process(config: BenchConfig, *, model_name: str, threads: int) -> BaselineServerProcess:
-    """The naive reference server for the run's model (not started)."""
-    return BaselineServerProcess(
-        model_repository=Path(config.model_repository),
-        model_name=model_name,
-        threads=threads,
-        log_path=config.output / "server-baseline.log",
-        ready_timeout_s=config.ready_timeout_s,
-    )
+def stream_target(name: str, fps: float) -> str:
+    """What the report calls a stream row (`pacedstream` and `livestream` say their rate)."""
+    return GRPC_ENDPOINTS[name].replace("paced", f"{fps:g} frames/s")
 
 
 @dataclass
@@ -189,6 +89,8 @@ class RowPlan:
             batching=self.template.batching,
             overload_queue_size=self.template.overload_queue_size,
             server=self.figures,
+            model=self.template.model,
+            alone=self.template.alone,
         )
 
 
@@ -199,8 +101,10 @@ def template(
     concurrency: int,
     *,
     batching: str,
+    model: str = "",
     model_work: bool = True,
     overload_queue_size: int | None = None,
+    alone: bool = False,
 ) -> ResultRow:
     """A row not measured yet."""
     return ResultRow(
@@ -212,6 +116,8 @@ def template(
         model_work=model_work,
         batching=batching,
         overload_queue_size=overload_queue_size,
+        model=model,
+        alone=alone,
     )
 
 
@@ -238,140 +144,156 @@ def build_plans(
     *,
     label: str,
     groups: list[ServedGroup],
-    baseline: HttpEndpoint | None,
-    images: list[BenchImage],
-    runner: asyncio.Runner,
-    stack: contextlib.ExitStack,
+    models: list[BenchModel],
+    clients: Clients,
     bar: ProgressBar,
-    model_name: str | None = None,
+    baseline: HttpEndpoint | None = None,
+    baseline_model: str = "",
 ) -> list[RowPlan]:
     """Every served row of one backend, in the order they take their turns: each concurrency level
-    (each group's HTTP then gRPC rows, then the baseline), the streams, the overload rows. Clients
-    are made on `runner`'s loop and closed by `stack`."""
-    datas = [image.data for image in images]
-    if model_name is None and ("v2" in config.http_endpoints or "v2grpc" in config.grpc_endpoints):
-        raise ValueError("the V2 endpoints (v2, v2grpc) name the model in each request: give --model")
-    model = model_name or ""
-    specs = {
-        name: [REQUESTS[name](image.data, image.name, model) for image in images]
-        for name in config.http_endpoints
-    }
-
-    def http_senders(
-        process: HttpEndpoint,
-        level: int,
-        chosen: dict[str, list[HttpRequestSpec]],
-        access: Access = OPEN,
-    ) -> dict[str, SendOnce]:
-        keyed = {
-            name: [replace(spec, headers={**spec.headers, **access.headers()}) for spec in group]
-            for name, group in chosen.items()
-        }
-        context = access.ssl_context() if process.base_url.startswith("https://") else None
-        if config.client == "raw":
-            raw = RawHttpClient(
-                process.base_url, concurrency=level, timeout_s=config.timeout_s, ssl_context=context
-            )
-            stack.callback(runner.run, raw.aclose())
-            return {name: cycling([raw.sender(spec) for spec in group]) for name, group in keyed.items()}
-        client = http_client(
-            process.base_url, concurrency=level, timeout_s=config.timeout_s, verify=context or True
-        )
-        stack.callback(runner.run, client.aclose())
-        return {name: cycling([http_sender(client, spec) for spec in group]) for name, group in keyed.items()}
-
-    channels: dict[str, grpc.aio.Channel] = {}
-
-    def channel(target: str, access: Access = OPEN) -> grpc.aio.Channel:
-        if target not in channels:
-            # NOTE: made on the runner's loop: a grpc.aio channel belongs to the loop it is made on.
-            channels[target] = runner.run(_open_channel(target, access))
-            stack.callback(runner.run, channels[target].close())
-        return channels[target]
-
-    def unary(target: str, access: Access = OPEN) -> SendOnce:
-        to, key = channel(target, access), access.metadata()
-        return cycling([grpc_sender(to, data, timeout_s=config.timeout_s, metadata=key) for data in datas])
-
-    def v2_unary(target: str, access: Access = OPEN) -> SendOnce:
-        to, key = channel(target, access), access.metadata()
-        return cycling(
-            [v2_grpc_sender(to, data, model, timeout_s=config.timeout_s, metadata=key) for data in datas]
-        )
-
+    (per model, each group's HTTP then gRPC rows; the baseline of `baseline_model`), the streams,
+    the overload rows."""
+    specs = {model.name: _specs(config, model, first=model is models[0]) for model in models}
+    sweep = [group for group in groups if group.overload_queue_size is None]
     plans: list[RowPlan] = []
-    sweep = [g for g in groups if g.overload_queue_size is None]
     for level in config.concurrency:
-        for group in sweep:
-            access = group.access
-            if group.http is not None:
-                for name, send in http_senders(group.http, level, specs, access).items():
-                    spec = specs[name][0]
-                    row = template(
-                        label, HTTP, spec.name, level, batching=group.batching, model_work=spec.model_work
+        for model in models:
+            for group in sweep:
+                if group.serves(model.name):
+                    plans += _closed_loop_rows(
+                        config,
+                        label=label,
+                        group=group,
+                        model=model,
+                        specs=specs[model.name],
+                        level=level,
+                        clients=clients,
+                        bar=bar,
+                        first=model is models[0],
                     )
-                    measure = closed_loop(send, level, bar.advance)
-                    plans.append(RowPlan(row, measure, group.http.metrics_url, access=access))
-            if group.grpc is not None:
-                target, metrics_url = group.grpc.target, group.grpc.metrics_url
-                if "grpc" in config.grpc_endpoints:
-                    row = template(label, GRPC, UNARY, level, batching=group.batching)
-                    measure = closed_loop(unary(target, access), level, bar.advance)
-                    plans.append(RowPlan(row, measure, metrics_url, access=access))
-                if "v2grpc" in config.grpc_endpoints:
-                    row = template(label, GRPC, V2_UNARY, level, batching=group.batching)
-                    measure = closed_loop(v2_unary(target, access), level, bar.advance)
-                    plans.append(RowPlan(row, measure, metrics_url, access=access))
-                if "health" in config.grpc_endpoints:
-                    send = health_sender(channel(target, access), timeout_s=config.timeout_s)
-                    row = template(label, GRPC, HEALTH, level, batching=group.batching, model_work=False)
-                    measure = closed_loop(send, level, bar.advance)
-                    plans.append(RowPlan(row, measure, metrics_url, access=access))
-        if baseline is not None:
-            baseline_specs = {BASELINE_TARGET: [_baseline_request(data) for data in datas]}
-            send = http_senders(baseline, level, baseline_specs)[BASELINE_TARGET]
-            row = template("onnx", BASELINE, BASELINE_TARGET, level, batching="none")
-            plans.append(RowPlan(row, closed_loop(send, level, bar.advance)))
-    if "stream" in config.grpc_endpoints:
-        for group in sweep:
-            if group.grpc is not None:
-                row = template(label, GRPC_STREAM, STREAM, 1, batching=group.batching)
-                stream = _stream(channel(group.grpc.target, group.access), datas, config, group.access)
-                plans.append(RowPlan(row, stream, group.grpc.metrics_url, access=group.access))
-    level = config.overload_concurrency
-    rounds = split_requests(config.resolved_overload_requests(), config.rounds)
-    for group in groups:
-        queue = group.overload_queue_size
-        if queue is None:
-            continue
-        if group.http is not None:
-            chosen = {name: specs[name] for name in config.overload_endpoints if name in specs}
-            for name, send in http_senders(group.http, level, chosen).items():
+            if baseline is not None and model.name == baseline_model:
+                baseline_specs = {BASELINE_TARGET: [_baseline_request(data) for data in model.datas]}
+                send = clients.http(baseline, level, baseline_specs)[BASELINE_TARGET]
+                row = template("onnx", BASELINE, BASELINE_TARGET, level, batching="none", model=model.name)
+                plans.append(RowPlan(row, closed_loop(send, level, bar.advance)))
+    for model in models:
+        for name in config.stream_endpoints:
+            for group in sweep:
+                if group.grpc is None or group.alone or not group.serves(model.name):
+                    continue
                 row = template(
                     label,
-                    HTTP,
-                    specs[name][0].name,
+                    GRPC_STREAM,
+                    stream_target(name, config.clip_fps),
+                    1,
+                    batching=group.batching,
+                    model=model.name,
+                )
+                measure: Measure = clients.stream(name, group.grpc.target, model, group.access)
+                plans.append(RowPlan(row, measure, group.grpc.metrics_url, access=group.access))
+    level = config.overload_concurrency
+    rounds = split_requests(config.resolved_overload_requests(), config.rounds)
+    backoff_s = config.overload_backoff_ms / 1e3
+    for model in models:
+        for group in groups:
+            queue = group.overload_queue_size
+            if queue is None:
+                continue
+            if group.http is not None:
+                chosen = {
+                    name: specs[model.name][name]
+                    for name in config.overload_endpoints
+                    if name in specs[model.name]
+                }
+                for name, send in clients.http(group.http, level, chosen).items():
+                    row = template(
+                        label,
+                        HTTP,
+                        chosen[name][0].name,
+                        level,
+                        batching=group.batching,
+                        model=model.name,
+                        overload_queue_size=queue,
+                    )
+                    measure = closed_loop(send, level, bar.advance, backoff_s=backoff_s)
+                    plans.append(RowPlan(row, measure, group.http.metrics_url, rounds))
+            if group.grpc is not None:
+                row = template(
+                    label,
+                    GRPC,
+                    UNARY,
                     level,
                     batching=group.batching,
+                    model=model.name,
                     overload_queue_size=queue,
                 )
-                measure = closed_loop(send, level, bar.advance, backoff_s=config.overload_backoff_ms / 1e3)
-                plans.append(RowPlan(row, measure, group.http.metrics_url, rounds))
-        if group.grpc is not None:
-            row = template(label, GRPC, UNARY, level, batching=group.batching, overload_queue_size=queue)
-            plans.append(
-                RowPlan(
-                    row,
-                    closed_loop(
-                        unary(group.grpc.target),
-                        level,
-                        bar.advance,
-                        backoff_s=config.overload_backoff_ms / 1e3,
-                    ),
-                    group.grpc.metrics_url,
-                    rounds,
-                )
-            )
+                send = clients.unary(group.grpc.target, model)
+                measure = closed_loop(send, level, bar.advance, backoff_s=backoff_s)
+                plans.append(RowPlan(row, measure, group.grpc.metrics_url, rounds))
+    return plans
+
+
+def _specs(config: BenchConfig, model: BenchModel, *, first: bool) -> dict[str, list[HttpRequestSpec]]:
+    """The HTTP requests of `model`'s rows, one per image, by endpoint name (the floor with the
+    first model only; the V2 request for a classifier only)."""
+    found = {}
+    for name in config.http_endpoints:
+        if (name in FLOORS and not first) or (
+            name in HTTP_CLASSIFIER_ONLY and model.task != "classification"
+        ):
+            continue
+        found[name] = [
+            REQUESTS[name](image.data, image.name, model.name, model.params) for image in model.images
+        ]
+    return found
+
+
+def _closed_loop_rows(
+    config: BenchConfig,
+    *,
+    label: str,
+    group: ServedGroup,
+    model: BenchModel,
+    specs: dict[str, list[HttpRequestSpec]],
+    level: int,
+    clients: Clients,
+    bar: ProgressBar,
+    first: bool,
+) -> list[RowPlan]:
+    """One group's closed-loop rows of `model` (`first`: the run's first) at `level`: HTTP, then
+    gRPC (a group serving the model alone: the rows with model work only)."""
+    access, plans = group.access, []
+
+    def row(mode: str, target: str, *, model_work: bool = True) -> ResultRow:
+        return template(
+            label,
+            mode,
+            target,
+            level,
+            batching=group.batching,
+            model=model.name,
+            model_work=model_work,
+            alone=group.alone,
+        )
+
+    def add(send: SendOnce, template_row: ResultRow, metrics_url: str | None) -> None:
+        plans.append(RowPlan(template_row, closed_loop(send, level, bar.advance), metrics_url, access=access))
+
+    if group.http is not None:
+        chosen = {name: found for name, found in specs.items() if not (group.alone and name in FLOORS)}
+        for name, send in clients.http(group.http, level, chosen, access).items():
+            spec = chosen[name][0]
+            add(send, row(HTTP, spec.name, model_work=spec.model_work), group.http.metrics_url)
+    if group.grpc is None:
+        return plans
+    target, metrics_url = group.grpc.target, group.grpc.metrics_url
+    for name in config.grpc_endpoints:
+        if name == "grpc":
+            add(clients.unary(target, model, access), row(GRPC, UNARY), metrics_url)
+        elif name in GRPC_CLASSIFIER_ONLY and model.task == "classification":
+            add(clients.v2_unary(target, model, access), row(GRPC, V2_UNARY), metrics_url)
+        elif name == "health" and first and not group.alone:
+            add(clients.health(target, access), row(GRPC, HEALTH, model_work=False), metrics_url)
     return plans
 
 
@@ -385,22 +307,3 @@ def _baseline_request(image: bytes) -> HttpRequestSpec:
         headers={"Content-Type": "application/json"},
         body=body,
     )
-
-
-async def _open_channel(target: str, access: Access) -> grpc.aio.Channel:
-    return grpc_channel(target, access.grpc_credentials())
-
-
-def _stream(channel: grpc.aio.Channel, images: list[bytes], config: BenchConfig, access: Access) -> Measure:
-    def measure(frames: int | None, duration_s: float | None) -> Coroutine[Any, Any, Measurement]:
-        return measure_stream(
-            channel,
-            images,
-            frames=frames,
-            duration_s=duration_s,
-            window=config.resolved_stream_window(),
-            frame_timeout_s=config.timeout_s,
-            metadata=access.metadata(),
-        )
-
-    return measure

@@ -40,7 +40,7 @@ __all__ = [
     "ResultRow",
 ]
 
-FORMAT = "visionserve-bench/2"
+FORMAT = "visionserve-bench/3"
 ONNX_TARGET_MS = 2.0
 """The goal: served HTTP p50 at concurrency 1 within this of the in-process p50, on ONNX Runtime."""
 ONNX_GRPC_TARGET_MS = 1.0
@@ -60,9 +60,10 @@ class Overhead:
     in_process_p50_ms: float
     difference_ms: float
     target_ms: float | None
-    """The goal for this row (ONNX only), or None."""
+    """The goal for this row (ONNX, the classifier only), or None."""
     mode: str = HTTP
     """How it was served: `HTTP` or `gRPC`."""
+    model: str = ""
 
     @property
     def met(self) -> bool | None:
@@ -83,23 +84,45 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     """What the run left out or ignored, and why (e.g. `in-process limit: not measured (no local
     model repository)`), one sentence each."""
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Model -> its task (`classification`, `detection`), where known: which targets apply."""
+    stream_fps: float | None = None
+    """The paced streams' frame rate (a camera's), where the run has them."""
 
-    def limits(self) -> dict[str, LayoutRow]:
-        """Runtime -> its best layout: the in-process limit served rows are held against."""
-        best: dict[str, LayoutRow] = {}
+    def limits(self) -> dict[tuple[str, str], LayoutRow]:
+        """(runtime, model) -> its best layout: the in-process limit served rows are held against."""
+        best: dict[tuple[str, str], LayoutRow] = {}
         for row in self.layouts:
-            current = best.get(row.runtime)
+            key = (row.runtime, row.model)
+            current = best.get(key)
             if current is None or row.measurement.images_per_s > current.measurement.images_per_s:
-                best[row.runtime] = row
+                best[key] = row
         return best
 
     def limit_ratio(self, row: ResultRow) -> float | None:
-        """A served row's req/s as a fraction of its runtime's in-process limit (model work only)."""
-        limit = self.limits().get(row.runtime)
+        """A served row's req/s (a stream's frames computed per second) as a fraction of its
+        runtime's and model's in-process limit (model work only)."""
+        limit = self.limits().get((row.runtime, row.model))
         if limit is None or not row.model_work or row.mode == IN_PROCESS:
             return None
         rate = limit.measurement.images_per_s
         return row.measurement.throughput_rps / rate if rate > 0 else None
+
+    def models(self) -> list[str]:
+        """The models of the rows, in order of appearance."""
+        return list(dict.fromkeys([*(row.model for row in self.rows), *(row.model for row in self.layouts)]))
+
+    def classifier(self) -> str | None:
+        """The model the earlier issues' classifier targets hold to: the first classifier of the
+        run; with no tasks known, the first model; None when no model is a classifier."""
+        models = self.models()
+        if not self.tasks:
+            return models[0] if models else ""
+        return next((model for model in models if self.tasks.get(model) == "classification"), None)
+
+    def models_of(self, task: str) -> list[str]:
+        """The run's models of `task`, in order."""
+        return [model for model in self.models() if self.tasks.get(model) == task]
 
     def overload_rows(self) -> list[ResultRow]:
         """The overload rows."""
@@ -112,11 +135,11 @@ class BenchReport:
     def overheads(self) -> list[Overhead]:
         """Served vs in-process p50 for each served row (HTTP, gRPC unary) with model work at
         concurrency 1."""
-        baselines: dict[str, float] = {}
+        baselines: dict[tuple[str, str], float] = {}
         for row in self.rows:
             summary = row.measurement.summary()
             if row.mode == IN_PROCESS and summary is not None:
-                baselines.setdefault(row.runtime, summary.p50_ms)
+                baselines.setdefault((row.runtime, row.model), summary.p50_ms)
         found = []
         for row in self.rows:
             summary = row.measurement.summary()
@@ -125,12 +148,14 @@ class BenchReport:
                 or not row.model_work
                 or row.concurrency != 1
                 or row.overload_queue_size is not None
+                or row.alone
                 or summary is None
             ):
                 continue
-            if row.runtime not in baselines:
+            if (row.runtime, row.model) not in baselines:
                 continue
-            base = baselines[row.runtime]
+            base = baselines[(row.runtime, row.model)]
+            goal = row.runtime == "onnx" and row.model == self.classifier()
             found.append(
                 Overhead(
                     runtime=row.runtime,
@@ -138,8 +163,9 @@ class BenchReport:
                     served_p50_ms=summary.p50_ms,
                     in_process_p50_ms=base,
                     difference_ms=summary.p50_ms - base,
-                    target_ms=ONNX_TARGETS_MS[row.mode] if row.runtime == "onnx" else None,
+                    target_ms=ONNX_TARGETS_MS[row.mode] if goal else None,
                     mode=row.mode,
+                    model=row.model,
                 )
             )
         return found
@@ -178,20 +204,22 @@ class BenchReport:
             },
             "machine": self.machine,
             "settings": self.settings,
+            "models": {model: self.tasks.get(model) for model in self.models()},
             "images": list(self.images),
             "notes": list(self.notes),
             "results": [self._row_dict(row) for row in self.rows],
-            "in_process_limit": {
-                runtime: {"layout": best.layout.label, **_layout_dict(best)}
-                for runtime, best in limits.items()
-            },
+            "in_process_limit": [
+                {"runtime": runtime, "model": model, "layout": best.layout.label, **_layout_dict(best)}
+                for (runtime, model), best in limits.items()
+            ],
             "layouts": [
-                {"runtime": row.runtime, "layout": row.layout.label, **_layout_dict(row)}
+                {"runtime": row.runtime, "model": row.model, "layout": row.layout.label, **_layout_dict(row)}
                 for row in self.layouts
             ],
             "overload": [
                 {
                     "runtime": row.runtime,
+                    "model": row.model,
                     "mode": row.mode,
                     "target": row.target,
                     "batching": row.batching,
@@ -222,6 +250,7 @@ class BenchReport:
         ratio = self.limit_ratio(row)
         return {
             "runtime": row.runtime,
+            "model": row.model,
             "mode": row.mode,
             "target": row.target,
             "scenario": row.scenario,
@@ -232,6 +261,7 @@ class BenchReport:
             "sent": m.sent,
             "completed": m.completed,
             "failed": m.failed,
+            "skipped": m.skipped,
             "errors": dict(m.errors),
             "wall_s": round(m.wall_s, 4),
             "throughput_rps": round(m.throughput_rps, 2),
@@ -255,8 +285,9 @@ class BenchReport:
         return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
 
     def write(self, output_dir: Path) -> list[Path]:
-        """Write `bench.json`, `bench.md`, `bench.csv` and, with two or more concurrency levels,
-        `throughput.png` into `output_dir` (created if missing); return the paths written."""
+        """Write `bench.json`, `bench.md`, `bench.csv`, with two or more concurrency levels
+        `throughput.png`, and with stream rows `streams.png` into `output_dir` (created if
+        missing); return the paths written."""
         output_dir.mkdir(parents=True, exist_ok=True)
         json_path = output_dir / "bench.json"
         markdown_path = output_dir / "bench.md"
@@ -268,6 +299,9 @@ class BenchReport:
         plot_path = output_dir / "throughput.png"
         if plot.plot_throughput(self, plot_path):
             written.append(plot_path)
+        streams_path = output_dir / "streams.png"
+        if plot.plot_streams(self, streams_path):
+            written.append(streams_path)
         return written
 
 

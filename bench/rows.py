@@ -1,8 +1,8 @@
 """What a benchmark run measured, row by row: the kinds of rows and the two row types.
 
-A `ResultRow` is a latency measurement (in-process stages, or a served endpoint at one
-concurrency level, batching mode and scenario); a `LayoutRow` is one thread layout of the
-in-process limit (images per second).
+A `ResultRow` is a latency measurement of one model (in-process stages, or a served endpoint at
+one concurrency level, batching mode and scenario); a `LayoutRow` is one thread layout of a
+model's in-process limit (images per second).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ HTTP = "HTTP"
 GRPC = "gRPC"
 """Unary gRPC calls (Predict)."""
 GRPC_STREAM = "gRPC stream"
-"""Frames of one PredictStream call: req/s is frames/s; not compared with in-process."""
+"""Frames of one PredictStream or PredictLive call: req/s is the frames/s computed."""
 BASELINE = "HTTP baseline"
 """The naive reference server of seed 004 (`bench.baseline`), over HTTP."""
 
@@ -55,12 +55,20 @@ class ResultRow:
     """Overload rows: the served process's `VISION_MAX_QUEUE_SIZE`; None otherwise."""
     server: ServerFigures | None = None
     """What the server's /metrics saw during the row (rounds added up); None where not scraped."""
+    model: str = ""
+    """The model measured (empty: not known, e.g. a deployment reached over gRPC only)."""
+    alone: bool = False
+    """Served by processes that load this model only (the run's other rows: every model of the
+    run loaded): what the other models cost this one while they are idle."""
 
     @property
     def scenario(self) -> str:
-        """`in-process`, `sweep` (served, closed loop), `stream`, `baseline` or `overload`."""
+        """`in-process`, `sweep` (served, closed loop), `alone` (the same, the model served alone),
+        `stream`, `baseline` or `overload`."""
         if self.overload_queue_size is not None:
             return "overload"
+        if self.alone:
+            return "alone"
         return {IN_PROCESS: "in-process", BASELINE: "baseline", GRPC_STREAM: "stream"}.get(self.mode, "sweep")
 
     @property
@@ -76,9 +84,10 @@ class ResultRow:
 
 @dataclass(frozen=True)
 class LayoutRow:
-    """One thread layout of the in-process limit, for one runtime."""
+    """One thread layout of the in-process limit, for one runtime and model."""
 
     runtime: str
     layout: Layout
     measurement: LayoutMeasurement
     max_batch_size: int
+    model: str = ""

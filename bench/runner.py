@@ -1,8 +1,8 @@
-"""One whole benchmark run: for each runtime, the in-process limit (thread layouts) and pipeline
-stages, and the served processes (HTTP, gRPC; batching on/off; overload; the baseline) under
-closed-loop load at each concurrency level, on the same images with the same settings, measured
-in turns (`rounds`). With `url` / `grpc_target` the served rows are those of a running
-deployment instead (`external`).
+"""One whole benchmark run: for each runtime, each model's in-process limit (thread layouts) and
+pipeline stages, and the served processes (HTTP, gRPC; batching on/off; the first model alone;
+overload; the baseline) under closed-loop load at each concurrency level and streaming, on the
+same images with the same settings, measured in turns (`rounds`). With `url` / `grpc_target` the
+served rows are those of a running deployment instead (`external`).
 
 `run_benchmark` is the entry point of scripts and notebooks as well as of the command line. Called
 where an event loop is running (a notebook's kernel), it runs in a thread of its own and the call
@@ -15,27 +15,27 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from bench.clip import describe_clip
 from bench.config import BenchConfig
 from bench.external import run_external
 from bench.facts import local_facts
-from bench.images import BenchImage, default_images, file_image
+from bench.groups import baseline_process, served_groups
+from bench.images import file_image
 from bench.machine import describe_machine
-from bench.measure import InProcess, check_images, measure_runtime, runtime_label
-from bench.plans import baseline_process, served_groups, split_requests
+from bench.measure import measure_runtime
+from bench.plans import split_requests
 from bench.progress import ProgressBar
 from bench.report import BenchReport
-from bench.servers import model_env
+from bench.server_env import model_env
+from bench.steps import TaskSteps
+from bench.subjects import BenchModel, ImageSets, InProcess, check_images, runtime_label
+from bench.variants import prepare_repository
 from visionserve.cpu import available_cpus
-from visionserve.preprocessing import ImagePreprocessor
-from visionserve.repository import ModelRepository
+from visionserve.repository import ModelEntry, ModelRepository
 
 __all__ = ["BenchConfig", "run_benchmark", "runtime_label", "split_requests"]
-
-
-def load_images(config: BenchConfig) -> list[BenchImage]:
-    """`--image FILE` as it is, or every packaged photo as a 600 px JPEG."""
-    return [file_image(config.image)] if config.image else default_images()
 
 
 def run_benchmark(config: BenchConfig, *, progress: ProgressBar | None = None) -> BenchReport:
@@ -43,7 +43,8 @@ def run_benchmark(config: BenchConfig, *, progress: ProgressBar | None = None) -
     deployment) and return the report; nothing is written (`BenchReport.write` does that).
 
     Raises `ServerError` (a server did not start), `DeploymentError` (a target is not ready),
-    `ConfigurationError`, `FileNotFoundError` or `ValueError` (a setting or input is wrong)."""
+    `ConfigurationError`, `FileNotFoundError`, `ExportError` (a model could not be exported) or
+    `ValueError` (a setting or input is wrong)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -54,46 +55,95 @@ def run_benchmark(config: BenchConfig, *, progress: ProgressBar | None = None) -
         return pool.submit(_run, config, progress).result()
 
 
+def image_sets(config: BenchConfig) -> ImageSets:
+    """`--image FILE` as it is, or the sets of `--images` (made on first use)."""
+    return ImageSets(config.images, file_image(config.image) if config.image else None)
+
+
+def describe_images(sets: ImageSets, models: list[BenchModel], fps: float) -> list[str]:
+    """The images sent, for the report: each photo, and the clip in one line."""
+    described: list[str] = []
+    for kind in dict.fromkeys(sets.kind(model.task) for model in models):
+        users = [model for model in models if sets.kind(model.task) == kind]
+        if kind == "clip":
+            names = ", ".join(model.name for model in users)
+            described.append(f"clip ({names}): {describe_clip(users[0].images, fps)}")
+        else:
+            described += [image.describe() for image in users[0].images]
+    return described
+
+
 def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
     bar = progress or ProgressBar()
-    images = load_images(config)
+    sets = image_sets(config)
     if config.external:
-        return run_external(config, images, bar)
-    server_settings = config.server_settings()  # as the served processes read it
-    first = config.model_settings(config.backends[0])
-    entry = ModelRepository(first.model_repository).get(first.model_name)
-    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=server_settings.max_image_pixels)
-    check_images(images, preprocessor)
-    max_batch = server_settings.max_batch_size or entry.config.max_batch_size
+        return run_external(config, sets, bar)
+    names = config.resolved_models()
+    repository = prepare_repository(Path(config.model_repository), names, config.output, note=bar.note)
+    local = ModelRepository(repository)
+    entries = {name: local.get(name) for name in names}
+    server_settings = config.server_settings()
+    pixels = server_settings.max_image_pixels
+    steps: dict[str, TaskSteps] = {}
+    for name, entry in entries.items():
+        steps[name] = check_images(
+            sets.for_task(entry.config.task), TaskSteps.of(entry, max_image_pixels=pixels)
+        )
+    first = config.model_settings(config.backends[0], names[0]).model_copy(
+        update={"model_repository": repository}
+    )
     report = BenchReport(
         machine=describe_machine(device=first.device),
-        settings=local_facts(config, entry, first, max_batch),
-        images=[image.describe() for image in images],
+        settings=local_facts(config, entries, first, repository),
+        tasks={name: entry.config.task for name, entry in entries.items()},
+        stream_fps=config.clip_fps if {"pacedstream", "livestream"} & set(config.stream_endpoints) else None,
     )
     baseline_backend = "onnx" if "onnx" in config.backends else config.backends[0]
+    classifiers = [name for name in names if entries[name].config.task == "classification"]
     for backend in config.backends:
-        settings = config.model_settings(backend)
+        models = []
+        for name, entry in entries.items():
+            settings = config.model_settings(backend, name).model_copy(
+                update={"model_repository": repository}
+            )
+            in_process = InProcess(
+                entry=entry,
+                steps=steps[name],
+                settings=settings,
+                layouts=config.resolved_layouts(),
+                max_batch=_max_batch(server_settings.max_batch_size, entry),
+                torch_eager=config.torch_eager,
+            )
+            models.append(BenchModel.of(name, steps[name].name, sets.for_task(steps[name].name), in_process))
+        settings = config.model_settings(backend, names[0]).model_copy(
+            update={"model_repository": repository}
+        )
         env = {**model_env(settings), **config.server_env}
         baseline = None
-        if config.baseline and backend == baseline_backend:
-            baseline = baseline_process(config, model_name=settings.model_name, threads=available_cpus())
+        if config.baseline and backend == baseline_backend and classifiers:
+            baseline = baseline_process(
+                config, repository=repository, model_name=classifiers[0], threads=available_cpus()
+            )
+        elif config.baseline and not classifiers and not report.notes:
+            report.notes.append(
+                "baseline: not measured (seed 004's endpoint serves a classifier; none is measured)"
+            )
         rows, layout_rows = measure_runtime(
             config,
             label=runtime_label(settings),
-            groups=served_groups(config, backend, env),
-            baseline=baseline,
-            in_process=InProcess(
-                entry=entry,
-                preprocessor=preprocessor,
-                settings=settings,
-                layouts=config.resolved_layouts(),
-                max_batch=max_batch,
-                torch_eager=config.torch_eager,
-            ),
-            images=images,
+            groups=served_groups(config, backend, env, names),
+            models=models,
             bar=bar,
-            model_name=settings.model_name,
+            baseline=baseline,
+            baseline_model=classifiers[0] if classifiers else "",
         )
         report.rows += rows
         report.layouts += layout_rows
+        if not report.images:
+            report.images = describe_images(sets, models, config.clip_fps)
     return report
+
+
+def _max_batch(setting: int | None, entry: ModelEntry) -> int:
+    """The largest batch the served process computes: `VISION_MAX_BATCH_SIZE`, else the model's."""
+    return min(setting, entry.config.max_batch_size) if setting else entry.config.max_batch_size

@@ -138,19 +138,25 @@ class MetricsSnapshot:
     `visionserve_event_loop_tasks`, ...): the process's figures when scraped."""
 
 
-def parse_metrics(text: str) -> MetricsSnapshot:
-    """A Prometheus text exposition -> the figures the benchmark reports."""
+def parse_metrics(text: str, model: str | None = None) -> MetricsSnapshot:
+    """A Prometheus text exposition -> the figures the benchmark reports; with `model`, only the
+    samples labelled with that model (and those with no model label)."""
     histograms: dict[str, Histogram] = {}
     rejected: dict[str, float] = {}
     requests: dict[str, float] = {}
     gauges: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        samples = [
+            sample
+            for sample in family.samples
+            if model is None or sample.labels.get("model", model) in (model, "")
+        ]
         if family.type == "gauge":
-            gauges.update((sample.name, sample.value) for sample in family.samples if not sample.labels)
+            gauges.update((sample.name, sample.value) for sample in samples if not sample.labels)
         elif family.type == "histogram":
             buckets: dict[float, float] = {}
             count = total = 0.0
-            for sample in family.samples:
+            for sample in samples:
                 if sample.name.endswith("_bucket"):
                     bound = float(sample.labels["le"])
                     buckets[bound] = buckets.get(bound, 0.0) + sample.value
@@ -163,12 +169,12 @@ def parse_metrics(text: str) -> MetricsSnapshot:
                 bounds=bounds, cumulative=tuple(buckets[b] for b in bounds), count=count, total=total
             )
         elif family.name == REJECTED:
-            for sample in family.samples:
+            for sample in samples:
                 if sample.name.endswith("_total"):
                     reason = sample.labels.get("reason", "")
                     rejected[reason] = rejected.get(reason, 0.0) + sample.value
         elif family.name == REQUESTS:
-            for sample in family.samples:
+            for sample in samples:
                 if sample.name.endswith("_total"):
                     parts = (sample.labels.get(name, "") for name in ("protocol", "endpoint", "status"))
                     key = " ".join(parts)
@@ -176,9 +182,12 @@ def parse_metrics(text: str) -> MetricsSnapshot:
     return MetricsSnapshot(histograms=histograms, rejected=rejected, requests=requests, gauges=gauges)
 
 
-def scrape(url: str, *, timeout_s: float = 10.0, access: Access = OPEN) -> MetricsSnapshot:
-    """GET `url` (a `/metrics` endpoint) with `access`'s key and CAs, and parse it; proxies from
-    the environment are ignored. A 401 raises ValueError saying how to give the key."""
+def scrape(
+    url: str, *, timeout_s: float = 10.0, access: Access = OPEN, model: str | None = None
+) -> MetricsSnapshot:
+    """GET `url` (a `/metrics` endpoint) with `access`'s key and CAs, and parse it (`model`: only
+    that model's samples); proxies from the environment are ignored. A 401 raises ValueError
+    saying how to give the key."""
     with httpx2.Client(timeout=timeout_s, trust_env=False, verify=access.ssl_context()) as client:
         response = client.get(url, headers=access.headers())
     if response.status_code == 401:
@@ -186,7 +195,7 @@ def scrape(url: str, *, timeout_s: float = 10.0, access: Access = OPEN) -> Metri
         raise ValueError(f"GET {url} answered HTTP 401: the deployment needs an API key; {sent}")
     if response.status_code != 200:
         raise ValueError(f"GET {url} answered HTTP {response.status_code}; is it a visionserve process?")
-    return parse_metrics(response.text)
+    return parse_metrics(response.text, model)
 
 
 def _counter_difference(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, int]:

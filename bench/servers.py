@@ -1,5 +1,6 @@
 """The real services as subprocesses: HTTP (`python -m fastapi_onnx` / `python -m fastapi_pt`),
-gRPC (`python -m grpc_server`, `VISION_BACKEND` naming the runtime) and the naive reference server
+gRPC (`python -m grpc_server`, `VISION_BACKEND` naming the runtime), both APIs from one process
+(`VISION_GRPC_SERVE_HTTP=true python -m grpc_server`) and the naive reference server
 (`python -m bench.baseline`).
 
 Each listens on a free port (`VISION_PORT=0` / `VISION_GRPC_PORT=0` / `--port 0`), announces it in
@@ -27,7 +28,10 @@ import httpx2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import visionserve
-from visionserve.settings import ModelSettings
+from bench.server_env import inherited_env, model_env
+
+__all__ = ["DEPLOYABLES", "BaselineServerProcess", "CombinedServerProcess", "GrpcServerProcess"]
+__all__ += ["ServerError", "ServerProcess", "model_env"]
 
 DEPLOYABLES = {"onnx": "fastapi_onnx", "torch": "fastapi_pt"}
 """Backend -> the module that serves it."""
@@ -48,16 +52,6 @@ class ServerError(RuntimeError):
     ends with the tail of its log."""
 
 
-ACCESS_VARIABLES = ("VISION_API_KEY", "VISION_API_KEY_FILE", "VISION_TLS_CERT_FILE", "VISION_TLS_KEY_FILE")
-"""Left out of the environment the harness's own servers inherit: it measures them without a key
-or TLS (a shell that exports the key for an external deployment must not lock them)."""
-
-
-def inherited_env() -> dict[str, str]:
-    """This process's environment without `ACCESS_VARIABLES`."""
-    return {name: value for name, value in os.environ.items() if name not in ACCESS_VARIABLES}
-
-
 def banner_url(text: str) -> str | None:
     """The base URL announced in the service's start-up banner, if `text` holds it."""
     match = _BANNER.search(text)
@@ -74,22 +68,6 @@ def grpc_metrics_url(text: str) -> str | None:
     """The metrics URL the gRPC service announces (`visionserve gRPC metrics on URL`), if any."""
     match = _GRPC_METRICS_BANNER.search(text)
     return match.group(1) if match else None
-
-
-def model_env(settings: ModelSettings) -> dict[str, str]:
-    """`VISION_*` variables that make a served process use exactly `settings` (threads resolved,
-    so the server and the in-process measurement agree even where the defaults would not).
-    `VISION_BACKEND` picks the gRPC server's runtime; the HTTP deployables fix their own."""
-    return {
-        **({"VISION_INSTANCES": str(settings.instances)} if settings.instances else {}),
-        "VISION_BACKEND": settings.backend,
-        "VISION_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
-        "VISION_MODEL_NAME": settings.model_name,
-        "VISION_DEVICE": settings.device,
-        "VISION_THREADS": str(settings.resolved_threads()),
-        "VISION_TORCH_COMPILE": str(settings.torch_compile).lower(),
-        "VISION_ONNX_ALLOW_SPINNING": str(settings.onnx_allow_spinning).lower(),
-    }
 
 
 class ServerProcess:
@@ -205,7 +183,11 @@ class ServerProcess:
         raise ServerError(f"{self._name()} printed no start-up banner with its address in time{self._tail()}")
 
     def _wait_ready(self, deadline: float) -> None:
-        with httpx2.Client(base_url=self.address, timeout=5.0, trust_env=False) as client:
+        self._wait_http(self.address, deadline)
+
+    def _wait_http(self, address: str, deadline: float) -> None:
+        """Poll `GET {address}/health/ready` until it answers 200."""
+        with httpx2.Client(base_url=address, timeout=5.0, trust_env=False) as client:
             while time.monotonic() < deadline:
                 self._check_alive("while loading the model")
                 try:
@@ -310,6 +292,57 @@ class GrpcServerProcess(ServerProcess):
                     pass  # not answering yet
                 time.sleep(0.2)
         raise self._not_ready()
+
+
+class CombinedServerProcess(GrpcServerProcess):
+    """One process serving both APIs over one registry (`VISION_GRPC_SERVE_HTTP=true python -m
+    grpc_server`, `make run`'s layout): `target` is its gRPC `host:port`, `base_url` its HTTP API.
+    Ready when both the gRPC health check answers SERVING and `GET /health/ready` 200."""
+
+    protocol = "HTTP+gRPC"
+
+    def __init__(
+        self,
+        backend: str,
+        *,
+        env: Mapping[str, str],
+        log_path: Path,
+        ready_timeout_s: float = 300.0,
+        stop_timeout_s: float = 60.0,
+    ):
+        super().__init__(
+            backend,
+            env=env,
+            log_path=log_path,
+            ready_timeout_s=ready_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
+        self.http_address = ""
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP API's base URL, once started."""
+        return self.http_address
+
+    def listen_env(self) -> dict[str, str]:
+        return {
+            **super().listen_env(),
+            "VISION_GRPC_SERVE_HTTP": "true",
+            "VISION_HOST": "127.0.0.1",
+            "VISION_PORT": "0",
+        }
+
+    def announced(self, text: str) -> str | None:
+        """The gRPC target, once both banners are out (the HTTP one is kept in `http_address`)."""
+        target, url = grpc_banner_target(text), banner_url(text)
+        if target is None or url is None:
+            return None
+        self.http_address = url
+        return target
+
+    def _wait_ready(self, deadline: float) -> None:
+        super()._wait_ready(deadline)
+        self._wait_http(self.http_address, deadline)
 
 
 class BaselineServerProcess(ServerProcess):

@@ -77,6 +77,9 @@ class Measurement:
     error_latencies_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     """Failures that were answered (e.g. `HTTP 503`): how long each answer took, by kind. An
     overload run holds rejections to their own latency target (they must be immediate)."""
+    skipped: int = 0
+    """Live-stream frames answered `skipped` (a newer frame was computed instead): neither a
+    success nor a failure, and never timed."""
 
     @property
     def completed(self) -> int:
@@ -90,8 +93,8 @@ class Measurement:
 
     @property
     def sent(self) -> int:
-        """Requests sent: completed + failed."""
-        return self.completed + self.failed
+        """Requests sent: completed + failed (+ skipped, for a live stream)."""
+        return self.completed + self.failed + self.skipped
 
     @property
     def throughput_rps(self) -> float:
@@ -114,6 +117,7 @@ class Measurement:
             wall_s=sum(part.wall_s for part in parts),
             errors=errors,
             error_latencies_s=error_latencies,
+            skipped=sum(part.skipped for part in parts),
         )
 
     def summary(self) -> LatencySummary | None:

@@ -1,20 +1,21 @@
-"""The markdown report: header facts, then one table per kind of figure (latency and throughput,
-the server's own figures, the in-process limit, overload, stages, serving overhead)."""
+"""The markdown report: header facts, then one table per kind of figure: latency and throughput
+(here), the server's own figures (here), then the in-process limit, the streams, overload, the
+stages, the targets and what serving adds (`summaries`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bench.rows import GRPC_STREAM, REJECTIONS, ResultRow
-from bench.stats import summarize
-from bench.targets import check_targets
+from bench import summaries
+from bench.rows import GRPC_STREAM, ResultRow
 
 if TYPE_CHECKING:
-    from bench.report import BenchReport, Overhead
+    from bench.report import BenchReport
 
 TITLE = "## visionserve benchmark: in-process pipeline vs served HTTP and gRPC"
-DASH = "–"
+DASH = summaries.DASH
+ms = summaries.ms
 
 
 def markdown(report: BenchReport) -> str:
@@ -39,10 +40,12 @@ def markdown(report: BenchReport) -> str:
         )
     if any(row.mode == GRPC_STREAM for row in rows):
         notes.append(
-            f"{GRPC_STREAM} rows: req/s is frames/s of one PredictStream call, frames sent back to back; "
-            "a frame's latency runs from its write to its answer, so it includes waiting behind the "
-            "frames ahead of it."
+            f"{GRPC_STREAM} rows: req/s is the frames computed per second of one call (ok: frames "
+            "computed); back to back, a frame's latency runs from its write to its answer (waiting "
+            "behind the frames ahead of it included); paced, from its capture to its answer."
         )
+    if any(row.alone for row in rows):
+        notes.append("served alone: the row's processes load that model only (the others: every model).")
     if notes:
         lines += ["", *notes]
     failures = _failure_lines(rows)
@@ -57,26 +60,16 @@ def markdown(report: BenchReport) -> str:
             "",
             *figures,
         ]
-    limit = _limit_table(report)
-    if limit:
-        lines += ["", *limit]
-    overload = _overload_table(report)
-    if overload:
-        lines += ["", *overload]
-    stages = _stages_table(rows)
-    if stages:
-        lines += ["", "In-process stages, p50 ms (batch 1, one image after another):", "", *stages]
-    targets = _targets_table(report)
-    if targets:
-        lines += ["", *targets]
-    overheads = report.overheads()
-    if overheads:
-        lines += [
-            "",
-            "What serving adds at concurrency 1 (served p50 − in-process p50 of the same runtime):",
-            "",
-            *_overhead_table(overheads),
-        ]
+    for section in (
+        summaries.limit_table(report),
+        summaries.streams_table(report),
+        summaries.overload_table(report),
+        summaries.stages_table(rows),
+        summaries.targets_table(report),
+        summaries.overhead_table(report.overheads()),
+    ):
+        if section:
+            lines += ["", *section]
     return "\n".join(lines) + "\n"
 
 
@@ -105,18 +98,13 @@ def _setting(value: object) -> str:
     return str(value)
 
 
-def ms(value: float | None) -> str:
-    """A latency cell: two decimals, or a dash."""
-    return DASH if value is None else f"{value:.2f}"
-
-
 def results_table(report: BenchReport) -> list[str]:
     """Every row: latency percentiles, throughput, and where known its ratio to the in-process
     limit and the server's batch and queue figures."""
     lines = [
-        "| runtime | mode | measured | batching | conc. | ok | failed | p50 ms | p95 ms | p99 ms | max ms "
-        "| req/s | × limit | mean batch | queue p50 ms | queue p99 ms |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| runtime | model | mode | measured | batching | conc. | ok | failed | p50 ms | p95 ms | p99 ms "
+        "| max ms | req/s | × limit | mean batch | queue p50 ms | queue p99 ms |",
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in report.rows:
         m = row.measurement
@@ -128,7 +116,8 @@ def results_table(report: BenchReport) -> list[str]:
             [row.server.queue_ms(0.5), row.server.queue_ms(0.99)] if row.server is not None else [None, None]
         )
         target = row.target if row.overload_queue_size is None else f"{row.target}, overload"
-        cells = [row.runtime, row.mode, target, row.batching or DASH, str(row.concurrency)]
+        target += ", served alone" if row.alone else ""
+        cells = [row.runtime, row.model or DASH, row.mode, target, row.batching or DASH, str(row.concurrency)]
         cells += [str(m.completed), str(m.failed), *latency, f"{m.throughput_rps:.1f}"]
         cells += [
             DASH if ratio is None else f"{ratio:.2f}",
@@ -140,12 +129,14 @@ def results_table(report: BenchReport) -> list[str]:
 
 
 def row_name(row: ResultRow) -> str:
-    """A row in words: runtime, mode, target, batching, concurrency."""
-    parts = [row.runtime, row.mode, row.target]
+    """A row in words: runtime, model, mode, target, batching, concurrency."""
+    parts = [row.runtime, *([row.model] if row.model else []), row.mode, row.target]
     if row.batching is not None:
         parts.append(f"batching {row.batching}")
     if row.overload_queue_size is not None:
         parts.append(f"overload (queue {row.overload_queue_size})")
+    if row.alone:
+        parts.append("served alone")
     parts.append(f"c={row.concurrency}")
     return " ".join(parts)
 
@@ -187,128 +178,4 @@ def _server_table(rows: list[ResultRow]) -> list[str]:
             rejected,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _limit_table(report: BenchReport) -> list[str]:
-    if not report.layouts:
-        return []
-    limits = report.limits()
-    lines = [
-        "In-process limit: decode + preprocess + predict_batch, no network; W preprocessing threads "
-        "feed one inference thread (T intra-op threads) that takes what is queued, up to the max "
-        "batch size:",
-        "",
-        "| runtime | layout (W x T) | images | img/s | mean batch | max batch |",
-        "|---|---|--:|--:|--:|--:|",
-    ]
-    for row in report.layouts:
-        m = row.measurement
-        mark = " (best)" if limits.get(row.runtime) is row else ""
-        cells = [
-            row.runtime,
-            f"{row.layout.label}: {row.layout.describe()}{mark}",
-            str(m.images),
-            f"{m.images_per_s:.1f}",
-            DASH if m.mean_batch is None else f"{m.mean_batch:.2f}",
-            str(row.max_batch_size),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for runtime, best in limits.items():
-        lines.append(
-            f"- in-process limit, {runtime}: {best.measurement.images_per_s:.1f} img/s "
-            f"({best.layout.describe()})"
-        )
-    return lines
-
-
-def _overload_table(report: BenchReport) -> list[str]:
-    rows = report.overload_rows()
-    if not rows:
-        return []
-    lines = [
-        "Overload: more senders than the queue holds; refusals (HTTP 503 / gRPC UNAVAILABLE) must be "
-        "immediate and every request answered (sent = accepted + rejected):",
-        "",
-        "| runtime | mode | batching | conc. | max queue | sent | accepted | rejected | server queue_full "
-        "| lost | accepted p50 ms | accepted p99 ms | rejection p50 ms | rejection p99 ms |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        m = row.measurement
-        accepted = m.summary()
-        refused = m.failures_summary(REJECTIONS)
-        cells = [
-            row.runtime,
-            row.mode,
-            row.batching or DASH,
-            str(row.concurrency),
-            str(row.overload_queue_size),
-            str(m.sent),
-            str(m.completed),
-            str(row.rejected),
-            DASH if row.server is None else str(row.server.rejected.get("queue_full", 0)),
-            str(row.lost),
-            ms(accepted.p50_ms if accepted else None),
-            ms(accepted.p99_ms if accepted else None),
-            ms(refused.p50_ms if refused else None),
-            ms(refused.p99_ms if refused else None),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    if report.nothing_lost():
-        lines.append("- nothing lost: every request sent was accepted or refused.")
-    else:
-        lost = sum(row.lost for row in rows)
-        lines.append(
-            f"- FAILED: {lost} requests were neither accepted nor refused (see the failures by "
-            "status above): timeouts, transport errors or other statuses."
-        )
-    return lines
-
-
-def _targets_table(report: BenchReport) -> list[str]:
-    checks = check_targets(report)
-    if not checks:
-        return []
-    lines = [
-        "Against the issue's targets (ONNX Runtime; only those this run measured):",
-        "",
-        "| target | rows | measured | goal | |",
-        "|---|---|---|---|---|",
-    ]
-    for check in checks:
-        verdict = "met" if check.met else "**missed**"
-        lines.append(f"| {check.target} | {check.row} | {check.measured} | {check.goal} | {verdict} |")
-    return lines
-
-
-def _stages_table(rows: list[ResultRow]) -> list[str]:
-    staged = [row for row in rows if row.stages_s and row.measurement.latencies_s]
-    if not staged:
-        return []
-    names = list(staged[0].stages_s)
-    lines = [
-        "| runtime | " + " | ".join(names) + " | total |",
-        "|---|" + "--:|" * (len(names) + 1),
-    ]
-    for row in staged:
-        cells = [
-            ms(summarize(row.stages_s[name]).p50_ms) if row.stages_s.get(name) else DASH for name in names
-        ]
-        total = summarize(row.measurement.latencies_s).p50_ms
-        lines.append(f"| {row.runtime} | " + " | ".join(cells) + f" | {ms(total)} |")
-    return lines
-
-
-def _overhead_table(overheads: list[Overhead]) -> list[str]:
-    lines = [
-        "| runtime | served | served p50 ms | in-process p50 ms | difference ms | goal |",
-        "|---|---|--:|--:|--:|---|",
-    ]
-    for o in overheads:
-        goal = DASH if o.target_ms is None else f"≤ {o.target_ms:g} ms: {'met' if o.met else 'missed'}"
-        cells = [o.runtime, o.target, ms(o.served_p50_ms), ms(o.in_process_p50_ms)]
-        lines.append("| " + " | ".join([*cells, f"{o.difference_ms:+.2f}", goal]) + " |")
     return lines

@@ -1,4 +1,6 @@
-"""The issue's targets, checked against a run's rows (ONNX Runtime, where the rows exist).
+"""The issues' targets, checked against a run's rows (ONNX Runtime, where the rows exist).
+
+The classifier's (issue 4, on the run's first classifier):
 
 - concurrency 16, HTTP JSON: req/s at least 0.9 of the in-process limit, p99 ≤ 200 ms, no errors;
 - concurrency 16, gRPC unary: req/s at least 0.95 of the in-process limit;
@@ -6,6 +8,8 @@
 - concurrency 1, HTTP JSON: p50 no worse than the baseline's;
 - concurrency 1: batching on adds ≤ 0.5 ms to p50 compared with batching off;
 - overload: rejections p99 < 5 ms, accepted p99 ≤ 200 ms, nothing lost.
+
+The detectors' and of serving several models (issue 10): `targets_models`.
 
 A target whose rows the run did not measure is left out: the report lists what was checked. These
 are the figures to quote, not assertions: timed tests do not assert them (a shared machine).
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from bench.grpc_load import UNARY
 from bench.http_load import json_request
-from bench.rows import BASELINE, DEPLOYED, GRPC, HTTP, REJECTIONS, ResultRow
+from bench.rows import BASELINE, DEPLOYED, GRPC, GRPC_STREAM, HTTP, REJECTIONS, ResultRow
 
 if TYPE_CHECKING:
     from bench.report import BenchReport
@@ -39,7 +43,18 @@ class TargetCheck:
     met: bool
 
 
-def _find(report: BenchReport, mode: str, target: str, level: int, batching: str | None) -> ResultRow | None:
+def find_row(
+    report: BenchReport,
+    mode: str,
+    target: str,
+    level: int,
+    batching: str | None,
+    *,
+    model: str | None = None,
+    alone: bool = False,
+) -> ResultRow | None:
+    """The ONNX row of `mode`, `target`, `level` (and `batching`, `model` where given), served
+    with every model loaded (or `alone`), not overload; None if the run has none."""
     for row in report.rows:
         if (
             row.runtime == RUNTIME
@@ -47,27 +62,45 @@ def _find(report: BenchReport, mode: str, target: str, level: int, batching: str
             and row.target == target
             and row.concurrency == level
             and row.overload_queue_size is None
+            and row.alone == alone
             and (batching is None or row.batching == batching)
+            and (model is None or row.model == model)
         ):
             return row
     return None
 
 
 def check_targets(report: BenchReport) -> list[TargetCheck]:
-    """Every target this run's rows can answer."""
+    """Every target this run's rows can answer: the classifier's, then the detectors' and the
+    models' (`targets_models`)."""
+    from bench.targets_models import check_model_targets
+
+    return _classifier_targets(report) + check_model_targets(report)
+
+
+def _classifier_targets(report: BenchReport) -> list[TargetCheck]:
+    model = report.classifier()
+    if model is None:
+        return []
+
+    def _find(
+        report: BenchReport, mode: str, target: str, level: int, batching: str | None
+    ) -> ResultRow | None:
+        return find_row(report, mode, target, level, batching, model=model)
+
     checks: list[TargetCheck] = []
     modes = sorted({row.batching for row in report.rows if row.batching in ("on", "off", DEPLOYED)})
     baseline_16 = _find(report, BASELINE, report_baseline_target(report), LEVEL, None)
     baseline_1 = _find(report, BASELINE, report_baseline_target(report), 1, None)
     for mode in modes:
-        label = f"batching {mode}"
+        label = f"{model}, batching {mode}" if model else f"batching {mode}"
         json_16 = _find(report, HTTP, JSON_TARGET, LEVEL, mode)
         if json_16 is not None:
-            checks += _ratio(report, json_16, 0.9, f"c={LEVEL} HTTP JSON throughput", label)
-            p99 = _p99(json_16)
-            if p99 is not None:
+            checks += ratio_check(report, json_16, 0.9, f"c={LEVEL} HTTP JSON throughput", label)
+            tail = p99(json_16)
+            if tail is not None:
                 checks.append(
-                    TargetCheck(f"c={LEVEL} HTTP JSON p99", label, f"{p99:.1f} ms", "≤ 200 ms", p99 <= 200)
+                    TargetCheck(f"c={LEVEL} HTTP JSON p99", label, f"{tail:.1f} ms", "≤ 200 ms", tail <= 200)
                 )
             failed = json_16.measurement.failed
             checks.append(TargetCheck(f"c={LEVEL} HTTP JSON errors", label, str(failed), "0", failed == 0))
@@ -83,7 +116,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                             ours >= 1.1 * theirs,
                         )
                     )
-                mine, base = _p99(json_16), _p99(baseline_16)
+                mine, base = p99(json_16), p99(baseline_16)
                 if mine is not None and base is not None:
                     checks.append(
                         TargetCheck(
@@ -96,10 +129,10 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                     )
         grpc_16 = _find(report, GRPC, UNARY, LEVEL, mode)
         if grpc_16 is not None:
-            checks += _ratio(report, grpc_16, 0.95, f"c={LEVEL} gRPC unary throughput", label)
+            checks += ratio_check(report, grpc_16, 0.95, f"c={LEVEL} gRPC unary throughput", label)
         json_1 = _find(report, HTTP, JSON_TARGET, 1, mode)
         if json_1 is not None and baseline_1 is not None:
-            mine, base = _p50(json_1), _p50(baseline_1)
+            mine, base = p50(json_1), p50(baseline_1)
             if mine is not None and base is not None:
                 checks.append(
                     TargetCheck(
@@ -113,7 +146,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
     for mode_name, target in ((HTTP, JSON_TARGET), (GRPC, UNARY)):
         on, off = _find(report, mode_name, target, 1, "on"), _find(report, mode_name, target, 1, "off")
         if on is not None and off is not None:
-            p50_on, p50_off = _p50(on), _p50(off)
+            p50_on, p50_off = p50(on), p50(off)
             if p50_on is not None and p50_off is not None:
                 checks.append(
                     TargetCheck(
@@ -125,10 +158,10 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                     )
                 )
     for row in report.overload_rows():
-        if row.runtime != RUNTIME:
+        if row.runtime != RUNTIME or row.model != model:
             continue
         batching = f" batching {row.batching}" if row.batching else ""
-        label = f"{row.mode}{batching}, c={row.concurrency}"
+        label = f"{model + ', ' if model else ''}{row.mode}{batching}, c={row.concurrency}"
         refused = row.measurement.failures_summary(REJECTIONS)
         if refused is not None:
             checks.append(
@@ -136,7 +169,7 @@ def check_targets(report: BenchReport) -> list[TargetCheck]:
                     "overload: rejection p99", label, f"{refused.p99_ms:.2f} ms", "< 5 ms", refused.p99_ms < 5
                 )
             )
-        accepted = _p99(row)
+        accepted = p99(row)
         if accepted is not None:
             checks.append(
                 TargetCheck(
@@ -152,23 +185,25 @@ def report_baseline_target(report: BenchReport) -> str:
     return next((row.target for row in report.rows if row.mode == BASELINE), "")
 
 
-def _ratio(report: BenchReport, row: ResultRow, goal: float, name: str, label: str) -> list[TargetCheck]:
+def ratio_check(report: BenchReport, row: ResultRow, goal: float, name: str, label: str) -> list[TargetCheck]:
+    """`row`'s req/s against `goal` x its in-process limit (none without a limit)."""
     ratio = report.limit_ratio(row)
     if ratio is None:
         return []
     rate = row.measurement.throughput_rps
+    unit = "frames/s" if row.mode == GRPC_STREAM else "req/s"
     return [
         TargetCheck(
-            name, label, f"{rate:.1f} req/s = {ratio:.2f} × limit", f"≥ {goal:g} × limit", ratio >= goal
+            name, label, f"{rate:.1f} {unit} = {ratio:.2f} × limit", f"≥ {goal:g} × limit", ratio >= goal
         )
     ]
 
 
-def _p50(row: ResultRow) -> float | None:
+def p50(row: ResultRow) -> float | None:
     summary = row.measurement.summary()
     return None if summary is None else summary.p50_ms
 
 
-def _p99(row: ResultRow) -> float | None:
+def p99(row: ResultRow) -> float | None:
     summary = row.measurement.summary()
     return None if summary is None else summary.p99_ms

@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean", type=float, nargs=3, help="per-channel mean, in pixel/255 units")
     parser.add_argument("--std", type=float, nargs=3, help="per-channel std, in pixel/255 units")
     parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"))
-    parser.add_argument("--max-batch-size", type=int, default=32, help="default: %(default)s")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        help=f"largest batch (default {DEFAULT_MAX_BATCH}; the embedded detector {DETECTOR_MAX_BATCH}: "
+        "on CPU its per-image cost grows beyond that; raise it for a GPU)",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     parser.add_argument(
         "--photos", type=Path, help="folder of photos for the parity check (default: packaged)"
@@ -127,6 +132,12 @@ def _apply_overrides(source: ModelSource, args: argparse.Namespace) -> None:
         source.labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
 
 
+DEFAULT_MAX_BATCH = 32
+DETECTOR_MAX_BATCH = 4
+"""YOLO11n at 640 on ONNX Runtime, 2 CPU cores, per image: 38.8 ms at batch 1, 35.5 at 4, 42.9 at
+8, 75.6 at 16, 104.6 at 32 (docs/benchmarks.md); a larger cap made its served throughput fall from
+8 to 16 clients."""
+
 _SINGLE_MODEL_OPTIONS = (
     "weights",
     "labels",
@@ -161,7 +172,9 @@ def _export_all(args: argparse.Namespace) -> int:
 
 def _common(args: argparse.Namespace) -> list[str]:
     """The options of `args` that every model of `--all` is exported with."""
-    common = ["--repository", str(args.repository), "--max-batch-size", str(args.max_batch_size)]
+    common = ["--repository", str(args.repository)]
+    if args.max_batch_size:
+        common += ["--max-batch-size", str(args.max_batch_size)]
     return [*common, "--opset", str(args.opset), *(["--force"] if args.force else [])]
 
 
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name or default_name,
             repository=args.repository,
             photos=photos,
-            max_batch_size=args.max_batch_size,
+            max_batch_size=args.max_batch_size
+            or (DETECTOR_MAX_BATCH if args.model == "yolo11n" else DEFAULT_MAX_BATCH),
             opset=args.opset,
             force=args.force,
         )

@@ -1,8 +1,11 @@
-"""`make run`: start the local stack (HTTP API, gRPC API and the upload UI), wait until each is
+"""`make run`: start the local stack (the HTTP and gRPC APIs, and the upload UI), wait until each is
 ready, print where they are, and stop them all cleanly on Ctrl-C (no orphan processes).
 
-Each service is a separate process, as deployed; each can also be started alone
-(`python -m fastapi_onnx`, `python -m fastapi_pt`, `python -m grpc_server`, `python -m flask_ui`).
+The APIs are one process serving both protocols over one registry of models
+(`VISION_GRPC_SERVE_HTTP=true python -m grpc_server`): one copy of every model, one compute budget
+for the cores (docs/benchmarks.md has the measurement behind the choice); the UI is its own
+process. Each can also be started alone (`python -m fastapi_onnx`, `python -m fastapi_pt`,
+`python -m grpc_server`, `python -m flask_ui`), as Compose does.
 Ports: VISION_PORT (8000), VISION_GRPC_PORT (50051), VISION_UI_PORT (5000). With VISION_API_KEY
 set, the UI gets the key too (VISION_UI_API_KEY); with VISION_TLS_CERT_FILE/_KEY_FILE set, both APIs
 serve TLS and the UI and the ready checks trust VISION_UI_TLS_CA_FILE, else the certificate itself
@@ -22,7 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-HTTP_MODULES = {"onnx": "fastapi_onnx", "torch": "fastapi_pt"}
+BACKENDS = ("onnx", "torch")
 STOP_TIMEOUT_S = 40.0
 
 
@@ -107,7 +110,7 @@ def stop_all(services: list[Service]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Start the stack; return when it is stopped."""
     parser = argparse.ArgumentParser(prog="scripts/stack.py", description=__doc__)
-    parser.add_argument("--backend", choices=sorted(HTTP_MODULES), default=os.environ.get("BACKEND", "onnx"))
+    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("BACKEND", "onnx"))
     parser.add_argument("--ready-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
 
@@ -126,20 +129,19 @@ def main(argv: list[str] | None = None) -> int:
             ui_env["VISION_UI_API_KEY"] = key
     if ca_file:
         ui_env |= {"VISION_UI_GRPC_TLS": "true", "VISION_UI_TLS_CA_FILE": ca_file}
+    api_env = {
+        "VISION_PORT": http_port,
+        "VISION_GRPC_PORT": grpc_port,
+        "VISION_BACKEND": args.backend,
+        "VISION_GRPC_SERVE_HTTP": "true",
+    }
     services = [
         Service(
-            "HTTP API",
-            HTTP_MODULES[args.backend],
-            {"VISION_PORT": http_port},
-            lambda: http_ready(http_url, ca_file=ca_file),
-            http_url,
-        ),
-        Service(
-            "gRPC API",
+            "HTTP and gRPC APIs",
             "grpc_server",
-            {"VISION_GRPC_PORT": grpc_port, "VISION_BACKEND": args.backend},
-            lambda: grpc_ready(grpc_target, ca_file),
-            grpc_target,
+            api_env,
+            lambda: http_ready(http_url, ca_file=ca_file) and grpc_ready(grpc_target, ca_file),
+            f"{http_url}, {grpc_target}",
         ),
         Service(
             "UI",

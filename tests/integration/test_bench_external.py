@@ -185,6 +185,7 @@ def test_a_deployment_is_measured_at_every_level_with_its_server_figures(
         "bench.csv",
         "bench.json",
         "bench.md",
+        "streams.png",
         "throughput.png",
     ]
     assert printed.out == (output / "bench.md").read_text()
@@ -208,7 +209,7 @@ def test_a_deployment_is_measured_at_every_level_with_its_server_figures(
         assert server is not None
         if row["model_work"]:
             assert server["batches"] >= 1 and sum(server["batch_size_counts"].values()) == server["batches"]
-    assert data["layouts"] == [] and data["in_process_limit"] == {}
+    assert data["layouts"] == [] and data["in_process_limit"] == []
     assert NO_LOCAL_MODEL in data["notes"]
     assert data["settings"]["deployment"].startswith(f"HTTP API {url}, gRPC API {grpc.target}")
     assert data["settings"]["model"] == "fake (GET /models)"
@@ -225,7 +226,19 @@ def test_a_grpc_target_without_metrics_has_no_server_figures_and_says_so(
 ) -> None:
     _, grpc = fake_deployment
     output = tmp_path / "out"
-    status = main(["--grpc-target", grpc.target, "--concurrency", "2", "--output", str(output), *SHORT])
+    status = main(
+        [
+            "--grpc-target",
+            grpc.target,
+            "--endpoints",
+            "file,json,live,grpc,health,stream",
+            "--concurrency",
+            "2",
+            "--output",
+            str(output),
+            *SHORT,
+        ]
+    )
     printed = capsys.readouterr()
     assert status == 0, printed.err
     data, results, _ = _results(output)
@@ -539,6 +552,8 @@ def test_with_the_model_here_the_in_process_rows_the_limit_and_the_baseline_are_
                 str(real_repository),
                 "--endpoints",
                 "json,grpc",
+                "--concurrency",
+                "1",
                 "--layouts",
                 "1x1",
                 "--limit-cap",
@@ -563,8 +578,9 @@ def test_with_the_model_here_the_in_process_rows_the_limit_and_the_baseline_are_
     assert (baseline["completed"], baseline["batching"]) == (REQUESTS, "none")
     assert (output / "server-baseline.log").is_file()
     assert [entry["layout"] for entry in data["layouts"]] == ["1x1"]
-    assert data["in_process_limit"]["onnx"]["images_per_s"] > 0
+    (limit,) = data["in_process_limit"]
+    assert (limit["runtime"], limit["model"]) == ("onnx", "efficientnet_lite0") and limit["images_per_s"] > 0
     assert data["settings"]["runtime_threads"] == 1  # as deployed, and so in-process
     assert not [note for note in data["notes"] if note.startswith("in-process limit")]
     assert all(r["ratio_to_in_process_limit"] for r in records if r["scenario"] == "sweep")
-    assert "- in-process limit, onnx:" in printed.out
+    assert "- in-process limit, onnx, efficientnet_lite0:" in printed.out

@@ -1,5 +1,6 @@
 """`python -m bench` end to end, short: real servers on port 0 (HTTP, gRPC, batching on
-and off, overload, the seed 004 baseline), the real model, the report files and their counts."""
+and off, overload, the seed 004 baseline; the classifier and the detector in one run, with the
+streams and the classifier served alone), the real models, the report files and their counts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main
+from bench.processes import main as processes_main
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -27,6 +29,8 @@ def test_a_short_run_writes_every_report_file_with_consistent_counts(
         [
             "--model-repository",
             str(real_repository),
+            "--model",
+            "efficientnet_lite0",
             "--backends",
             "onnx",
             "--endpoints",
@@ -110,13 +114,131 @@ def test_a_short_run_writes_every_report_file_with_consistent_counts(
         assert row["server"]["rejected"].get("queue_full", 0) == rejected  # the server agrees
     assert all(entry["nothing_lost"] for entry in data["overload"])
 
-    limit = data["in_process_limit"]["onnx"]
+    (limit,) = data["in_process_limit"]
+    assert (limit["runtime"], limit["model"]) == ("onnx", "efficientnet_lite0")
     assert limit["layout"] in ("1x1", "2x2") and limit["images_per_s"] > 0
     assert [entry["layout"] for entry in data["layouts"]] == ["1x1", "2x2"]
     assert all(entry["images"] == REQUESTS for entry in data["layouts"])
     assert len(data["images"]) >= 5 and all("600" in image and "JPEG" in image for image in data["images"])
 
     report = (output / "bench.md").read_text()
-    assert "- in-process limit, onnx:" in report
+    assert "- in-process limit, onnx, efficientnet_lite0:" in report
     assert "nothing lost: every request sent was accepted or refused" in report
     assert "bucket estimates" in report
+
+
+STREAM_FRAMES = 6
+
+
+def test_a_run_of_the_classifier_and_the_detector_measures_both_and_their_streams(
+    real_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out"
+    status = main(
+        [
+            "--model-repository",
+            str(real_repository),
+            "--model",
+            "efficientnet_lite0,yolo11n",
+            "--endpoints",
+            "json,grpc,stream,pacedstream,livestream",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            str(STREAM_FRAMES),
+            "--warmup",
+            "2",
+            "--rounds",
+            "2",
+            "--layouts",
+            "2x2",
+            "--clip-fps",
+            "60",
+            "--progress",
+            "lines",
+            "--output",
+            str(output),
+        ]
+    )
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    written = sorted(p.name for p in output.glob("*") if p.suffix != ".log")
+    assert written == ["bench.csv", "bench.json", "bench.md", "streams.png", "throughput.png"]
+    data = json.loads((output / "bench.json").read_text())
+    assert data["models"] == {"efficientnet_lite0": "classification", "yolo11n": "detection"}
+    results = data["results"]
+    by_model = {model: [r for r in results if r["model"] == model] for model in data["models"]}
+    for model, rows in by_model.items():
+        sweep = [r for r in rows if r["scenario"] == "sweep"]
+        assert len(sweep) == 2 * 2 and all(r["failed"] == 0 for r in sweep), (model, sweep)
+        for row in sweep:  # each row's server figures count its own model's batches only
+            assert sum(row["server"]["batch_size_counts"].values()) == row["server"]["batches"] >= 1
+            assert row["completed"] == STREAM_FRAMES and row["ratio_to_in_process_limit"] > 0
+        streams = [r for r in rows if r["scenario"] == "stream"]
+        assert [r["target"] for r in streams] == [
+            "Inference/PredictStream (1 stream)",
+            "Inference/PredictStream (1 stream, 60 frames/s)",
+            "Inference/PredictLive (1 stream, 60 frames/s)",
+        ]
+        for row in streams:
+            assert row["sent"] == STREAM_FRAMES == row["completed"] + row["skipped"] and row["failed"] == 0
+        (limit,) = [entry for entry in data["in_process_limit"] if entry["model"] == model]
+        assert limit["images_per_s"] > 0
+    alone = [r for r in results if r["scenario"] == "alone"]
+    assert {(r["model"], r["mode"], r["concurrency"]) for r in alone} == {
+        ("efficientnet_lite0", mode, level) for mode in ("HTTP", "gRPC") for level in (1, 2)
+    }
+    detections = [r for r in results if r["model"] == "yolo11n" and r["scenario"] == "in-process"]
+    assert len(detections) == 1 and set(detections[0]["stages_ms"]) == {
+        "decode",
+        "preprocess",
+        "predict_batch",
+        "postprocess",
+    }
+    report = (output / "bench.md").read_text()
+    assert "| stream frames/s (in order) | yolo11n, batching on |" in report
+    assert "efficientnet_lite0 with 1 more model(s) loaded vs alone" not in report  # c=16 only
+    assert "clip (yolo11n): 84 frames 640x480 JPEG" in report
+    with (output / "bench.csv").open(newline="") as file:
+        assert {record["model"] for record in csv.DictReader(file)} == {"efficientnet_lite0", "yolo11n"}
+
+
+def test_one_process_and_two_are_measured_with_both_protocols_at_once(
+    real_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "processes"
+    status = processes_main(
+        [
+            "--model-repository",
+            str(real_repository),
+            "--models",
+            "efficientnet_lite0",
+            "--http-clients",
+            "2",
+            "--grpc-clients",
+            "2",
+            "--duration",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--single-requests",
+            "4",
+            "--output",
+            str(output),
+        ]
+    )
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    data = json.loads((output / "processes.json").read_text())
+    two, one = data["layouts"]
+    assert (two["name"], len(two["processes"]), one["name"], len(one["processes"])) == ("two", 2, "one", 1)
+    for layout in (two, one):
+        for protocol in ("HTTP", "gRPC"):
+            mixed, alone = layout["mixed"][protocol], layout["concurrency_1"][protocol]
+            assert mixed["completed"] > 0 and mixed["failed"] == 0, (layout["name"], protocol, mixed)
+            assert (alone["completed"], alone["failed"]) == (4, 0)
+        assert all(process["rss_peak_mb"] > 50 and process["cpu_s"] > 0 for process in layout["processes"])
+    assert printed.out == (output / "processes.md").read_text()
+    assert "one process (VISION_GRPC_SERVE_HTTP=true python -m grpc_server)" in printed.out

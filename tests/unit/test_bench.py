@@ -12,9 +12,10 @@ import itertools
 import json
 import math
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,33 +27,41 @@ from PIL import Image
 
 from bench.__main__ import parse_args, parse_concurrency
 from bench.baseline import PlainClassifier, create_baseline_app
+from bench.clip import CLIP_PHOTOS, describe_clip, make_clip, pan
 from bench.closed_loop import RequestFailed, run_closed_loop
-from bench.config import parse_server_env
 from bench.csvfile import COLUMNS as CSV_COLUMNS
 from bench.csvfile import KEY_COLUMNS, write_csv
+from bench.deployment import DeployedModel
+from bench.groups import ServedGroup, served_groups
 from bench.grpc_load import (
     HEALTH,
     STREAM,
     UNARY,
+    V2_UNARY,
     grpc_channel,
     grpc_sender,
     health_sender,
-    measure_stream,
+    message_fields,
     v2_grpc_sender,
 )
 from bench.http_load import (
+    CLASSIFY,
     HttpRequestSpec,
+    event_loop_runner,
     file_request,
     json_request,
     live_request,
     measure_http,
     v2_request,
 )
-from bench.images import default_images, file_image
+from bench.images import BenchImage, default_images, file_image
 from bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
 from bench.layouts import Layout, LayoutMeasurement, default_layouts, measure_layout
 from bench.machine import cpu_model, describe_machine
-from bench.plot import plot_throughput, plotted_rows
+from bench.plans import build_plans
+from bench.plot import plot_throughput, plotted_rows, stream_rows
+from bench.processes import ProcessesConfig
+from bench.processes_report import LayoutResult, ProcessesReport, ProcessFigures
 from bench.progress import ProgressBar
 from bench.raw_http import RawHttpClient
 from bench.report import (
@@ -68,8 +77,11 @@ from bench.report import (
     ResultRow,
 )
 from bench.runner import BenchConfig, split_requests
-from bench.server_metrics import Histogram, MetricsSnapshot, ServerFigures, parse_metrics
+from bench.senders import Clients
+from bench.server_env import parse_server_env
+from bench.server_metrics import BATCH_SIZE, Histogram, MetricsSnapshot, ServerFigures, parse_metrics
 from bench.servers import (
+    CombinedServerProcess,
     GrpcServerProcess,
     ServerError,
     ServerProcess,
@@ -79,15 +91,29 @@ from bench.servers import (
     model_env,
 )
 from bench.stats import Measurement, percentile, summarize
+from bench.steps import TaskSteps, describe_steps, request_parameters
+from bench.stream_load import measure_paced, measure_stream
+from bench.subjects import BenchModel
 from bench.targets import check_targets
+from bench.variants import Variant, parse_variant, prepare_repository
 from tests.conftest import encode, photo_bytes, wait_ready
-from tests.fixtures import FailingRuntime, FakeRuntime, SlowRuntime, app_of, grpc_server_of, write_fake_entry
+from tests.fixtures import (
+    FailingRuntime,
+    FakeDetectorRuntime,
+    FakeRuntime,
+    SlowRuntime,
+    app_of,
+    grpc_server_of,
+    write_fake_detector,
+    write_fake_entry,
+)
 from visionserve.errors import VisionError
 from visionserve.metrics import Metrics
 from visionserve.photos import packaged_photos
-from visionserve.preprocessing import ImagePreprocessor
-from visionserve.repository import ModelEntry
+from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import GrpcSettings, ModelSettings, ServerSettings
+from visionserve.tasks.boxes import Letterbox
 
 T = TypeVar("T")
 
@@ -187,25 +213,28 @@ def test_markdown_report_has_header_units_and_rows() -> None:
     assert "torch 9.9" in text
     assert "- torch compile: on" in text
     assert (
-        "| runtime | mode | measured | batching | conc. | ok | failed | p50 ms | p95 ms | p99 ms | max ms "
-        "| req/s | × limit | mean batch | queue p50 ms | queue p99 ms |" in text
+        "| runtime | model | mode | measured | batching | conc. | ok | failed | p50 ms | p95 ms | p99 ms "
+        "| max ms | req/s | × limit | mean batch | queue p50 ms | queue p99 ms |" in text
     )
     # in-process: p50 11 ms, p95 11.9, p99 11.98, max 12, 3 / 0.033 s = 90.9 req/s
     assert (
-        "| onnx | in-process | pipeline | – | 1 | 3 | 0 | 11.00 | 11.90 | 11.98 | 12.00 | 90.9 | – |" in text
+        "| onnx | – | in-process | pipeline | – | 1 | 3 | 0 | 11.00 | 11.90 | 11.98 | 12.00 | 90.9 | – |"
+        in text
     )
-    assert "| onnx | 2.75 | 2.75 | 2.75 | 2.75 | 11.00 |" in text  # stage p50s
+    assert "| onnx | – | 2.75 | 2.75 | 2.75 | 2.75 | 11.00 |" in text  # stage p50s
     assert "- onnx HTTP POST /predict/file (multipart) c=1: HTTP 503 ×1" in text
     # served p50 12.5 - in-process p50 11 = +1.5 ms: within the 2 ms goal; JSON +10 ms is not
-    assert "| onnx | POST /predict/file (multipart) | 12.50 | 11.00 | +1.50 | ≤ 2 ms: met |" in text
-    assert "| onnx | POST /predict (JSON base64) | 21.00 | 11.00 | +10.00 | ≤ 2 ms: missed |" in text
+    assert "| onnx | – | POST /predict/file (multipart) | 12.50 | 11.00 | +1.50 | ≤ 2 ms: met |" in text
+    assert "| onnx | – | POST /predict (JSON base64) | 21.00 | 11.00 | +10.00 | ≤ 2 ms: missed |" in text
     assert "health/live (HTTP floor) | 12.50" not in text  # the floor is not compared
     # gRPC unary: p50 11.8 - 11 = +0.8 ms, within its own 1 ms goal; its floor and the stream are
     # not compared (the stream's latencies include queueing; its req/s is frames/s)
-    assert f"| onnx | {UNARY} | 11.80 | 11.00 | +0.80 | ≤ 1 ms: met |" in text
-    assert f"| onnx | {GRPC_STREAM} | {STREAM} | – | 1 | 3 | 0 | 60.00 |" in text
-    assert text.count(f"| {STREAM} |") == 1 and text.count(f"| {HEALTH} |") == 1
-    assert "req/s is frames/s" in text
+    assert f"| onnx | – | {UNARY} | 11.80 | 11.00 | +0.80 | ≤ 1 ms: met |" in text
+    assert f"| onnx | – | {GRPC_STREAM} | {STREAM} | – | 1 | 3 | 0 | 60.00 |" in text
+    # the stream's own table: 3 frames sent and computed in 0.04 s
+    assert f"| onnx | – | {STREAM} | – | 3 | 3 | 0 | 0 | 75.0 | – | 60.00 | 69.80 | 70.00 |" in text
+    assert text.count(f"| {STREAM} |") == 2 and text.count(f"| {HEALTH} |") == 1
+    assert "req/s is the frames computed per second" in text
     assert "seconds" not in text.split("| runtime |")[1]  # every latency column is in ms
 
 
@@ -223,7 +252,8 @@ def test_overheads_compare_only_served_model_work_with_its_own_runtime() -> None
 
 def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
     paths = _report().write(tmp_path / "out")
-    assert sorted(p.name for p in paths) == ["bench.csv", "bench.json", "bench.md"]  # one level: no plot
+    # one level: no throughput plot; a stream row: its latency plot
+    assert sorted(p.name for p in paths) == ["bench.csv", "bench.json", "bench.md", "streams.png"]
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["units"]["latency"] == "ms"
     first = data["results"][0]
@@ -241,7 +271,7 @@ def test_json_report_is_plain_json_in_milliseconds(tmp_path: Path) -> None:
 def test_a_row_where_every_request_failed_is_reported_without_latencies() -> None:
     failed = Measurement(latencies_s=(), wall_s=0.1, errors={"ConnectError": 5})
     report = BenchReport(machine={}, settings={}, rows=[ResultRow("onnx", HTTP, "x", 1, failed)])
-    assert "| onnx | HTTP | x | – | 1 | 0 | 5 | – | – | – | – | 0.0 | – |" in report.to_markdown()
+    assert "| onnx | – | HTTP | x | – | 1 | 0 | 5 | – | – | – | – | 0.0 | – |" in report.to_markdown()
     assert report.to_dict()["results"][0]["latency_ms"] is None  # type: ignore[index]
 
 
@@ -336,20 +366,28 @@ def test_the_real_grpc_service_starts_on_a_free_port_serves_and_stops(
 
 
 def test_command_line_defaults_and_lists() -> None:
-    config = parse_args(["--backends", "onnx", "--requests", "50", "--warmup", "10"])
-    assert config.backends == ("onnx",)
-    assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, (1,), 5)
+    config = parse_args(["--requests", "50", "--warmup", "10"])
+    assert config.backends == ("onnx",)  # torch only when asked: it compiles each model for minutes
+    assert (config.requests, config.warmup, config.concurrency, config.rounds) == (50, 10, (1, 16), 4)
     assert (config.batching, config.server_env, config.baseline, config.overload) == (
         ("on",),
         {},
         False,
         False,
     )
-    assert config.endpoints == ("file", "json", "live", "grpc", "health", "stream")
-    assert (config.http_endpoints, config.grpc_endpoints) == (
-        ("file", "json", "live"),
-        ("grpc", "health", "stream"),
+    # `make bench`: the classifier, the detector and its 320 variant; their JSON and gRPC rows and
+    # the three streams
+    assert config.resolved_models() == ("efficientnet_lite0", "yolo11n", "yolo11n_320")
+    assert config.model_name == "efficientnet_lite0" and config.coserving and config.images == "auto"
+    assert config.endpoints == ("json", "grpc", "stream", "pacedstream", "livestream")
+    assert (config.http_endpoints, config.grpc_endpoints, config.stream_endpoints) == (
+        ("json",),
+        ("grpc", "stream", "pacedstream", "livestream"),
+        ("stream", "pacedstream", "livestream"),
     )
+    assert config.clip_fps == 30.0
+    assert parse_args(["--model", "yolo11n, yolo11n"]).resolved_models() == ("yolo11n",)
+    assert parse_args(["--backends", "onnx,torch"]).backends == ("onnx", "torch")
     assert config.stream_window is None and config.resolved_stream_window() == 8  # the read-ahead
     assert config.output == Path("bench-results")
     grpc_only = parse_args(["--endpoints", "stream,grpc", "--stream-window", "4"])
@@ -376,7 +414,9 @@ def test_pipeline_measurement_times_every_stage(tmp_path: Path) -> None:
     entry = write_fake_entry(tmp_path)
     runtime = FakeRuntime(entry)
     runtime.load()
-    timer = PipelineTimer(runtime, ImagePreprocessor(entry.config.input, max_image_pixels=10**7))
+    steps = TaskSteps.of(entry, max_image_pixels=10**7).checked(photo_bytes("chelsea.png"))
+    assert steps.split is not None  # a classifier's decoding is timed apart
+    timer = PipelineTimer(runtime, steps)
     result = measure_pipeline(timer, photo_bytes("chelsea.png"), requests=5, warmup=2)
     assert result.total.completed == 5
     assert len(runtime.batches) == 7 and runtime.batches[0] == (1, 3, 32, 32)  # warm-up + measured
@@ -856,7 +896,9 @@ def test_batching_overload_and_layout_options_are_checked(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         parse_args(["--layouts", "2x"])
     assert "WORKERSxTHREADS" in capsys.readouterr().err
-    config = parse_args(["--overload", "--overload-concurrency", "16", "--requests", "10"])
+    config = parse_args(
+        ["--overload", "--overload-concurrency", "16", "--requests", "10", "--endpoints", "json,file,grpc"]
+    )
     assert (config.overload_concurrency, config.overload_queue_size) == (16, 8)
     assert config.overload_endpoints == ("json", "file", "grpc")
     assert config.resolved_overload_requests() == 64  # at least 4 per sender, or the queue never fills
@@ -876,17 +918,24 @@ def test_a_deployment_is_named_by_url_and_grpc_target() -> None:
             "http://10.0.0.5:8002/metrics",
             "--concurrency",
             "1,16",
+            "--endpoints",
+            "file,json,live,grpc,health,stream",
         ]
     )
     assert (config.url, config.grpc_target) == ("http://10.0.0.5:8000", "10.0.0.5:50051")
     assert config.grpc_metrics_url == "http://10.0.0.5:8002/metrics"
     assert config.external and config.backends == () and config.batching == ("on",)
     assert config.http_endpoints == ("file", "json", "live") and config.unmeasured_endpoints == ()
-    http_only = parse_args(["--url", "http://127.0.0.1:8000", "--backends", "torch"])
+    # one model, the deployment's default unless named
+    assert config.resolved_models() == () and config.model_name is None
+    http_only = parse_args(["--url", "http://127.0.0.1:8000", "--backends", "torch", "--model", "yolo11n"])
     assert http_only.backends == ("torch",) and http_only.grpc_endpoints == ()
-    assert http_only.unmeasured_endpoints == ("grpc", "health", "stream")
-    assert not parse_args([]).external and parse_args([]).backends == ("onnx", "torch")
-    assert BenchConfig().backends == ("onnx", "torch")
+    assert http_only.model_name == "yolo11n"
+    assert http_only.unmeasured_endpoints == ("grpc", "stream", "pacedstream", "livestream")
+    assert not parse_args([]).external and parse_args([]).backends == ("onnx",)
+    assert BenchConfig().backends == ("onnx",)
+    with pytest.raises(ValueError, match="one model at a time"):
+        BenchConfig(url="http://127.0.0.1:8000", models=("a", "b"))
 
 
 @pytest.mark.parametrize(
@@ -954,20 +1003,30 @@ def test_default_layouts_follow_the_issue_on_two_cores() -> None:
 # --- in-process limit (fake runtime) --------------------------------------------------------------
 
 
-def _fake_limit_parts(tmp_path: Path) -> tuple[FakeRuntime, ImagePreprocessor, list[bytes]]:
+def _fake_limit_parts(tmp_path: Path) -> tuple[FakeRuntime, TaskSteps, list[bytes]]:
     entry = write_fake_entry(tmp_path)
     runtime = FakeRuntime(entry)
     runtime.load()
-    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=10**7)
+    steps = TaskSteps.of(entry, max_image_pixels=10**7)
     images = [encode(Image.new("RGB", (60 + 10 * i, 40), (40 * i, 90, 200))) for i in range(3)]
-    return runtime, preprocessor, images
+    return runtime, steps, images
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_a_layout_computes_every_image_in_batches_up_to_the_limit(tmp_path: Path, workers: int) -> None:
-    runtime, preprocessor, images = _fake_limit_parts(tmp_path)
-    result = measure_layout(runtime, preprocessor, images, workers=workers, max_batch_size=4, count=50)
+    runtime, steps, images = _fake_limit_parts(tmp_path)
+    postprocessed: list[str] = []
+    postprocess = steps.task.postprocess
+
+    def counted(row: np.ndarray, meta: object, params: object) -> object:
+        postprocessed.append(threading.current_thread().name)
+        return postprocess(row, meta, params)
+
+    steps.task.postprocess = counted  # type: ignore[method-assign]
+    result = measure_layout(runtime, steps, images, workers=workers, max_batch_size=4, count=50)
     assert result.images == 50 == sum(shape[0] for shape in runtime.batches)
+    # every image's output is postprocessed, by the preprocessing threads (as the server's pool)
+    assert len(postprocessed) == 50 and all(name.startswith("bench-preprocess-") for name in postprocessed)
     assert result.batches == len(runtime.batches)
     assert all(1 <= shape[0] <= 4 and shape[1:] == (3, 32, 32) for shape in runtime.batches)
     assert result.images_per_s > 0 and result.mean_batch is not None and 1 <= result.mean_batch <= 4
@@ -977,7 +1036,7 @@ def test_a_layout_computes_every_image_in_batches_up_to_the_limit(tmp_path: Path
 
 
 def test_a_layout_feeds_the_images_in_a_fixed_order(tmp_path: Path) -> None:
-    runtime, preprocessor, images = _fake_limit_parts(tmp_path)
+    runtime, steps, images = _fake_limit_parts(tmp_path)
     seen: list[float] = []
     predict = runtime.predict_batch
 
@@ -986,8 +1045,8 @@ def test_a_layout_feeds_the_images_in_a_fixed_order(tmp_path: Path) -> None:
         return predict(batch)
 
     runtime.predict_batch = record  # type: ignore[method-assign]
-    measure_layout(runtime, preprocessor, images, workers=1, max_batch_size=1, count=6)
-    expected = [float(preprocessor(images[i % 3]).mean()) for i in range(6)]
+    measure_layout(runtime, steps, images, workers=1, max_batch_size=1, count=6)
+    expected = [float(steps.prepare(images[i % 3]).tensor.mean()) for i in range(6)]
     assert seen == pytest.approx(expected)  # one worker, batch 1: exactly images 0, 1, 2, 0, 1, 2
 
 
@@ -995,7 +1054,7 @@ def test_a_layout_stops_at_its_time_cap_and_reports_failures(tmp_path: Path) -> 
     entry = write_fake_entry(tmp_path)
     slow = SlowRuntime(entry, batch_s=0.02)
     slow.load()
-    preprocessor = ImagePreprocessor(entry.config.input, max_image_pixels=10**7)
+    preprocessor = TaskSteps.of(entry, max_image_pixels=10**7)
     image = [encode(Image.new("RGB", (48, 40), "teal"))]
     capped = measure_layout(slow, preprocessor, image, workers=2, max_batch_size=2, duration_s=0.2)
     assert 1 <= capped.images < 100 and 0.15 <= capped.wall_s < 5.0
@@ -1055,14 +1114,15 @@ def _sweep_report() -> BenchReport:
 
 def test_served_rows_are_held_against_the_best_layout() -> None:
     report = _sweep_report()
-    assert report.limits()["onnx"].layout == Layout(2, 2)
+    assert report.limits()[("onnx", "")].layout == Layout(2, 2)
     ratios = [report.limit_ratio(row) for row in report.rows]
     assert ratios[:6] == pytest.approx([0.8, 0.9, 0.7, 0.75, 0.6, 0.65])
     assert ratios[6] is None  # the floor runs no model
     text = report.to_markdown()
     assert "- in-process limit, onnx: 100.0 img/s (2 preprocessing threads, 2 intra-op threads)" in text
     assert (
-        "| onnx | 2x2: 2 preprocessing threads, 2 intra-op threads (best) | 200 | 100.0 | 4.00 | 32 |" in text
+        "| onnx | – | 2x2: 2 preprocessing threads, 2 intra-op threads (best) | 200 | 100.0 | 4.00 | 32 |"
+        in text
     )
     # req/s, ratio to the limit, mean batch, queue p50/p99 (ranks 2 and 3.96 of 4 in the buckets)
     assert "| 80.0 | 0.80 | 1.50 | 1.00 | 9.82 |" in text
@@ -1076,7 +1136,7 @@ def test_overload_rows_account_for_every_request() -> None:
     assert (overload.measurement.sent, overload.rejected, overload.lost) == (10, 6, 1)
     assert not report.nothing_lost()  # the HTTP 500 was neither accepted nor refused
     text = report.to_markdown()
-    assert "| onnx | HTTP | – | 64 | 8 | 10 | 3 | 6 | – | 1 | 100.00 | 100.00 | 1.00 | 1.00 |" in text
+    assert "| onnx | – | HTTP | – | 64 | 8 | 10 | 3 | 6 | – | 1 | 100.00 | 100.00 | 1.00 | 1.00 |" in text
     assert "FAILED: 1 requests were neither accepted nor refused" in text
     data = report.to_dict()
     (entry,) = data["overload"]  # type: ignore[misc]
@@ -1175,7 +1235,7 @@ def test_notes_are_in_the_markdown_and_the_json() -> None:
 
 def test_the_plot_is_drawn_with_two_concurrency_levels_only(tmp_path: Path) -> None:
     report = _sweep_report()
-    lines = plotted_rows(report)
+    (lines,) = plotted_rows(report).values()  # one model
     assert set(lines) == {
         f"{BASELINE} baseline (onnx)",
         f"{HTTP} POST /predict (JSON base64) (onnx, batching off)",
@@ -1292,7 +1352,7 @@ def test_the_issues_targets_are_checked_where_the_run_has_the_rows() -> None:
     assert checks[("overload: rejection p99", overload)].met
     assert not checks[("overload: nothing lost", overload)].met
     text = report.to_markdown()
-    assert "Against the issue's targets" in text
+    assert "Against the issues' targets" in text
     row = "| c=16 HTTP JSON throughput | batching off | 75.0 req/s = 0.75 × limit | ≥ 0.9 × limit |"
     assert f"{row} **missed** |" in text
     assert report.to_dict()["targets"]
@@ -1367,7 +1427,7 @@ def test_https_urls_are_accepted_and_other_schemes_refused(capsys: pytest.Captur
 def test_the_harness_s_own_servers_inherit_no_key_or_tls(monkeypatch: pytest.MonkeyPatch) -> None:
     """`VISION_API_KEY` exported for an external deployment must not turn the key on in the servers
     the harness starts itself (it sends them none)."""
-    from bench.servers import ACCESS_VARIABLES, inherited_env
+    from bench.server_env import ACCESS_VARIABLES, inherited_env
 
     for name in ACCESS_VARIABLES:
         monkeypatch.setenv(name, "set-in-the-shell")
@@ -1375,3 +1435,406 @@ def test_the_harness_s_own_servers_inherit_no_key_or_tls(monkeypatch: pytest.Mon
     env = inherited_env()
     assert not set(ACCESS_VARIABLES) & set(env)
     assert env["VISION_LOG_LEVEL"] == "warning"
+
+
+# --- issue 10: models, detectors, streams, serving several models -------------------------------
+
+
+def test_the_clip_pans_over_the_packaged_photos_at_vga() -> None:
+    frames = make_clip(frames_per_shot=3)
+    shots = [name for name in CLIP_PHOTOS if name in {p.name for p in packaged_photos()}]
+    assert len(frames) == 3 * len(shots) and frames[0].name == f"{Path(shots[0]).stem}-00.jpg"
+    for frame in frames:
+        with Image.open(io.BytesIO(frame.data)) as image:
+            assert image.format == "JPEG" and image.size == (640, 480) == (frame.width, frame.height)
+    assert len({frame.data for frame in frames}) == len(frames)  # a pan: no two frames alike
+    assert describe_clip(frames, 30).startswith(f"{len(frames)} frames 640x480 JPEG ({len(shots)} shots of 3")
+    still = pan(Image.new("RGB", (400, 100), "teal"), 1)
+    assert [view.size for view in still] == [(640, 480)]
+    with pytest.raises(ValueError, match="at least 1 frame"):
+        pan(Image.new("RGB", (10, 10)), 0)
+
+
+def test_task_steps_time_decoding_apart_and_carry_each_task_s_parameters(tmp_path: Path) -> None:
+    photo = photo_bytes("chelsea.png")
+    classifier = TaskSteps.of(write_fake_entry(tmp_path), max_image_pixels=10**7).checked(photo)
+    detector = TaskSteps.of(write_fake_detector(tmp_path), max_image_pixels=10**7).checked(photo)
+    assert (classifier.name, detector.name) == ("classification", "detection")
+    assert classifier.split is not None and detector.split is not None  # halves equal the whole
+    decode, shape = detector.split
+    halves = shape(decode(photo))
+    assert np.array_equal(halves.tensor, detector.prepare(photo).tensor)
+    assert isinstance(halves.meta, Letterbox) and (halves.meta.width, halves.meta.height) == (451, 300)
+    # a detector's requests set no parameter (a classifier's `topk` would be refused by it)
+    assert request_parameters("detection") == {} and request_parameters("classification") == {"topk": 5}
+    row = FakeDetectorRuntime(write_fake_detector(tmp_path)).predict_batch(halves.tensor[np.newaxis])[0]
+    found = detector.finish(row, halves.meta)
+    assert found.width == 451 and len(found.detections) == 1  # NMS, boxes in the photo's pixels
+    assert describe_steps("detection") == "decode + letterbox + predict_batch + NMS"
+
+
+def test_a_layout_of_a_detector_postprocesses_with_nms(tmp_path: Path) -> None:
+    entry = write_fake_detector(tmp_path)
+    runtime = FakeDetectorRuntime(entry)
+    runtime.load()
+    steps = TaskSteps.of(entry, max_image_pixels=10**7)
+    images = [encode(Image.new("RGB", (80, 60), colour)) for colour in ("red", "green")]
+    result = measure_layout(runtime, steps, images, workers=2, max_batch_size=4, count=12)
+    assert result.images == 12 and all(shape[1:] == (3, 64, 64) for shape in runtime.batches)
+
+
+def test_a_classifier_and_a_detector_are_asked_with_their_own_parameters() -> None:
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+    detector = json_request(image, model="yolo11n", params={})
+    assert detector.path == "/predict?model=yolo11n" and b"topk" not in detector.body
+    classifier = file_request(image, "a.jpg", model="efficientnet_lite0")
+    assert classifier.path == "/predict/file?model=efficientnet_lite0&topk=5"
+    picked = file_request(image, "a.jpg", model="yolo11n", params={"classes": ["cat", "dog"]})
+    assert picked.path == "/predict/file?model=yolo11n&classes=cat&classes=dog"
+    assert message_fields("yolo11n", {"classes": ("cat",), "score_threshold": 0.5}) == {
+        "model": "yolo11n",
+        "classes": ["cat"],
+        "score_threshold": 0.5,
+    }
+    assert message_fields("", CLASSIFY) == {"topk": 5}
+
+
+async def _with_grpc_server(runtimes: list[ModelRuntime], scenario: Callable[[str], Awaitable[T]]) -> T:
+    """Run `scenario(target)` against GrpcServer over `runtimes` (the first the default)."""
+    server = grpc_server_of(GrpcSettings(port=0, metrics_port=0), ServerSettings(), *runtimes)
+    port = await server.start()
+    try:
+        assert server.loaded is not None
+        await server.loaded
+        return await scenario(f"127.0.0.1:{port}")
+    finally:
+        await server.stop(grace_s=1)
+
+
+class _PerImageRuntime(FakeRuntime):
+    """Takes `image_s` per image of a batch (batching buys nothing)."""
+
+    image_s = 0.05
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.image_s * len(batch))
+        return super().predict_batch(batch)
+
+
+def test_paced_streams_fall_behind_in_order_and_skip_live(tmp_path: Path) -> None:
+    """A camera at 100 frames/s against a model of 20 frames/s: in order, every frame is computed
+    and the backlog grows frame after frame; live, the superseded ones are answered skipped and the
+    computed ones wait about as long as two computations."""
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+    slow = _PerImageRuntime(write_fake_entry(tmp_path))
+
+    async def scenario(target: str) -> list[Measurement]:
+        async with grpc_channel(target) as channel:
+            return [
+                await measure_paced(channel, image, fps=100, live=False, frames=30),
+                await measure_paced(channel, image, fps=100, live=True, frames=30),
+                await measure_paced(channel, image, fps=100, live=True, duration_s=0.1),
+            ]
+
+    ordered, live, timed = asyncio.run(_with_grpc_server([slow], scenario))
+    assert (ordered.sent, ordered.completed, ordered.skipped, ordered.failed) == (30, 30, 0, 0)
+    assert ordered.latencies_s[-1] > ordered.latencies_s[0] + 0.5  # the backlog grows
+    assert live.sent == 30 and live.failed == 0 and live.skipped >= 10
+    assert live.completed == 30 - live.skipped and max(live.latencies_s) < 0.5
+    assert live.throughput_rps == pytest.approx(live.completed / live.wall_s)
+    assert 5 <= timed.sent <= 11 and timed.failed == 0  # 0.1 s of a 100 frames/s camera
+
+
+def test_a_detector_s_stream_and_calls_carry_no_classification_parameters(tmp_path: Path) -> None:
+    image = encode(Image.new("RGB", (48, 40), "red"))
+    classifier = FakeRuntime(write_fake_entry(tmp_path))
+    detector = FakeDetectorRuntime(write_fake_detector(tmp_path))
+
+    async def scenario(target: str) -> list[Measurement]:
+        async with grpc_channel(target) as channel:
+            return [
+                await run_closed_loop(grpc_sender(channel, image, model="fakedet", params={}), requests=5),
+                await run_closed_loop(grpc_sender(channel, image, model="fakedet"), requests=2),  # topk=5
+                await measure_stream(channel, image, frames=6, model="fakedet", params={}),
+                await measure_paced(channel, image, fps=50, live=True, frames=6, model="fakedet", params={}),
+            ]
+
+    unary, refused, stream, live = asyncio.run(_with_grpc_server([classifier, detector], scenario))
+    assert (unary.completed, unary.failed) == (5, 0)
+    assert refused.errors == {"gRPC INVALID_ARGUMENT": 2}  # `topk` does not apply to a detector
+    assert (stream.completed, stream.failed) == (6, 0)
+    assert live.completed + live.skipped == 6 and live.failed == 0
+
+
+def test_a_run_of_several_models_serves_them_all_and_the_first_alone(tmp_path: Path) -> None:
+    config = BenchConfig(models=("cls", "det"), output=tmp_path, endpoints=("json", "live", "grpc", "stream"))
+    groups = served_groups(config, "onnx", {"VISION_MODEL_NAME": "cls"}, ("cls", "det"))
+    assert [(g.models, g.alone) for g in groups] == [(("cls", "det"), False), (("cls",), True)]
+    together, alone = groups
+    assert together.http is not None and together.grpc is not None and alone.http is not None
+    assert isinstance(together.http, ServerProcess) and isinstance(alone.http, ServerProcess)
+    assert together.http.env["VISION_MODELS"] == "cls,det" and alone.http.env["VISION_MODELS"] == "cls"
+    assert alone.serves("cls") and not alone.serves("det") and together.serves("det")
+    assert "alone" in str(alone.http.log_path)
+    single = BenchConfig(models=("cls",), output=tmp_path)
+    assert [g.alone for g in served_groups(single, "onnx", {}, ("cls",))] == [False]
+    streams_only = BenchConfig(models=("cls", "det"), output=tmp_path, endpoints=("stream",))
+    assert len(served_groups(streams_only, "onnx", {}, ("cls", "det"))) == 1  # nothing to compare alone
+
+
+@dataclass(frozen=True)
+class _End:
+    base_url: str = "http://127.0.0.1:1"
+    target: str = "127.0.0.1:1"
+    metrics_url: str | None = None
+
+
+def test_the_plans_give_each_model_its_rows_and_the_floors_once(tmp_path: Path) -> None:
+    config = BenchConfig(
+        models=("cls", "det"),
+        output=tmp_path,
+        endpoints=("json", "live", "v2", "grpc", "health", "v2grpc", "stream", "livestream"),
+        concurrency=(1, 16),
+        clip_fps=25,
+    )
+    image = encode(Image.new("RGB", (48, 40), "teal"))
+    photos = [BenchImage("a.jpg", image, 48, 40, "JPEG", "test")]
+    models = [
+        BenchModel.of("cls", "classification", photos, None),
+        BenchModel.of("det", "detection", photos, None),
+    ]
+    groups = [
+        ServedGroup("on", None, _End(), _End(), models=("cls", "det")),
+        ServedGroup("on", None, _End(), _End(), models=("cls",), alone=True),
+    ]
+    with event_loop_runner() as runner, contextlib.ExitStack() as stack:
+        plans = build_plans(
+            config,
+            label="onnx",
+            groups=groups,
+            models=models,
+            clients=Clients(config, runner, stack),
+            bar=ProgressBar(io.StringIO()),
+        )
+        rows = [
+            (p.template.model, p.template.alone, p.template.target, p.template.concurrency) for p in plans
+        ]
+    per_level = {
+        ("cls", False, "POST /predict (JSON base64)"),
+        ("cls", False, "GET /health/live (HTTP floor)"),
+        ("cls", False, "POST /v2/models/{model}/infer (V2, binary)"),
+        ("cls", False, UNARY),
+        ("cls", False, HEALTH),
+        ("cls", False, V2_UNARY),
+        ("cls", True, "POST /predict (JSON base64)"),  # alone: model work only
+        ("cls", True, "POST /v2/models/{model}/infer (V2, binary)"),
+        ("cls", True, UNARY),
+        ("cls", True, V2_UNARY),
+        ("det", False, "POST /predict (JSON base64)"),  # no floor, no V2 (a classification)
+        ("det", False, UNARY),
+    }
+    for level in (1, 16):
+        assert {row[:3] for row in rows if row[3] == level and "stream" not in row[2]} == per_level
+    streams = [row for row in rows if "Predict" in row[2] and "stream" in row[2]]
+    assert streams == [
+        ("cls", False, STREAM, 1),
+        ("cls", False, "Inference/PredictLive (1 stream, 25 frames/s)", 1),
+        ("det", False, STREAM, 1),
+        ("det", False, "Inference/PredictLive (1 stream, 25 frames/s)", 1),
+    ]  # streams with every model loaded only
+
+
+def test_models_a_repository_lacks_are_exported_into_the_run_s_own(tmp_path: Path) -> None:
+    source = tmp_path / "models"
+    write_fake_entry(source, "efficientnet_lite0")
+    write_fake_detector(source, "yolo11n")
+    exported: list[str] = []
+
+    def exporter(variant: Variant, repository: Path, log: Path) -> None:
+        exported.append(f"{variant.base}@{variant.size}")
+        write_fake_detector(repository, variant.name)
+
+    assert prepare_repository(source, ["yolo11n"], tmp_path / "out", note=print, exporter=exporter) == source
+    own = prepare_repository(
+        source, ["efficientnet_lite0", "yolo11n_320"], tmp_path / "out", note=print, exporter=exporter
+    )
+    assert own == tmp_path / "out" / "repository" and exported == ["yolo11n@320"]
+    assert (own / "efficientnet_lite0").is_symlink() and ModelRepository(own).names() == [
+        "efficientnet_lite0",
+        "yolo11n_320",
+    ]
+    again = prepare_repository(
+        source, ["efficientnet_lite0", "yolo11n_320"], tmp_path / "out", note=print, exporter=exporter
+    )
+    assert again == own and exported == ["yolo11n@320"]  # kept from the first run
+    assert parse_variant("yolo11n_480") == Variant("yolo11n_480", "yolo11n", 480)
+    assert parse_variant("yolo11n_333") is None and parse_variant("resnet_320") is None
+    command = Variant("yolo11n_320", "yolo11n", 320).command(own)
+    assert command[1:] == [
+        "-m",
+        "export",
+        "--model",
+        "yolo11n",
+        "--input-size",
+        "320",
+        "--name",
+        "yolo11n_320",
+        "--repository",
+        str(own),
+    ]
+    with pytest.raises(ValueError, match=r"no model nothing_here .* exports itself: yolo11n_320"):
+        prepare_repository(source, ["nothing_here"], tmp_path / "out", note=print, exporter=exporter)
+
+
+def _models_report() -> BenchReport:
+    def rate(rps: float, n: int = 10, latency_s: float = 0.05, skipped: int = 0) -> Measurement:
+        return Measurement(latencies_s=(latency_s,) * n, wall_s=n / rps, skipped=skipped)
+
+    json_target, live = "POST /predict (JSON base64)", "Inference/PredictLive (1 stream, 30 frames/s)"
+    return BenchReport(
+        machine={"date": "2030-01-01", "cpu": "Test CPU", "usable_cores": "2"},
+        settings={},
+        rows=[
+            ResultRow("onnx", HTTP, json_target, 16, rate(95.0), batching="on", model="cls"),
+            ResultRow("onnx", GRPC, UNARY, 16, rate(100.0), batching="on", model="cls"),
+            ResultRow("onnx", HTTP, json_target, 16, rate(100.0), batching="on", model="cls", alone=True),
+            ResultRow("onnx", GRPC, UNARY, 16, rate(99.0), batching="on", model="cls", alone=True),
+            ResultRow("onnx", HTTP, json_target, 16, rate(19.0), batching="on", model="det"),
+            ResultRow("onnx", GRPC, UNARY, 16, rate(17.0), batching="on", model="det"),
+            ResultRow("onnx", GRPC_STREAM, STREAM, 1, rate(19.5, latency_s=0.3), batching="on", model="det"),
+            ResultRow("onnx", GRPC_STREAM, live, 1, rate(18.0, skipped=4), batching="on", model="det"),
+        ],
+        layouts=[
+            LayoutRow(
+                "onnx", Layout(2, 2), LayoutMeasurement(images=100, wall_s=1.0, batches=20), 32, model="cls"
+            ),
+            LayoutRow(
+                "onnx", Layout(2, 2), LayoutMeasurement(images=20, wall_s=1.0, batches=5), 32, model="det"
+            ),
+            LayoutRow(
+                "onnx", Layout(1, 1), LayoutMeasurement(images=10, wall_s=1.0, batches=5), 32, model="det"
+            ),
+        ],
+        tasks={"cls": "classification", "det": "detection"},
+        stream_fps=30.0,
+    )
+
+
+def test_each_model_is_held_against_its_own_limit_and_targets() -> None:
+    report = _models_report()
+    assert set(report.limits()) == {("onnx", "cls"), ("onnx", "det")}
+    assert report.limits()[("onnx", "det")].layout == Layout(2, 2)
+    assert report.limit_ratio(report.rows[4]) == pytest.approx(0.95)  # 19 of the detector's 20
+    assert (report.classifier(), report.models_of("detection")) == ("cls", ["det"])
+    checks = {(c.target, c.row): c for c in check_targets(report)}
+    assert checks[("c=16 HTTP JSON throughput", "det, batching on")].met  # 0.95 >= 0.9
+    assert not checks[("c=16 gRPC unary throughput", "det, batching on")].met  # 0.85
+    stream = checks[("stream frames/s (in order)", "det, batching on")]
+    assert stream.met and stream.measured == "19.5 frames/s = 0.97 × limit"
+    live = checks[("stream frames/s (live)", "det, batching on")]
+    assert live.met and "0.90 × min(limit 20.0, camera 30)" in live.measured
+    http = checks[("c=16 HTTP JSON: cls with 1 more model(s) loaded vs alone", "cls, batching on")]
+    assert (http.measured, http.met) == ("95.0 vs 100.0 req/s (0.95×)", True)
+    grpc_check = checks[("c=16 gRPC unary: cls with 1 more model(s) loaded vs alone", "cls, batching on")]
+    assert grpc_check.met  # 1.01 times
+    assert ("c=16 HTTP JSON throughput", "cls, batching on") in checks  # the classifier's own goals
+    assert ("c=16 HTTP JSON throughput", "det, batching on") in checks
+
+
+def test_the_report_has_a_stream_table_a_stream_plot_and_models_in_every_file(tmp_path: Path) -> None:
+    report = _models_report()
+    text = report.to_markdown()
+    live = "Inference/PredictLive (1 stream, 30 frames/s)"
+    assert f"| onnx | det | {live} | on | 14 | 10 | 4 | 0 | 18.0 | 0.90 | 50.00 | 50.00 | 50.00 |" in text
+    assert "| onnx | cls | HTTP | POST /predict (JSON base64), served alone | on | 16 |" in text
+    assert "- in-process limit, onnx, det: 20.0 img/s (2 preprocessing threads, 2 intra-op threads)" in text
+    data = report.to_dict()
+    assert data["format"] == "visionserve-bench/3" and data["models"] == {
+        "cls": "classification",
+        "det": "detection",
+    }
+    assert {(entry["model"], entry["layout"]) for entry in data["in_process_limit"]} == {
+        ("cls", "2x2"),
+        ("det", "2x2"),
+    }  # type: ignore[index, union-attr]
+    assert data["results"][7]["skipped"] == 4 and data["results"][2]["scenario"] == "alone"  # type: ignore[index]
+    records = report.to_records()
+    assert [r["model"] for r in records[:2]] == ["cls", "cls"] and records[7]["skipped"] == 4
+    assert set(stream_rows(report)) == {"det"}
+    written = report.write(tmp_path)
+    assert sorted(p.name for p in written) == ["bench.csv", "bench.json", "bench.md", "streams.png"]
+    assert (tmp_path / "streams.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_scrape_can_keep_one_model_s_samples() -> None:
+    metrics = Metrics()
+    metrics.batch_size.labels("cls").observe(4)
+    metrics.batch_size.labels("det").observe(2)
+    metrics.rejected.labels("queue_full", "det").inc()
+    text = metrics.render()[0].decode()
+    assert parse_metrics(text).histograms[BATCH_SIZE].count == 2
+    only = parse_metrics(text, "det")
+    assert only.histograms[BATCH_SIZE].count == 1 and only.histograms[BATCH_SIZE].total == 2
+    assert only.rejected == {"queue_full": 1.0} and parse_metrics(text, "cls").rejected == {}
+
+
+def test_a_deployment_s_model_is_the_one_named_or_its_default() -> None:
+    body = {
+        "models": [
+            {"name": "cls", "runtime": "onnx", "device": "cpu", "task": "classification", "default": False},
+            {"name": "det", "runtime": "onnx", "device": "cpu", "task": "detection", "default": True},
+        ]
+    }
+    assert DeployedModel.from_models(body).name == "det"  # the default
+    chosen = DeployedModel.from_models(body, "cls")
+    assert (chosen.name, chosen.task, chosen.served) == ("cls", "classification", ("cls", "det"))
+    assert DeployedModel.from_models(body, "nothing").name == "det"  # the caller refuses it
+    with pytest.raises(ValueError, match="not a visionserve model list"):
+        DeployedModel.from_models({"models": []})
+
+
+def test_the_processes_report_compares_the_layouts() -> None:
+    def load(rps: float) -> Measurement:
+        return Measurement(latencies_s=(0.01, 0.02, 0.03, 0.04), wall_s=4 / rps)
+
+    two = LayoutResult(
+        "two",
+        "two processes",
+        [
+            ProcessFigures("python -m fastapi_onnx", 1, 300.0, 320.0, 310.0, 12.0, 40),
+            ProcessFigures("python -m grpc_server", 2, 310.0, 330.0, 320.0, 13.0, 45),
+        ],
+        mixed={"HTTP": load(50.0), "gRPC": load(60.0)},
+        single={"HTTP": load(90.0), "gRPC": load(95.0)},
+        mean_batch=4.0,
+    )
+    one = LayoutResult(
+        "one",
+        "one process",
+        [ProcessFigures("python -m grpc_server (HTTP + gRPC)", 3, 320.0, 350.0, 340.0, 20.0, 50)],
+        mixed={"HTTP": load(70.0), "gRPC": load(70.0)},
+        single={"HTTP": load(92.0)},
+    )
+    report = ProcessesReport({"date": "2030-01-01", "cpu": "Test CPU", "usable_cores": "2"}, {}, [two, one])
+    assert (two.total_rps, two.rss_peak_mb, one.total_rps) == (110.0, 650.0, 140.0)
+    assert two.cpu_ms_per_request == pytest.approx(1e3 * 25.0 / 8)
+    text = report.to_markdown()
+    assert "| two processes | 50.0 | 25.00 | 39.70 | 60.0 | 25.00 | 39.70 | 110.0 | 0 | 4.00 |" in text
+    assert "| one process | 92.0 | 25.00 | 39.70 | 92.0 | – | – | – |" not in text
+    assert "| one process | 25.00 | 39.70 | 92.0 | – | – | – |" in text  # no gRPC row alone measured
+    assert "| one | `python -m grpc_server (HTTP + gRPC)` | 320.0 | 350.0 | 340.0 | 20.0 | 50 |" in text
+    assert report.to_dict()["layouts"][1]["total_requests_per_s"] == 140.0  # type: ignore[index]
+
+
+def test_a_process_serving_both_apis_is_found_by_both_banners(tmp_path: Path) -> None:
+    process = CombinedServerProcess("onnx", env={}, log_path=tmp_path / "both.log")
+    grpc_banner = "visionserve gRPC API (onnx) on 127.0.0.1:50123\n"
+    http_banner = "visionserve HTTP API (onnx) on http://127.0.0.1:8123\n"
+    assert process.announced(grpc_banner) is None  # the HTTP side is not listening yet
+    assert process.announced(grpc_banner + http_banner) == "127.0.0.1:50123"
+    assert process.http_address == "http://127.0.0.1:8123" == process.base_url
+    env = process.listen_env()
+    assert env["VISION_GRPC_SERVE_HTTP"] == "true" and env["VISION_PORT"] == env["VISION_GRPC_PORT"] == "0"
+    assert process.module == "grpc_server"
+    with pytest.raises(ValueError, match="at least one sender"):
+        ProcessesConfig(http_clients=0, grpc_clients=0)

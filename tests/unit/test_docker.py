@@ -417,6 +417,7 @@ def container_command(service: dict[str, Any], stages: dict[str, Stage]) -> list
 def test_each_container_runs_the_projects_entrypoint(backend: str) -> None:
     stages = dockerfile_stages()
     stack = (ROOT / "scripts" / "stack.py").read_text()
+    tested = "".join(path.read_text() for path in (ROOT / "tests" / "integration").glob("test_*process*.py"))
     for name, service in resolved(backend, gpu=False)["services"].items():
         module = EXPECTED_MODULE[(name, backend)]
         command = container_command(service, stages)
@@ -425,8 +426,9 @@ def test_each_container_runs_the_projects_entrypoint(backend: str) -> None:
         assert image_cmd is not None and image_cmd[:3] == ["python", "-m", module], name
         if module == "jupyterlab":
             continue
-        # The same module the local stack and tests start.
-        assert f'"{module}"' in stack or f"-m {module}" in (ROOT / "Makefile").read_text(), module
+        # The same module the local stack, the Makefile or the process tests start.
+        started = stack + (ROOT / "Makefile").read_text() + tested
+        assert f'"{module}"' in started or f"-m {module}" in started, module
         assert (ROOT / module / "__main__.py").is_file(), module
 
 

@@ -36,7 +36,11 @@ def configure_logging(level: str) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket on `host:port` (IPv6 when the host is), inheritable."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # NOTE: IPPROTO_TCP named explicitly: asyncio's default loop turns Nagle's algorithm off
+    # (TCP_NODELAY) only on sockets whose `proto` says TCP. Left at 0, every answer of uvicorn on
+    # that loop (the process that serves HTTP beside gRPC) waited ~40 ms for the client's
+    # delayed ACK (GET /health/live p50 44 ms instead of 0.6 ms); uvloop sets it regardless.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
