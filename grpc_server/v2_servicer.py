@@ -34,7 +34,7 @@ from visionserve.v2.outputs import (
     outputs_for,
     requested_output,
 )
-from visionserve.v2.signature import Signature
+from visionserve.v2.signature import Signature, server_metadata
 from visionserve.v2.statistics import model_statistics
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class V2InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         """Server name, version and the protocol extensions served."""
-        return from_dict(self.models.server_metadata(), pb.ServerMetadataResponse())
+        return from_dict(server_metadata(), pb.ServerMetadataResponse())
 
     async def ModelMetadata(  # noqa: N802
         self, request: pb.ModelMetadataRequest, context: Context

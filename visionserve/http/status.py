@@ -27,12 +27,6 @@ def create_status_router(registry: ModelRegistry) -> APIRouter:
     """Health, readiness, models and metrics of `registry`."""
     router = APIRouter()
 
-    def info(model: ServedModel) -> dict[str, object]:
-        return model.describe() | {
-            "default": model.name == registry.default_name,
-            "preprocess_workers": registry.preprocess_workers,
-        }
-
     @router.get(
         "/health/live", response_model=HealthStatus, response_model_exclude_none=True, tags=["health"]
     )
@@ -58,13 +52,15 @@ def create_status_router(registry: ModelRegistry) -> APIRouter:
     async def models() -> ModelsResponse:
         """Every model served, the default first: task, input, labels count, parameters, runtime,
         device, batching and readiness."""
-        return ModelsResponse(models=[ModelInfo.model_validate(info(model)) for model in registry])
+        return ModelsResponse(
+            models=[ModelInfo.model_validate(registry.describe(model)) for model in registry]
+        )
 
     @router.get("/models/{name}", response_model=ModelDetail, responses=ERROR_RESPONSES, tags=["models"])
     async def model_detail(name: str) -> ModelDetail:
         """One model's facts and its class labels."""
         model = registry.get(name)
-        return ModelDetail.model_validate(info(model) | {"labels": list(model.entry.labels)})
+        return ModelDetail.model_validate(registry.describe(model) | {"labels": list(model.entry.labels)})
 
     @router.get(
         "/models/{name}/ready",

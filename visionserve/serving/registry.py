@@ -187,9 +187,13 @@ class ModelRegistry:
         await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True, cancel_futures=False)
         self.state = ServiceState.STOPPED
 
-    def describe(self) -> list[dict[str, object]]:
-        """Facts of every model for GET /models, the default first."""
-        return [model.describe() | {"default": model.name == self.default_name} for model in self]
+    def describe(self, model: ServedModel) -> dict[str, object]:
+        """Facts of one of the models for GET /models: its own, whether it is the default, and
+        the preprocessing threads it shares with the others."""
+        return model.describe() | {
+            "default": model.name == self.default_name,
+            "preprocess_workers": self.preprocess_workers,
+        }
 
 
 def registry_from_settings(model_settings: ModelSettings, server_settings: ServerSettings) -> ModelRegistry:

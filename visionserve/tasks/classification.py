@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visionserve.postprocessing import ClassScore, softmax, top_k
+from visionserve.postprocessing import ClassScore, postprocess
 from visionserve.repository import ModelEntry
 from visionserve.tasks.base import Prepared, Task, integer
 
@@ -56,5 +56,5 @@ class ClassificationTask(Task[ClassificationParams, Classification]):
     def postprocess(self, row: np.ndarray, meta: object, params: ClassificationParams) -> Classification:
         """Scores -> probabilities -> the top `topk` classes."""
         kind = self.entry.config.output.kind
-        probs = softmax(row[np.newaxis])[0] if kind == "logits" else row.astype(np.float32)
-        return Classification(top_k(probs, params.topk, self.entry.labels), row)
+        (predictions,) = postprocess(row[np.newaxis], params.topk, self.entry.labels, kind=kind)
+        return Classification(predictions, row)

@@ -33,6 +33,7 @@ from visionserve.v2.models import V2Models
 from visionserve.v2.outputs import outputs_for
 from visionserve.v2.rest import HEADER_LENGTH, InferRequest, decompress, encode_response, parse_request
 from visionserve.v2.signature import Signature
+from visionserve.v2.signature import server_metadata as v2_server_metadata
 from visionserve.v2.statistics import model_statistics
 
 PREFIX = "/v2"
@@ -185,7 +186,7 @@ def create_v2_router(registry: ModelRegistry, settings: ServerSettings) -> APIRo
     @router.get("")
     async def server_metadata() -> dict[str, object]:
         """Server name, version and the protocol extensions it supports."""
-        return models.server_metadata()
+        return v2_server_metadata()
 
     @router.get("/health/live")
     async def server_live() -> dict[str, bool]:

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from visionserve import __version__
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.serving.lifecycle import ServiceState
-from visionserve.v2.signature import EXTENSIONS, SERVER_NAME, Signature
+from visionserve.v2.signature import Signature
 
 if TYPE_CHECKING:
     from visionserve.serving.model import ServedModel
@@ -47,11 +46,6 @@ class V2Models:
         signature = self.signatures[model.name]
         signature.check_model(name, version)
         return model, signature
-
-    @staticmethod
-    def server_metadata() -> dict[str, object]:
-        """`GET /v2`: `{name, version, extensions}`."""
-        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
     def repository_index(self, *, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: every model with its version, state and reason."""

@@ -186,8 +186,8 @@ class Signature:
             )
 
     def server_metadata(self) -> dict[str, object]:
-        """`GET /v2`: `{name, version, extensions}`."""
-        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+        """`GET /v2`: `{name, version, extensions}` (the same for every model)."""
+        return server_metadata()
 
     def metadata(self) -> dict[str, object]:
         """`GET /v2/models/{name}`: `{name, versions, platform, inputs, outputs}`."""
@@ -253,3 +253,8 @@ class Signature:
                 "preserve_ordering": False,
             },
         }
+
+
+def server_metadata() -> dict[str, object]:
+    """`GET /v2` and ServerMetadata: `{name, version, extensions}`."""
+    return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from visionserve.batching import REJECTION_REASONS
+
 if TYPE_CHECKING:
     from visionserve.serving.model import ServedModel
-
-_REJECTIONS = ("queue_full", "deadline", "cancelled")
 
 
 def _duration(count: float, seconds: float) -> dict[str, int]:
@@ -39,7 +39,7 @@ def _one(model: ServedModel) -> dict[str, object]:
     batches = sample("visionserve_batch_size_count")
     queue_s = sample("visionserve_queue_time_seconds_sum")
     compute_s = sample("visionserve_compute_time_seconds_sum")
-    failed = sum(sample("visionserve_rejected_total", {"reason": reason}) for reason in _REJECTIONS)
+    failed = sum(sample("visionserve_rejected_total", {"reason": reason}) for reason in REJECTION_REASONS)
     return {
         "name": model.name,
         "version": str(model.entry.config.version),
