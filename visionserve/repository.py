@@ -76,8 +76,11 @@ class OutputSpec(BaseModel):
     kind: Literal["logits", "probabilities", "boxes"] = "logits"
     """`logits` get a softmax in postprocessing; `probabilities` are used as they are; `boxes`
     (detection): float32 (N, anchors, 4 + classes), each anchor's box centre, width and height in
-    input pixels, then its class probabilities."""
+    input pixels, then its class probabilities, then `landmarks` (x, y) points in input pixels."""
     classes: int = Field(ge=1)
+    landmarks: int = Field(default=0, ge=0, le=68)
+    """`boxes` only: points per box after the class scores (a face detector's 5: eyes, nose tip,
+    mouth corners); 0 for a plain detector."""
 
 
 class DetectionDefaults(BaseModel):
@@ -148,9 +151,70 @@ class ModelConfig(BaseModel):
                 f"task {self.task!r} does not fit input.fit {self.input.fit!r}: detection models take "
                 "a `letterbox`, classification models a `center_crop`"
             )
+        if self.output.landmarks and not detector:
+            raise ValueError("output.landmarks applies to detection models (output.kind `boxes`)")
         if detector and self.detection is None:
             self.detection = DetectionDefaults()
         return self
+
+
+class FaceStages(BaseModel):
+    """The models a face_expression pipeline runs, by name in the same repository."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector: str
+    """A detection model with landmarks (label `face`), e.g. `retinaface_mnet025`."""
+    classifier: str
+    """A classification model over the seven expressions, fed face crops, e.g. `mini_xception`."""
+
+
+class FaceDefaults(BaseModel):
+    """A face_expression pipeline's defaults; a request may change the first three."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Faces the detector scores below this are dropped."""
+    min_face_size: float = Field(default=0.0, ge=0.0)
+    """Faces whose box is smaller than this many pixels (its shorter side) are dropped."""
+    max_faces: int = Field(default=32, ge=1, le=1000)
+    """Most faces answered per image (the largest scores first); also the cap a request may ask
+    for, and the K of the Open Inference Protocol's fixed-shape outputs."""
+    margin: float = Field(default=0.2, ge=0.0, le=2.0)
+    """Each face crop is the box's longer side grown by this fraction, as a square around the
+    box's centre (clipped to the photo)."""
+
+
+class PipelineConfig(BaseModel):
+    """`config.json` of a pipeline: a model made of other models of the repository (no artefact
+    of its own)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    version: int = 1
+    task: Literal["face_expression"] = "face_expression"
+    stages: FaceStages
+    faces: FaceDefaults = Field(default_factory=FaceDefaults)
+    provenance: dict[str, object] = Field(default_factory=dict)
+
+
+PIPELINE_TASKS = ("face_expression",)
+"""Tasks whose config.json names stages instead of artefacts."""
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """A pipeline found in the repository: its folder and config."""
+
+    root: Path
+    config: PipelineConfig
+
+    @property
+    def name(self) -> str:
+        """The pipeline's name (its folder name)."""
+        return self.config.name
 
 
 @dataclass(frozen=True)
@@ -212,8 +276,7 @@ class ModelRepository:
             return []
         return sorted(p.parent.name for p in self.root.glob(f"*/{CONFIG_FILE}"))
 
-    def get(self, name: str) -> ModelEntry:
-        """Load one model's config and labels; a clear error says what is wrong and how to fix it."""
+    def _read(self, name: str) -> tuple[Path, dict[str, object]]:
         folder = self.root / name
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
@@ -223,8 +286,35 @@ class ModelRepository:
                 "export one with `python -m export` or set VISION_MODEL_REPOSITORY",
             )
         try:
-            config = ModelConfig.model_validate(json.loads(config_path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as exc:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"{config_path} is not valid: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigurationError(f"{config_path} is not valid: a JSON object is expected")
+        return folder, raw
+
+    def is_pipeline(self, name: str) -> bool:
+        """Whether `name` is a pipeline (its config.json names stages, not artefacts)."""
+        return self._read(name)[1].get("task") in PIPELINE_TASKS
+
+    def get_pipeline(self, name: str) -> PipelineEntry:
+        """Load one pipeline's config."""
+        folder, raw = self._read(name)
+        try:
+            config = PipelineConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigurationError(f"{folder / CONFIG_FILE} is not valid: {exc}") from exc
+        return PipelineEntry(root=folder, config=config)
+
+    def get(self, name: str) -> ModelEntry:
+        """Load one model's config and labels; a clear error says what is wrong and how to fix it."""
+        folder, raw = self._read(name)
+        config_path = folder / CONFIG_FILE
+        if raw.get("task") in PIPELINE_TASKS:
+            raise ConfigurationError(f"{config_path}: model {name!r} is a pipeline, not a model with artefacts")
+        try:
+            config = ModelConfig.model_validate(raw)
+        except ValidationError as exc:
             raise ConfigurationError(f"{config_path} is not valid: {exc}") from exc
         labels_path = folder / config.labels
         if not labels_path.is_file():

@@ -41,13 +41,30 @@ class TaskParameters(BaseModel):
     classes: list[str] | None = Field(
         default=None, description='Detection: only these classes, by label (e.g. ["person", "car"]).'
     )
+    min_face_size: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="face_expression: drop faces whose box's shorter side is below this many pixels "
+        "(default 0).",
+    )
+    max_faces: int | None = Field(
+        default=None, ge=1, description="face_expression: most faces to return (default and cap: the model's)."
+    )
 
     def task_parameters(self) -> dict[str, object]:
         """The task parameters given (model and image aside)."""
         return {name: getattr(self, name) for name in TASK_PARAMETER_FIELDS}
 
 
-TASK_PARAMETER_FIELDS = ("topk", "score_threshold", "iou_threshold", "max_detections", "classes")
+TASK_PARAMETER_FIELDS = (
+    "topk",
+    "score_threshold",
+    "iou_threshold",
+    "max_detections",
+    "classes",
+    "min_face_size",
+    "max_faces",
+)
 """The fields of `TaskParameters` that the model's task checks (visionserve.tasks names them too)."""
 
 
@@ -98,13 +115,21 @@ class Box(BaseModel):
     y2: float
 
 
+Point = tuple[float, float]
+"""x, y in the photo's pixels (`[x, y]` in JSON; `Point {x, y}` over gRPC)."""
+
+
 class Detection(BaseModel):
-    """One object: its class's label and index, its score and its box."""
+    """One object: its class's label and index, its score and its box; a face detector's boxes
+    also carry five landmarks (eyes, nose tip, mouth corners)."""
 
     label: str
     index: int = Field(ge=0)
     score: float = Field(ge=0.0, le=1.0)
     box: Box
+    landmarks: list[Point] | None = Field(
+        default=None, description="A face detector's five [x, y] points; absent for other detectors."
+    )
 
 
 class ImageSize(BaseModel):
@@ -126,7 +151,42 @@ class DetectionResponse(BaseModel):
     latency_ms: float = Field(description="Server time from request to answer, in milliseconds.")
 
 
-AnyPredictResponse = PredictResponse | DetectionResponse
+class Expression(BaseModel):
+    """Seed 003's seven expressions, as probabilities that sum to 1."""
+
+    neutral: float = 0
+    anger: float = 0
+    disgust: float = 0
+    fear: float = 0
+    happiness: float = 0
+    sadness: float = 0
+    surprise: float = 0
+
+
+class Face(BaseModel):
+    """One face: its box and detector score, five landmarks, its expression and the top one's name."""
+
+    box: Box
+    score: float = Field(ge=0.0, le=1.0)
+    landmarks: list[Point]
+    expression: Expression
+    top: str = Field(description="The most probable expression's name.")
+
+
+class FacesResponse(BaseModel):
+    """A face_expression pipeline's answer: one entry per face, highest detector score first (empty
+    when there is none)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    task: Literal["face_expression"] = "face_expression"
+    faces: list[Face]
+    image: ImageSize
+    latency_ms: float = Field(description="Server time from request to answer, in milliseconds.")
+
+
+AnyPredictResponse = PredictResponse | DetectionResponse | FacesResponse
 """What a predict endpoint answers, by the model's task."""
 
 

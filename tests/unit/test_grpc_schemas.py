@@ -44,6 +44,10 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
     if typing.get_origin(annotation) is list:
         assert is_repeated(field), where
         (item,) = args
+        if item == schemas.Point:  # [x, y] in JSON, Point {x, y} over gRPC
+            assert field.message_type.name == "Point", where
+            assert [f.name for f in field.message_type.fields] == ["x", "y"], where
+            return
         if item in SCALARS:
             assert field.type in SCALARS[item], where
             return
@@ -73,8 +77,10 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
         (schemas.Detection, pb.Detection),
         (schemas.ImageSize, pb.ImageSize),
         (schemas.ErrorDetail, pb.Error),
+        (schemas.Expression, pb.Expression),
+        (schemas.Face, pb.Face),
     ],
-    ids=["Prediction", "PredictRequest", "Box", "Detection", "ImageSize", "ErrorDetail-Error"],
+    ids=["Prediction", "PredictRequest", "Box", "Detection", "ImageSize", "ErrorDetail-Error", "Expression", "Face"],
 )
 def test_same_fields_with_the_same_names_and_kinds(model: type[BaseModel], message: type[typing.Any]) -> None:
     fields = proto_fields(message.DESCRIPTOR)
@@ -90,7 +96,7 @@ def test_every_task_answer_is_a_part_of_the_one_response_message() -> None:
     """Over gRPC one `PredictResponse` carries any task's answer: each HTTP answer's fields are in
     it with the same names and kinds, and it has no field that no HTTP answer has."""
     fields = proto_fields(pb.PredictResponse.DESCRIPTOR)
-    answers = (schemas.PredictResponse, schemas.DetectionResponse)
+    answers = (schemas.PredictResponse, schemas.DetectionResponse, schemas.FacesResponse)
     for model in answers:
         assert set(model.model_fields) <= set(fields), (model.__name__, sorted(fields))
         for name in model.model_fields:
@@ -112,6 +118,7 @@ def test_batch_and_stream_messages_reuse_the_same_pieces() -> None:
     assert {"latency_ms"} <= set(frame_answer) and "latency_ms" in schemas.PredictResponse.model_fields
     assert frame_answer["detections"].message_type is pb.Detection.DESCRIPTOR
     assert frame_answer["image"].message_type is pb.ImageSize.DESCRIPTOR
+    assert frame_answer["faces"].message_type is pb.Face.DESCRIPTOR
     parameters = set(schemas.TaskParameters.model_fields)  # model + every task's parameters
     batch_request = proto_fields(pb.PredictBatchRequest.DESCRIPTOR)
     assert set(batch_request) == {"images"} | parameters

@@ -26,6 +26,7 @@ OutputT = TypeVar("OutputT")
 PARAMETERS_BY_TASK: dict[str, tuple[str, ...]] = {
     "classification": ("topk",),
     "detection": ("score_threshold", "iou_threshold", "max_detections", "classes"),
+    "face_expression": ("score_threshold", "min_face_size", "max_faces"),
 }
 """The request parameters of each task, as every protocol names them."""
 ALL_PARAMETERS = tuple(dict.fromkeys(name for names in PARAMETERS_BY_TASK.values() for name in names))

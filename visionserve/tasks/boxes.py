@@ -46,6 +46,13 @@ class Letterbox:
         np.clip(out[:, 1::2], 0.0, float(self.height), out=out[:, 1::2])
         return out
 
+    def points_to_original(self, points: npt.NDArray[np.floating]) -> FloatArray:
+        """(..., 2) x, y points in model-input pixels -> original-photo pixels, clipped to the photo."""
+        out = np.asarray(points, dtype=np.float32).copy()
+        out[..., 0] = np.clip((out[..., 0] - self.pad_x) / self.scale, 0.0, float(self.width))
+        out[..., 1] = np.clip((out[..., 1] - self.pad_y) / self.scale, 0.0, float(self.height))
+        return out
+
 
 def letterbox(
     image: Image.Image, size: tuple[int, int], pad_value: int = 114
@@ -138,6 +145,7 @@ def decode_detections(
     iou_threshold: float,
     max_detections: int,
     class_filter: npt.NDArray[np.integer] | None = None,
+    classes: int | None = None,
 ) -> tuple[FloatArray, FloatArray, IntArray]:
     """One image's (A, 4 + C) output (cx, cy, w, h, class probabilities) -> boxes, scores, classes.
 
@@ -145,10 +153,35 @@ def decode_detections(
     highest score first: best class per anchor, score >= threshold, only the classes in
     `class_filter` (an anchor whose best class is another is dropped, not relabelled: the filter
     keeps a subset of what the unfiltered answer has), class-aware NMS, first `max_detections`.
+    `classes` (C) is given when more columns follow the class scores (landmarks).
     """
+    boxes, scores, labels, _ = select_detections(
+        row,
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+        class_filter=class_filter,
+        classes=classes,
+    )
+    return boxes, scores, labels
+
+
+def select_detections(
+    row: npt.NDArray[np.floating],
+    *,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    class_filter: npt.NDArray[np.integer] | None = None,
+    classes: int | None = None,
+) -> tuple[FloatArray, FloatArray, IntArray, IndexArray]:
+    """`decode_detections`, plus the row index (anchor) of each box kept, to read the columns that
+    follow the class scores (landmarks)."""
     if row.ndim != 2 or row.shape[1] < 5:
         raise ValueError(f"expected (anchors, 4 + classes), got shape {row.shape}")
-    class_scores = row[:, 4:]
+    if classes is not None and not 1 <= classes <= row.shape[1] - 4:
+        raise ValueError(f"{classes} classes do not fit rows of {row.shape[1]} columns")
+    class_scores = row[:, 4:] if classes is None else row[:, 4 : 4 + classes]
     if max_detections <= 0:
         return _empty()
     # NOTE: one cheap pass (max per anchor) selects the few candidates; argmax and the
@@ -166,13 +199,13 @@ def decode_detections(
         if not candidates.size:
             return _empty()
     scores = class_scores[candidates, best].astype(np.float32)
-    classes = best.astype(np.int32)
+    labels = best.astype(np.int32)
     centre = row[candidates, 0:2].astype(np.float32)
     half = row[candidates, 2:4].astype(np.float32) * np.float32(0.5)
     boxes = np.concatenate((centre - half, centre + half), axis=1)
-    keep = batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]
-    return boxes[keep], scores[keep], classes[keep]
+    keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+    return boxes[keep], scores[keep], labels[keep], candidates[keep].astype(np.intp)
 
 
-def _empty() -> tuple[FloatArray, FloatArray, IntArray]:
-    return np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32)
+def _empty() -> tuple[FloatArray, FloatArray, IntArray, IndexArray]:
+    return np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32), np.empty(0, np.intp)

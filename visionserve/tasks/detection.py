@@ -10,7 +10,7 @@ import numpy as np
 
 from visionserve.repository import DetectionDefaults, ModelEntry
 from visionserve.tasks.base import Prepared, Task, integer, invalid, number
-from visionserve.tasks.boxes import Letterbox, decode_detections, letterbox
+from visionserve.tasks.boxes import Letterbox, letterbox, select_detections
 
 _CLASSES_SHOWN = 8
 
@@ -35,14 +35,20 @@ class Box:
     y2: float
 
 
+Point = tuple[float, float]
+"""x, y in the photo's pixels."""
+
+
 @dataclass(frozen=True)
 class Detection:
-    """One object: its class (label and index), score and box."""
+    """One object: its class (label and index), score and box (and, from a face detector, its
+    landmarks: eyes, nose tip, mouth corners)."""
 
     label: str
     index: int
     score: float
     box: Box
+    landmarks: tuple[Point, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class DetectionTask(Task[DetectionParams, Detections]):
         super().__init__(entry, max_image_pixels=max_image_pixels)
         self.defaults = entry.config.detection or DetectionDefaults()
         self.classes = entry.config.output.classes
+        self.landmarks = entry.config.output.landmarks
+        self.columns = 4 + self.classes + 2 * self.landmarks
         self._index = {label: i for i, label in enumerate(entry.labels)}
         height, width = entry.config.input.size
         self._input_box = Letterbox(scale=1.0, pad_x=0.0, pad_y=0.0, width=width, height=height)
@@ -117,21 +125,27 @@ class DetectionTask(Task[DetectionParams, Detections]):
         return self._input_box
 
     def check_output(self, outputs: np.ndarray, batch: int) -> None:
-        """(batch, anchors, 4 + classes)."""
-        if outputs.ndim != 3 or outputs.shape[0] != batch or outputs.shape[2] != 4 + self.classes:
-            raise ValueError(f"expected ({batch}, anchors, {4 + self.classes}) boxes, got {outputs.shape}")
+        """(batch, anchors, 4 + classes + 2 x landmarks)."""
+        if outputs.ndim != 3 or outputs.shape[0] != batch or outputs.shape[2] != self.columns:
+            raise ValueError(f"expected ({batch}, anchors, {self.columns}) boxes, got {outputs.shape}")
 
     def postprocess(self, row: np.ndarray, meta: object, params: DetectionParams) -> Detections:
         """Thresholds, class-aware NMS, the best `max_detections`, boxes in the photo's pixels."""
         assert isinstance(meta, Letterbox)
-        boxes, scores, classes = decode_detections(
+        boxes, scores, classes, anchors = select_detections(
             row,
             score_threshold=params.score_threshold,
             iou_threshold=params.iou_threshold,
             max_detections=params.max_detections,
             class_filter=params.classes,
+            classes=self.classes,
         )
         boxes = meta.to_original(boxes)
+        points: list[tuple[Point, ...]] = [()] * len(boxes)
+        if self.landmarks:
+            start = 4 + self.classes
+            marks = meta.points_to_original(row[anchors, start:].reshape(len(anchors), self.landmarks, 2))
+            points = [tuple((round(float(x), 2), round(float(y), 2)) for x, y in face) for face in marks]
         labels = self.entry.labels
         found = [
             Detection(
@@ -139,11 +153,15 @@ class DetectionTask(Task[DetectionParams, Detections]):
                 index=int(index),
                 score=float(score),
                 box=Box(*(round(float(v), 2) for v in box)),
+                landmarks=marks_of,
             )
-            for box, score, index in zip(boxes, scores, classes, strict=True)
+            for box, score, index, marks_of in zip(boxes, scores, classes, points, strict=True)
         ]
         return Detections(found, meta.width, meta.height)
 
     def describe(self) -> dict[str, object]:
-        """Task facts, with the postprocessing defaults."""
-        return super().describe() | {"detection": self.defaults.model_dump()}
+        """Task facts, with the postprocessing defaults (and the landmarks per box, if any)."""
+        facts = super().describe() | {"detection": self.defaults.model_dump()}
+        if self.landmarks:
+            facts["landmarks"] = self.landmarks
+        return facts

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evisionserve/v1/inference.proto\x12\x0evisionserve.v1\"\xdd\x01\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"8\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"Z\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12 \n\x03\x62ox\x18\x04 \x01(\x0b\x32\x13.visionserve.v1.Box\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xee\x01\n\x0fPredictResponse\x12(\n\x04topk\x18\x01 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe3\x01\n\x13PredictBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"s\n\x0b\x42\x61tchResult\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32\x1f.visionserve.v1.PredictResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.visionserve.v1.ErrorH\x00\x42\t\n\x07outcome\"S\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.visionserve.v1.BatchResult\x12\r\n\x05model\x18\x02 \x01(\t\"\xe6\x01\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x03\x12\x0c\n\x04topk\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\tB\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detections\"\x8e\x02\n\x0f\x46ramePrediction\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x03\x12(\n\x04topk\x18\x02 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Error\x12\x12\n\nlatency_ms\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\x12\x0f\n\x07skipped\x18\t \x01(\x08\x32\xca\x02\n\tInference\x12J\n\x07Predict\x12\x1e.visionserve.v1.PredictRequest\x1a\x1f.visionserve.v1.PredictResponse\x12Y\n\x0cPredictBatch\x12#.visionserve.v1.PredictBatchRequest\x1a$.visionserve.v1.PredictBatchResponse\x12K\n\rPredictStream\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x12I\n\x0bPredictLive\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evisionserve/v1/inference.proto\x12\x0evisionserve.v1\"\xb1\x02\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x1a\n\rmin_face_size\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\tmax_faces\x18\t \x01(\x05H\x04\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detectionsB\x10\n\x0e_min_face_sizeB\x0c\n\n_max_faces\"8\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"\x84\x01\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12 \n\x03\x62ox\x18\x04 \x01(\x0b\x32\x13.visionserve.v1.Box\x12(\n\tlandmarks\x18\x05 \x03(\x0b\x32\x15.visionserve.v1.Point\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"\x81\x01\n\nExpression\x12\x0f\n\x07neutral\x18\x01 \x01(\x02\x12\r\n\x05\x61nger\x18\x02 \x01(\x02\x12\x0f\n\x07\x64isgust\x18\x03 \x01(\x02\x12\x0c\n\x04\x66\x65\x61r\x18\x04 \x01(\x02\x12\x11\n\thappiness\x18\x05 \x01(\x02\x12\x0f\n\x07sadness\x18\x06 \x01(\x02\x12\x10\n\x08surprise\x18\x07 \x01(\x02\"\x9e\x01\n\x04\x46\x61\x63\x65\x12 \n\x03\x62ox\x18\x01 \x01(\x0b\x32\x13.visionserve.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\tlandmarks\x18\x03 \x03(\x0b\x32\x15.visionserve.v1.Point\x12.\n\nexpression\x18\x04 \x01(\x0b\x32\x1a.visionserve.v1.Expression\x12\x0b\n\x03top\x18\x05 \x01(\t\"*\n\tImageSize\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\x93\x02\n\x0fPredictResponse\x12(\n\x04topk\x18\x01 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nprediction\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\x12\x12\n\nlatency_ms\x18\x05 \x01(\x02\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\x12#\n\x05\x66\x61\x63\x65s\x18\t \x03(\x0b\x32\x14.visionserve.v1.Face\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb7\x02\n\x13PredictBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x0c\n\x04topk\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x1a\n\rmin_face_size\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\tmax_faces\x18\t \x01(\x05H\x04\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detectionsB\x10\n\x0e_min_face_sizeB\x0c\n\n_max_faces\"s\n\x0b\x42\x61tchResult\x12\x31\n\x06result\x18\x01 \x01(\x0b\x32\x1f.visionserve.v1.PredictResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.visionserve.v1.ErrorH\x00\x42\t\n\x07outcome\"S\n\x14PredictBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.visionserve.v1.BatchResult\x12\r\n\x05model\x18\x02 \x01(\t\"\xba\x02\n\x05\x46rame\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x03\x12\x0c\n\x04topk\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\t\x12\x1a\n\rmin_face_size\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x16\n\tmax_faces\x18\n \x01(\x05H\x04\x88\x01\x01\x42\x12\n\x10_score_thresholdB\x10\n\x0e_iou_thresholdB\x11\n\x0f_max_detectionsB\x10\n\x0e_min_face_sizeB\x0c\n\n_max_faces\"\xb3\x02\n\x0f\x46ramePrediction\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x03\x12(\n\x04topk\x18\x02 \x03(\x0b\x32\x1a.visionserve.v1.Prediction\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.visionserve.v1.Error\x12\x12\n\nlatency_ms\x18\x04 \x01(\x02\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12-\n\ndetections\x18\x07 \x03(\x0b\x32\x19.visionserve.v1.Detection\x12(\n\x05image\x18\x08 \x01(\x0b\x32\x19.visionserve.v1.ImageSize\x12\x0f\n\x07skipped\x18\t \x01(\x08\x12#\n\x05\x66\x61\x63\x65s\x18\n \x03(\x0b\x32\x14.visionserve.v1.Face2\xca\x02\n\tInference\x12J\n\x07Predict\x12\x1e.visionserve.v1.PredictRequest\x1a\x1f.visionserve.v1.PredictResponse\x12Y\n\x0cPredictBatch\x12#.visionserve.v1.PredictBatchRequest\x1a$.visionserve.v1.PredictBatchResponse\x12K\n\rPredictStream\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x12I\n\x0bPredictLive\x12\x15.visionserve.v1.Frame\x1a\x1f.visionserve.v1.FramePrediction(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'visionserve.v1.inference_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=51
-  _globals['_PREDICTREQUEST']._serialized_end=272
-  _globals['_PREDICTION']._serialized_start=274
-  _globals['_PREDICTION']._serialized_end=330
-  _globals['_BOX']._serialized_start=332
-  _globals['_BOX']._serialized_end=385
-  _globals['_DETECTION']._serialized_start=387
-  _globals['_DETECTION']._serialized_end=477
-  _globals['_IMAGESIZE']._serialized_start=479
-  _globals['_IMAGESIZE']._serialized_end=521
-  _globals['_PREDICTRESPONSE']._serialized_start=524
-  _globals['_PREDICTRESPONSE']._serialized_end=762
-  _globals['_ERROR']._serialized_start=764
-  _globals['_ERROR']._serialized_end=802
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=805
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=1032
-  _globals['_BATCHRESULT']._serialized_start=1034
-  _globals['_BATCHRESULT']._serialized_end=1149
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=1151
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1234
-  _globals['_FRAME']._serialized_start=1237
-  _globals['_FRAME']._serialized_end=1467
-  _globals['_FRAMEPREDICTION']._serialized_start=1470
-  _globals['_FRAMEPREDICTION']._serialized_end=1740
-  _globals['_INFERENCE']._serialized_start=1743
-  _globals['_INFERENCE']._serialized_end=2073
+  _globals['_PREDICTREQUEST']._serialized_end=356
+  _globals['_PREDICTION']._serialized_start=358
+  _globals['_PREDICTION']._serialized_end=414
+  _globals['_BOX']._serialized_start=416
+  _globals['_BOX']._serialized_end=469
+  _globals['_DETECTION']._serialized_start=472
+  _globals['_DETECTION']._serialized_end=604
+  _globals['_POINT']._serialized_start=606
+  _globals['_POINT']._serialized_end=635
+  _globals['_EXPRESSION']._serialized_start=638
+  _globals['_EXPRESSION']._serialized_end=767
+  _globals['_FACE']._serialized_start=770
+  _globals['_FACE']._serialized_end=928
+  _globals['_IMAGESIZE']._serialized_start=930
+  _globals['_IMAGESIZE']._serialized_end=972
+  _globals['_PREDICTRESPONSE']._serialized_start=975
+  _globals['_PREDICTRESPONSE']._serialized_end=1250
+  _globals['_ERROR']._serialized_start=1252
+  _globals['_ERROR']._serialized_end=1290
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=1293
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=1604
+  _globals['_BATCHRESULT']._serialized_start=1606
+  _globals['_BATCHRESULT']._serialized_end=1721
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=1723
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1806
+  _globals['_FRAME']._serialized_start=1809
+  _globals['_FRAME']._serialized_end=2123
+  _globals['_FRAMEPREDICTION']._serialized_start=2126
+  _globals['_FRAMEPREDICTION']._serialized_end=2433
+  _globals['_INFERENCE']._serialized_start=2436
+  _globals['_INFERENCE']._serialized_end=2766
 # @@protoc_insertion_point(module_scope)

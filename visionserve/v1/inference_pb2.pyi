@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("image", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
+    __slots__ = ("image", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes", "min_face_size", "max_faces")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,8 @@ class PredictRequest(_message.Message):
     IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     topk: int
     model: str
@@ -22,7 +24,9 @@ class PredictRequest(_message.Message):
     iou_threshold: float
     max_detections: int
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[bytes] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_face_size: float
+    max_faces: int
+    def __init__(self, image: _Optional[bytes] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., min_face_size: _Optional[float] = ..., max_faces: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "prob", "index")
@@ -47,16 +51,58 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
 
 class Detection(_message.Message):
-    __slots__ = ("label", "index", "score", "box")
+    __slots__ = ("label", "index", "score", "box", "landmarks")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
     label: str
     index: int
     score: float
     box: Box
-    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+    landmarks: _containers.RepeatedCompositeFieldContainer[Point]
+    def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
+
+class Expression(_message.Message):
+    __slots__ = ("neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise")
+    NEUTRAL_FIELD_NUMBER: _ClassVar[int]
+    ANGER_FIELD_NUMBER: _ClassVar[int]
+    DISGUST_FIELD_NUMBER: _ClassVar[int]
+    FEAR_FIELD_NUMBER: _ClassVar[int]
+    HAPPINESS_FIELD_NUMBER: _ClassVar[int]
+    SADNESS_FIELD_NUMBER: _ClassVar[int]
+    SURPRISE_FIELD_NUMBER: _ClassVar[int]
+    neutral: float
+    anger: float
+    disgust: float
+    fear: float
+    happiness: float
+    sadness: float
+    surprise: float
+    def __init__(self, neutral: _Optional[float] = ..., anger: _Optional[float] = ..., disgust: _Optional[float] = ..., fear: _Optional[float] = ..., happiness: _Optional[float] = ..., sadness: _Optional[float] = ..., surprise: _Optional[float] = ...) -> None: ...
+
+class Face(_message.Message):
+    __slots__ = ("box", "score", "landmarks", "expression", "top")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    score: float
+    landmarks: _containers.RepeatedCompositeFieldContainer[Point]
+    expression: Expression
+    top: str
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., expression: _Optional[_Union[Expression, _Mapping]] = ..., top: _Optional[str] = ...) -> None: ...
 
 class ImageSize(_message.Message):
     __slots__ = ("width", "height")
@@ -67,7 +113,7 @@ class ImageSize(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("topk", "model", "prediction", "probability", "latency_ms", "task", "detections", "image")
+    __slots__ = ("topk", "model", "prediction", "probability", "latency_ms", "task", "detections", "image", "faces")
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +122,7 @@ class PredictResponse(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
     topk: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: str
     prediction: str
@@ -84,7 +131,8 @@ class PredictResponse(_message.Message):
     task: str
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     image: ImageSize
-    def __init__(self, topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., prediction: _Optional[str] = ..., probability: _Optional[float] = ..., latency_ms: _Optional[float] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ...) -> None: ...
+    faces: _containers.RepeatedCompositeFieldContainer[Face]
+    def __init__(self, topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., prediction: _Optional[str] = ..., probability: _Optional[float] = ..., latency_ms: _Optional[float] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ..., faces: _Optional[_Iterable[_Union[Face, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -95,7 +143,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
-    __slots__ = ("images", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
+    __slots__ = ("images", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes", "min_face_size", "max_faces")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +151,8 @@ class PredictBatchRequest(_message.Message):
     IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     topk: int
     model: str
@@ -110,7 +160,9 @@ class PredictBatchRequest(_message.Message):
     iou_threshold: float
     max_detections: int
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_face_size: float
+    max_faces: int
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., min_face_size: _Optional[float] = ..., max_faces: _Optional[int] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("result", "error")
@@ -129,7 +181,7 @@ class PredictBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("image", "frame_id", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes")
+    __slots__ = ("image", "frame_id", "topk", "model", "score_threshold", "iou_threshold", "max_detections", "classes", "min_face_size", "max_faces")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +190,8 @@ class Frame(_message.Message):
     IOU_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     frame_id: int
     topk: int
@@ -146,10 +200,12 @@ class Frame(_message.Message):
     iou_threshold: float
     max_detections: int
     classes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[bytes] = ..., frame_id: _Optional[int] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_face_size: float
+    max_faces: int
+    def __init__(self, image: _Optional[bytes] = ..., frame_id: _Optional[int] = ..., topk: _Optional[int] = ..., model: _Optional[str] = ..., score_threshold: _Optional[float] = ..., iou_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., min_face_size: _Optional[float] = ..., max_faces: _Optional[int] = ...) -> None: ...
 
 class FramePrediction(_message.Message):
-    __slots__ = ("frame_id", "topk", "error", "latency_ms", "model", "task", "detections", "image", "skipped")
+    __slots__ = ("frame_id", "topk", "error", "latency_ms", "model", "task", "detections", "image", "skipped", "faces")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TOPK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +215,7 @@ class FramePrediction(_message.Message):
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     topk: _containers.RepeatedCompositeFieldContainer[Prediction]
     error: Error
@@ -168,4 +225,5 @@ class FramePrediction(_message.Message):
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     image: ImageSize
     skipped: bool
-    def __init__(self, frame_id: _Optional[int] = ..., topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., latency_ms: _Optional[float] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ..., skipped: _Optional[bool] = ...) -> None: ...
+    faces: _containers.RepeatedCompositeFieldContainer[Face]
+    def __init__(self, frame_id: _Optional[int] = ..., topk: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., latency_ms: _Optional[float] = ..., model: _Optional[str] = ..., task: _Optional[str] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., image: _Optional[_Union[ImageSize, _Mapping]] = ..., skipped: _Optional[bool] = ..., faces: _Optional[_Iterable[_Union[Face, _Mapping]]] = ...) -> None: ...
