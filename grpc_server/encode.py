@@ -8,7 +8,8 @@ from typing import Any
 
 from visionserve.serving.pipeline import InferenceResult
 from visionserve.tasks.classification import Classification
-from visionserve.tasks.detection import Detections
+from visionserve.tasks.detection import Detections, Point
+from visionserve.tasks.faces import Faces
 from visionserve.v1 import inference_pb2 as pb
 
 
@@ -22,6 +23,8 @@ def task_parameters(message: Any) -> dict[str, object]:
         "iou_threshold": message.iou_threshold if message.HasField("iou_threshold") else None,
         "max_detections": message.max_detections if message.HasField("max_detections") else None,
         "classes": list(message.classes) or None,
+        "min_face_size": message.min_face_size if message.HasField("min_face_size") else None,
+        "max_faces": message.max_faces if message.HasField("max_faces") else None,
     }
 
 
@@ -42,8 +45,29 @@ def _detections(output: Detections) -> dict[str, Any]:
                 index=d.index,
                 score=d.score,
                 box=pb.Box(x1=d.box.x1, y1=d.box.y1, x2=d.box.x2, y2=d.box.y2),
+                landmarks=_points(d.landmarks),
             )
             for d in output.detections
+        ],
+        "image": pb.ImageSize(width=output.width, height=output.height),
+    }
+
+
+def _points(points: tuple[Point, ...]) -> list[pb.Point]:
+    return [pb.Point(x=x, y=y) for x, y in points]
+
+
+def _faces(output: Faces) -> dict[str, Any]:
+    return {
+        "faces": [
+            pb.Face(
+                box=pb.Box(x1=f.box.x1, y1=f.box.y1, x2=f.box.x2, y2=f.box.y2),
+                score=f.score,
+                landmarks=_points(f.landmarks),
+                expression=pb.Expression(**f.expression),
+                top=f.top,
+            )
+            for f in output.faces
         ],
         "image": pb.ImageSize(width=output.width, height=output.height),
     }
@@ -52,6 +76,7 @@ def _detections(output: Detections) -> dict[str, Any]:
 _ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {
     Classification: _classification,
     Detections: _detections,
+    Faces: _faces,
 }
 
 

@@ -57,6 +57,11 @@ class ImagePreprocessor:
         JPEGs larger than needed are decoded at a reduced scale (`Image.draft`), which cuts the
         decode of a 12-megapixel photo several times over.
         """
+        return self.decode_sized(data)[0]
+
+    def decode_sized(self, data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+        """`decode`, and the photo's own upright width and height (a JPEG decoded at a reduced
+        scale is smaller than the photo: boxes are answered in the photo's pixels)."""
         if not data:
             raise VisionError(ErrorCode.INVALID_IMAGE, "the image is empty (0 bytes)")
         try:
@@ -77,6 +82,7 @@ class ImagePreprocessor:
         if width * height > self.max_image_pixels:
             raise self._too_large((width, height))
 
+        original = (width, height)
         # NOTE: phone photos with a multi-picture index open as MPO, a JPEG subclass: same draft.
         if image.format in ("JPEG", "MPO"):
             scale = self._draft_scale(width, height)
@@ -89,7 +95,17 @@ class ImagePreprocessor:
                 ErrorCode.INVALID_IMAGE,
                 f"the {image.format} image is corrupt or truncated and cannot be decoded",
             ) from exc
-        return _to_rgb(upright)
+        if upright.size != image.size:  # rotated a quarter turn by its EXIF orientation
+            original = (height, width)
+        return _to_rgb(upright), original
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) RGB pixels -> float32 (3, H, W), normalised as the input spec says."""
+        array = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+        np.copyto(array, rgb.transpose(2, 0, 1))
+        array *= self._scale
+        array += self._offset
+        return array
 
     def _draft_scale(self, width: int, height: int) -> float:
         """The factor the photo will be resized by (the draft decodes JPEGs at no less)."""

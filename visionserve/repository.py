@@ -201,6 +201,8 @@ class PipelineConfig(BaseModel):
 
 
 PIPELINE_TASKS = ("face_expression",)
+FACE_EXPRESSIONS = ("neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise")
+"""Seed 003's `Expression` fields, in its order: a face_expression pipeline's labels."""
 """Tasks whose config.json names stages instead of artefacts."""
 
 
@@ -215,6 +217,11 @@ class PipelineEntry:
     def name(self) -> str:
         """The pipeline's name (its folder name)."""
         return self.config.name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The expressions it answers, in seed 003's order."""
+        return FACE_EXPRESSIONS
 
 
 @dataclass(frozen=True)

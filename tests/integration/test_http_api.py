@@ -114,6 +114,9 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "default": True,
             "parameters": ["topk"],
             "detection": None,
+            "landmarks": None,
+            "stages": None,
+            "faces": None,
         }
     ]
 

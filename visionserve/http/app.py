@@ -77,9 +77,8 @@ def create_app(
                     await loading
             await registry.stop()
 
-    default = registry.default
     summary = (
-        f"{len(registry)} model(s) on {default.runtime.backend} ({default.runtime.device}): "
+        f"{len(registry)} model(s) on {registry.backend} ({registry.device}): "
         + ", ".join(f"{model.name} ({model.task.name})" for model in registry)
     )
     app = FastAPI(title="visionserve", version=__version__, summary=summary, lifespan=lifespan)

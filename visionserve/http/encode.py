@@ -8,10 +8,22 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from visionserve.schemas import Box, Detection, DetectionResponse, ImageSize, Prediction, PredictResponse
+from visionserve.schemas import (
+    Box,
+    Detection,
+    DetectionResponse,
+    Expression,
+    Face,
+    FacesResponse,
+    ImageSize,
+    Prediction,
+    PredictResponse,
+)
 from visionserve.serving.pipeline import InferenceResult
+from visionserve.tasks import detection as detection_task
 from visionserve.tasks.classification import Classification
 from visionserve.tasks.detection import Detections
+from visionserve.tasks.faces import Faces
 
 
 def _classification(output: Classification, model: str, latency_ms: float) -> dict[str, Any]:
@@ -25,6 +37,10 @@ def _classification(output: Classification, model: str, latency_ms: float) -> di
     ).model_dump(mode="json")
 
 
+def _box(box: detection_task.Box) -> Box:
+    return Box(x1=box.x1, y1=box.y1, x2=box.x2, y2=box.y2)
+
+
 def _detections(output: Detections, model: str, latency_ms: float) -> dict[str, Any]:
     return DetectionResponse(
         model=model,
@@ -33,9 +49,28 @@ def _detections(output: Detections, model: str, latency_ms: float) -> dict[str, 
                 label=d.label,
                 index=d.index,
                 score=d.score,
-                box=Box(x1=d.box.x1, y1=d.box.y1, x2=d.box.x2, y2=d.box.y2),
+                box=_box(d.box),
+                landmarks=list(d.landmarks) if d.landmarks else None,
             )
             for d in output.detections
+        ],
+        image=ImageSize(width=output.width, height=output.height),
+        latency_ms=latency_ms,
+    ).model_dump(mode="json", exclude_none=True)
+
+
+def _faces(output: Faces, model: str, latency_ms: float) -> dict[str, Any]:
+    return FacesResponse(
+        model=model,
+        faces=[
+            Face(
+                box=_box(f.box),
+                score=f.score,
+                landmarks=list(f.landmarks),
+                expression=Expression(**f.expression),
+                top=f.top,
+            )
+            for f in output.faces
         ],
         image=ImageSize(width=output.width, height=output.height),
         latency_ms=latency_ms,
@@ -45,6 +80,7 @@ def _detections(output: Detections, model: str, latency_ms: float) -> dict[str, 
 _ENCODERS: dict[type, Callable[[Any, str, float], dict[str, Any]]] = {
     Classification: _classification,
     Detections: _detections,
+    Faces: _faces,
 }
 
 

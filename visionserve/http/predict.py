@@ -24,7 +24,7 @@ from visionserve.http.requests import (
     unless_disconnected,
 )
 from visionserve.schemas import AnyPredictResponse, B64PredictRequest, PredictRequest, TaskParameters
-from visionserve.serving.model import ServedModel
+from visionserve.serving.registry import AnyModel
 from visionserve.serving.registry import ModelRegistry
 from visionserve.settings import ServerSettings
 
@@ -98,7 +98,7 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
             name_model(request, model.name)  # a client gone mid-body is counted against it
             model.check_admission()
 
-    def model_for(query_model: str | None, body_model: str | None) -> ServedModel:
+    def model_for(query_model: str | None, body_model: str | None) -> AnyModel:
         if query_model and body_model and query_model != body_model:
             raise VisionError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -129,7 +129,8 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
     )
     async def predict(request: Request, model: Annotated[str | None, _MODEL_QUERY] = None) -> JSONResponse:
         """Run a model on a base64-encoded image (JSON body `{"image": "<base64>", "topk": 5}`; a
-        detector takes `score_threshold`, `iou_threshold`, `max_detections`, `classes`)."""
+        detector takes `score_threshold`, `iou_threshold`, `max_detections`, `classes`; a
+        face_expression pipeline `score_threshold`, `min_face_size`, `max_faces`)."""
         return await predict_json(request, PredictRequest, "image", model)
 
     @router.post(
@@ -168,6 +169,10 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
             list[str] | None,
             Query(description="Detection: only these classes (repeat it, or comma-separate them)."),
         ] = None,
+        min_face_size: Annotated[
+            float | None, Query(ge=0.0, description="face_expression: smallest face kept, in pixels.")
+        ] = None,
+        max_faces: Annotated[int | None, Query(ge=1, description="face_expression: most faces returned.")] = None,
     ) -> JSONResponse:
         """Run a model on an uploaded image file (multipart/form-data, field `file`)."""
         started = time.perf_counter()
@@ -180,6 +185,8 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
             "iou_threshold": iou_threshold,
             "max_detections": max_detections,
             "classes": _classes(classes),
+            "min_face_size": min_face_size,
+            "max_faces": max_faces,
         }
         # NOTE: admission before the multipart body is read and parsed (FastAPI would parse an
         # `UploadFile` parameter before this function runs): a refusal costs the headers only.

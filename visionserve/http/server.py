@@ -55,7 +55,7 @@ def banner(host: str, port: int, registry: ModelRegistry, *, tls: bool = False, 
     auth = ' -H "Authorization: Bearer $VISION_API_KEY"' if key else ""
     models = ", ".join(f"{m.name} ({m.task.name})" for m in registry)
     return (
-        f"\nvisionserve HTTP API ({registry.default.runtime.backend}) on {base}\n"
+        f"\nvisionserve HTTP API ({registry.backend}) on {base}\n"
         f"  models: {models}; default {registry.default_name} ({base}/models)\n"
         f"  docs:   {base}/docs\n"
         f"  ready:  {curl} {base}/health/ready\n"

@@ -9,11 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from visionserve import __version__
 from visionserve.http.errors import ERROR_RESPONSES
 from visionserve.schemas import HealthStatus, ModelDetail, ModelInfo, ModelsResponse
-from visionserve.serving.model import ServedModel
+from visionserve.serving.registry import AnyModel
 from visionserve.serving.registry import ModelRegistry
 
 
-def _not_ready(model: ServedModel) -> JSONResponse:
+def _not_ready(model: AnyModel) -> JSONResponse:
     # NOTE: the load error's text stays in the server log; it may hold internals.
     detail = (
         f"model {model.name!r} failed to load; the server log says why"

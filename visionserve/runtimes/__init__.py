@@ -6,13 +6,14 @@ from typing import Any
 
 from visionserve.cpu import ThreadLayout, plan_threads
 from visionserve.errors import ConfigurationError
-from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.repository import ModelEntry, ModelRepository, PipelineEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ModelSettings
 
 __all__ = [
     "ModelRuntime",
     "create_runtime",
+    "models_from_settings",
     "runtime_from_settings",
     "runtimes_from_settings",
     "thread_layout",
@@ -57,8 +58,14 @@ def runtime_from_settings(settings: ModelSettings) -> ModelRuntime:
 
 
 def runtimes_from_settings(settings: ModelSettings) -> list[ModelRuntime]:
-    """The runtimes of every model to serve: those in VISION_MODELS, else every model in the
-    repository; the default model (VISION_MODEL_NAME) must be among them."""
+    """The runtimes of every model to serve (pipelines aside: see `models_from_settings`)."""
+    return models_from_settings(settings)[0]
+
+
+def models_from_settings(settings: ModelSettings) -> tuple[list[ModelRuntime], list[PipelineEntry]]:
+    """The runtimes and pipelines to serve: those in VISION_MODELS, else every model in the
+    repository; a pipeline's stages are served with it even when VISION_MODELS leaves them out.
+    The default model (VISION_MODEL_NAME) must be among them."""
     repository = ModelRepository(settings.model_repository)
     names = settings.model_names() or repository.names()
     if not names:
@@ -73,4 +80,10 @@ def runtimes_from_settings(settings: ModelSettings) -> list[ModelRuntime]:
             f"(models: {', '.join(names) or 'none'}); export it with `python -m export`, or set "
             "VISION_MODEL_NAME to one of them"
         )
-    return [create_runtime(repository.get(name), settings) for name in names]
+    pipelines = [repository.get_pipeline(name) for name in names if repository.is_pipeline(name)]
+    models = [name for name in names if not repository.is_pipeline(name)]
+    for pipeline in pipelines:
+        for stage in (pipeline.config.stages.detector, pipeline.config.stages.classifier):
+            if stage not in models:
+                models.append(stage)
+    return [create_runtime(repository.get(name), settings) for name in models], pipelines

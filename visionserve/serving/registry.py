@@ -17,13 +17,18 @@ from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.metrics import Metrics
 from visionserve.runtimes.base import ModelRuntime
+from visionserve.repository import PipelineEntry
 from visionserve.serving.budget import ComputeBudget
+from visionserve.serving.faces import FaceExpressionModel
 from visionserve.serving.lifecycle import ServiceState
 from visionserve.serving.model import ServedModel
 from visionserve.settings import ModelSettings, ServerSettings
 from visionserve.tasks import create_task
 
 logger = logging.getLogger(__name__)
+
+AnyModel = ServedModel | FaceExpressionModel
+"""A model the front doors serve: one with a runtime, or a pipeline over such models."""
 
 
 class ModelRegistry:
@@ -41,10 +46,11 @@ class ModelRegistry:
         default: str | None = None,
         cores: int | None = None,
         metrics: Metrics | None = None,
+        pipelines: Sequence[PipelineEntry] = (),
     ):
         if not runtimes:
             raise ConfigurationError("no model to serve: the model repository is empty (run `make export`)")
-        names = [runtime.model.name for runtime in runtimes]
+        names = [runtime.model.name for runtime in runtimes] + [pipeline.name for pipeline in pipelines]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"model names must be unique; got {names}")
         self.default_name = default or names[0]
@@ -59,13 +65,12 @@ class ModelRegistry:
         self.budget = ComputeBudget(self.cores, metrics=self.metrics)
         self.preprocess_workers = settings.resolved_preprocess_workers()
         self.preprocess_pool = ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
-        ordered = sorted(runtimes, key=lambda r: r.model.name != self.default_name)
-        self._models: dict[str, ServedModel] = {}
-        for runtime in ordered:
+        models: dict[str, AnyModel] = {}
+        for runtime in runtimes:
             task = create_task(
                 runtime.model, max_image_pixels=settings.max_image_pixels, default_topk=settings.default_topk
             )
-            self._models[runtime.model.name] = ServedModel(
+            models[runtime.model.name] = ServedModel(
                 runtime,
                 task,
                 preprocess_pool=self.preprocess_pool,
@@ -75,14 +80,33 @@ class ModelRegistry:
                 max_queue_delay_us=settings.max_queue_delay_us,
                 max_queue_size=settings.max_queue_size,
             )
+        for pipeline in pipelines:
+            models[pipeline.name] = FaceExpressionModel(
+                pipeline,
+                detector=self._stage(models, pipeline, pipeline.config.stages.detector),
+                classifier=self._stage(models, pipeline, pipeline.config.stages.classifier),
+                preprocess_pool=self.preprocess_pool,
+                max_image_pixels=settings.max_image_pixels,
+            )
+        self._models = dict(sorted(models.items(), key=lambda item: item[0] != self.default_name))
         self.state = ServiceState.CREATED
         self._loaded = asyncio.Event()
         self._failure: BaseException | None = None
 
+    @staticmethod
+    def _stage(models: dict[str, AnyModel], pipeline: PipelineEntry, name: str) -> ServedModel:
+        model = models.get(name)
+        if not isinstance(model, ServedModel):
+            raise ConfigurationError(
+                f"pipeline {pipeline.name!r} ({pipeline.root / 'config.json'}) names stage {name!r}, which "
+                "is not served; export it (`python -m export --model NAME`) and serve it too"
+            )
+        return model
+
     # --- lookup -----------------------------------------------------------------------------------
 
     @property
-    def default(self) -> ServedModel:
+    def default(self) -> AnyModel:
         """The model the seed-compatible endpoints use when a request names none."""
         return self._models[self.default_name]
 
@@ -91,13 +115,23 @@ class ModelRegistry:
         """The served models' names, the default first."""
         return list(self._models)
 
-    def __iter__(self) -> Iterator[ServedModel]:
+    @property
+    def backend(self) -> str:
+        """The runtime backend the models run on (`onnx`, `torch`)."""
+        return next(m.runtime.backend for m in self if isinstance(m, ServedModel))
+
+    @property
+    def device(self) -> str:
+        """The device the models run on (`cpu`, `cuda:0`)."""
+        return next(m.runtime.device for m in self if isinstance(m, ServedModel))
+
+    def __iter__(self) -> Iterator[AnyModel]:
         return iter(self._models.values())
 
     def __len__(self) -> int:
         return len(self._models)
 
-    def get(self, name: str | None = None) -> ServedModel:
+    def get(self, name: str | None = None) -> AnyModel:
         """The model called `name` (None or empty: the default); MODEL_NOT_FOUND lists the others."""
         if not name:
             return self.default
@@ -135,8 +169,10 @@ class ModelRegistry:
         warms up); raise what made one fail."""
         self.metrics.watch_event_loop(asyncio.get_running_loop())
         self.state = ServiceState.LOADING
+        # NOTE: the models with runtimes first: a pipeline warms up through its stages
+        order = sorted(self, key=lambda model: isinstance(model, FaceExpressionModel))
         try:
-            for model in self:
+            for model in order:
                 try:
                     await model.start()
                 except BaseException as exc:
@@ -182,12 +218,12 @@ class ModelRegistry:
         if self.state is ServiceState.STOPPED:
             return
         self.refuse_new_requests()
-        for model in self:
+        for model in sorted(self, key=lambda model: not isinstance(model, FaceExpressionModel)):
             await model.stop()
         await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True, cancel_futures=False)
         self.state = ServiceState.STOPPED
 
-    def describe(self, model: ServedModel) -> dict[str, object]:
+    def describe(self, model: AnyModel) -> dict[str, object]:
         """Facts of one of the models for GET /models: its own, whether it is the default, and
         the preprocessing threads it shares with the others."""
         return model.describe() | {
@@ -199,7 +235,7 @@ class ModelRegistry:
 def registry_from_settings(model_settings: ModelSettings, server_settings: ServerSettings) -> ModelRegistry:
     """The registry of every model the settings name (VISION_MODELS, else the whole repository),
     with VISION_MODEL_NAME as the default; built, not loaded."""
-    from visionserve.runtimes import runtimes_from_settings
+    from visionserve.runtimes import models_from_settings
 
-    runtimes = runtimes_from_settings(model_settings)
-    return ModelRegistry(runtimes, server_settings, default=model_settings.model_name)
+    runtimes, pipelines = models_from_settings(model_settings)
+    return ModelRegistry(runtimes, server_settings, default=model_settings.model_name, pipelines=pipelines)

@@ -4,6 +4,7 @@ non-maximum suppression, boxes in the photo's own pixels."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,16 @@ class Detections:
     detections: list[Detection]
     width: int
     height: int
+
+
+def in_photo_pixels(placement: Letterbox, decoded: tuple[int, int], original: tuple[int, int]) -> Letterbox:
+    """The letterbox of an image decoded at a reduced scale (a large JPEG), restated against the
+    photo's own pixels, so that boxes are answered in those."""
+    if decoded == original:
+        return placement
+    return dataclasses.replace(
+        placement, scale=placement.scale * decoded[0] / original[0], width=original[0], height=original[1]
+    )
 
 
 class DetectionTask(Task[DetectionParams, Detections]):
@@ -115,10 +126,10 @@ class DetectionTask(Task[DetectionParams, Detections]):
 
     def preprocess(self, data: bytes) -> Prepared:
         """Decode, letterbox: float32 (3, H, W) in [0, 1], and where the photo lies in it."""
-        image = self.preprocessor.decode(data)
+        image, original = self.preprocessor.decode_sized(data)
         spec = self.entry.config.input
         tensor, placement = letterbox(image, spec.size, spec.pad_value)
-        return Prepared(tensor, placement)
+        return Prepared(tensor, in_photo_pixels(placement, image.size, original))
 
     def tensor_meta(self) -> object:
         """A client-preprocessed input: boxes stay in the input tensor's pixels."""

@@ -11,7 +11,7 @@ from visionserve.serving.lifecycle import ServiceState
 from visionserve.v2.signature import Signature
 
 if TYPE_CHECKING:
-    from visionserve.serving.model import ServedModel
+    from visionserve.serving.registry import AnyModel
     from visionserve.serving.registry import ModelRegistry
 
 _INDEX_STATES = {
@@ -32,7 +32,7 @@ class V2Models:
         self.registry = registry
         self.signatures = {model.name: Signature.of_model(model) for model in registry}
 
-    def get(self, name: str, version: str | None = None) -> tuple[ServedModel, Signature]:
+    def get(self, name: str, version: str | None = None) -> tuple[AnyModel, Signature]:
         """The model a request names, and its signature: INVALID_ARGUMENT when it names none (a
         gRPC request without `model_name`), MODEL_NOT_FOUND (listing the models served) for a
         model or version not served here."""

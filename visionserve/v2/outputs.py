@@ -13,6 +13,7 @@ import numpy as np
 from visionserve.postprocessing import softmax
 from visionserve.tasks.classification import Classification
 from visionserve.tasks.detection import Detections
+from visionserve.tasks.faces import EXPRESSIONS, Faces
 from visionserve.v2.codec import invalid, pack_bytes
 from visionserve.v2.signature import Signature
 
@@ -156,6 +157,8 @@ def detection_outputs(
     scores = np.zeros((count, k), dtype=np.float32)
     classes = np.zeros((count, k), dtype=np.int32)
     found = np.zeros((count, 1), dtype=np.int32)
+    landmarks_spec = signature.output("landmarks")
+    landmarks = np.zeros((count, k, landmarks_spec.shape[2] if landmarks_spec else 0), dtype=np.float32)
     for i, result in enumerate(results):
         objects = result.detections[:k]
         found[i, 0] = len(objects)
@@ -163,7 +166,44 @@ def detection_outputs(
             boxes[i, j] = (obj.box.x1, obj.box.y1, obj.box.x2, obj.box.y2)
             scores[i, j] = obj.score
             classes[i, j] = obj.index
-    arrays = {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": found}
+            if obj.landmarks and landmarks.shape[2]:
+                landmarks[i, j] = np.asarray(obj.landmarks, dtype=np.float32).reshape(-1)
+    arrays = {"boxes": boxes, "scores": scores, "classes": classes, "landmarks": landmarks, "num_detections": found}
+    return _tensors(arrays, requested)
+
+
+def face_outputs(
+    signature: Signature, results: Sequence[Faces], requested: Sequence[RequestedOutput]
+) -> list[OutputTensor]:
+    """Each image's faces -> the fixed-shape outputs (K = the pipeline's max_faces rows per image,
+    zeros after its `num_faces`), in the order requested."""
+    k = signature.max_detections
+    count = len(results)
+    boxes = np.zeros((count, k, 4), dtype=np.float32)
+    scores = np.zeros((count, k), dtype=np.float32)
+    expressions = np.zeros((count, k, len(EXPRESSIONS)), dtype=np.float32)
+    landmarks = np.zeros((count, k, 10), dtype=np.float32)
+    found = np.zeros((count, 1), dtype=np.int32)
+    for i, result in enumerate(results):
+        faces = result.faces[:k]
+        found[i, 0] = len(faces)
+        for j, face in enumerate(faces):
+            boxes[i, j] = (face.box.x1, face.box.y1, face.box.x2, face.box.y2)
+            scores[i, j] = face.score
+            expressions[i, j] = [face.expression[name] for name in EXPRESSIONS]
+            if len(face.landmarks) == 5:
+                landmarks[i, j] = np.asarray(face.landmarks, dtype=np.float32).reshape(-1)
+    arrays = {
+        "boxes": boxes,
+        "scores": scores,
+        "expressions": expressions,
+        "landmarks": landmarks,
+        "num_faces": found,
+    }
+    return _tensors(arrays, requested)
+
+
+def _tensors(arrays: Mapping[str, np.ndarray], requested: Sequence[RequestedOutput]) -> list[OutputTensor]:
     outputs = []
     for output in requested:
         values = arrays[output.name]
@@ -178,5 +218,7 @@ def outputs_for(
     """A served model's task results (one per image) -> the requested outputs."""
     if signature.task == "detection":
         return detection_outputs(signature, [r for r in results if isinstance(r, Detections)], requested)
+    if signature.task == "face_expression":
+        return face_outputs(signature, [r for r in results if isinstance(r, Faces)], requested)
     scores = np.stack([r.scores for r in results if isinstance(r, Classification)])
     return build_outputs(signature, scores, requested)

@@ -17,6 +17,12 @@ A detector's outputs have fixed shapes, K being the model's `max_detections`: `b
 `[-1, K, 4]` (x1, y1, x2, y2 in the photo's pixels; for a preprocessed input, in the input's),
 `scores` FP32 `[-1, K]`, `classes` INT32 `[-1, K]` and `num_detections` INT32 `[-1, 1]`: the first
 `num_detections` rows of each image are its objects, highest score first, the rest zeros.
+A face detector adds `landmarks` FP32 `[-1, K, 10]` (x1, y1, ..., x5, y5).
+
+A face_expression pipeline takes the encoded `image` only (it crops the faces out of the photo),
+and answers, K being its `max_faces`: `boxes` FP32 `[-1, K, 4]`, `scores` FP32 `[-1, K]`,
+`expressions` FP32 `[-1, K, 7]` (seed 003's order: neutral, anger, disgust, fear, happiness,
+sadness, surprise), `landmarks` FP32 `[-1, K, 10]` and `num_faces` INT32 `[-1, 1]`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from typing import TYPE_CHECKING
 
 from visionserve import __version__
 from visionserve.errors import ErrorCode, VisionError
-from visionserve.repository import ModelEntry
+from visionserve.repository import FACE_EXPRESSIONS, ModelEntry, PipelineEntry
 
 if TYPE_CHECKING:
-    from visionserve.serving.model import ServedModel
+    from visionserve.serving.registry import AnyModel
 
 SERVER_NAME = "visionserve"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")
@@ -38,6 +44,7 @@ EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "st
 IMAGE_INPUT = "image"
 PROBABILITIES_OUTPUT = "probabilities"
 DETECTION_OUTPUTS = ("boxes", "scores", "classes", "num_detections")
+FACE_OUTPUTS = ("boxes", "scores", "expressions", "landmarks", "num_faces")
 
 _PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch_torch_export"}
 _CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING"}
@@ -74,7 +81,8 @@ class Signature:
     max_queue_delay_us: int
     instances: int
     device: str
-    tensor_input: TensorSpec
+    tensor_input: TensorSpec | None
+    """The preprocessed input (None: a pipeline, which takes encoded images only)."""
     image_input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     raw_output: str
@@ -84,7 +92,7 @@ class Signature:
     """`logits`, `probabilities` or `boxes`: what the model itself outputs."""
     labels: tuple[str, ...]
     max_detections: int = 0
-    """Detection: K, the fixed number of rows of each image's outputs."""
+    """Detection and face_expression: K, the fixed number of rows of each image's outputs."""
 
     @classmethod
     def of(
@@ -113,6 +121,8 @@ class Signature:
                 TensorSpec("classes", "INT32", (-1, k)),
                 TensorSpec("num_detections", "INT32", (-1, 1)),
             ]
+            if config.output.landmarks:
+                outputs.insert(3, TensorSpec("landmarks", "FP32", (-1, k, 2 * config.output.landmarks)))
         elif config.output.kind == "logits":
             derived = (
                 PROBABILITIES_OUTPUT
@@ -140,8 +150,40 @@ class Signature:
         )
 
     @classmethod
-    def of_model(cls, model: ServedModel) -> Signature:
+    def of_pipeline(cls, entry: PipelineEntry, *, max_batch_size: int, device: str) -> Signature:
+        """The signature of a face_expression pipeline: encoded images in, K faces out."""
+        k = entry.config.faces.max_faces
+        return cls(
+            model=entry.name,
+            version=str(entry.config.version),
+            task=entry.config.task,
+            platform="ensemble",
+            backend="",
+            max_batch_size=max_batch_size,
+            max_queue_delay_us=0,
+            instances=1,
+            device=device,
+            tensor_input=None,
+            image_input=TensorSpec(IMAGE_INPUT, "BYTES", (-1,)),
+            outputs=(
+                TensorSpec("boxes", "FP32", (-1, k, 4)),
+                TensorSpec("scores", "FP32", (-1, k)),
+                TensorSpec("expressions", "FP32", (-1, k, len(FACE_EXPRESSIONS))),
+                TensorSpec("landmarks", "FP32", (-1, k, 10)),
+                TensorSpec("num_faces", "INT32", (-1, 1)),
+            ),
+            raw_output="",
+            output_kind="faces",
+            labels=FACE_EXPRESSIONS,
+            max_detections=k,
+        )
+
+    @classmethod
+    def of_model(cls, model: AnyModel) -> Signature:
         """The signature of a served model, with the batching it was built with."""
+        if isinstance(model.entry, PipelineEntry):
+            stage = model.detector  # type: ignore[union-attr]
+            return cls.of_pipeline(model.entry, max_batch_size=stage.batcher.max_batch_size, device=stage.runtime.device)
         batcher = model.batcher
         return cls.of(
             model.entry,
@@ -153,9 +195,9 @@ class Signature:
         )
 
     @property
-    def inputs(self) -> tuple[TensorSpec, TensorSpec]:
-        """The two ways in, preprocessed tensor first."""
-        return (self.tensor_input, self.image_input)
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The ways in, preprocessed tensor first (a pipeline has the encoded image only)."""
+        return (self.image_input,) if self.tensor_input is None else (self.tensor_input, self.image_input)
 
     @property
     def classes(self) -> int:
@@ -208,19 +250,26 @@ class Signature:
         `[N]` or `[N, 1]`. Both inputs are `optional`: a request sends one of them.
         """
         tensor = self.tensor_input
-        return {
-            "name": self.model,
-            "platform": self.platform,
-            "backend": self.backend,
-            "max_batch_size": self.max_batch_size,
-            "input": [
+        tensor_config = (
+            []
+            if tensor is None
+            else [
                 {
                     "name": tensor.name,
                     "data_type": _CONFIG_TYPES[tensor.datatype],
                     "format": "FORMAT_NCHW",
                     "dims": list(tensor.shape[1:]),
                     "optional": True,
-                },
+                }
+            ]
+        )
+        return {
+            "name": self.model,
+            "platform": self.platform,
+            "backend": self.backend,
+            "max_batch_size": self.max_batch_size,
+            "input": [
+                *tensor_config,
                 {
                     "name": self.image_input.name,
                     "data_type": _CONFIG_TYPES[self.image_input.datatype],

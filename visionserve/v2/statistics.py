@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 from visionserve.batching import REJECTION_REASONS
 
 if TYPE_CHECKING:
-    from visionserve.serving.model import ServedModel
+    from visionserve.serving.registry import AnyModel
 
 
 def _duration(count: float, seconds: float) -> dict[str, int]:
     return {"count": int(count), "ns": int(seconds * 1e9)}
 
 
-def model_statistics(models: Iterable[ServedModel]) -> dict[str, object]:
+def model_statistics(models: Iterable[AnyModel]) -> dict[str, object]:
     """`{"model_stats": [...]}` for `models`, in Triton's JSON form."""
     return {"model_stats": [_one(model) for model in models]}
 
 
-def _one(model: ServedModel) -> dict[str, object]:
+def _one(model: AnyModel) -> dict[str, object]:
     registry = model.metrics.registry
     labels = {"model": model.name}
 
@@ -56,6 +56,7 @@ def _one(model: ServedModel) -> dict[str, object]:
         },
         "batch_stats": [
             {"batch_size": size, "compute_infer": _duration(count, 0.0)}
-            for size, count in sorted(model.batcher.batch_sizes.items())
+            # NOTE: a pipeline has no batcher of its own: its stages' statistics show their batches
+            for size, count in sorted(getattr(getattr(model, "batcher", None), "batch_sizes", {}).items())
         ],
     }
