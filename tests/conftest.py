@@ -14,13 +14,15 @@ from PIL import Image
 
 from tests.fixtures import FakeRuntime, app_of, write_fake_entry
 from visionserve.photos import packaged_photo
-from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.repository import ModelEntry, ModelRepository, PipelineEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "efficientnet_lite0"
 DETECTOR = "yolo11n"
+FACE_MODELS = ("retinaface_mnet025", "mini_xception", "face_expression")
+"""The face detector, the expression classifier and the pipeline over them (in export order)."""
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +112,21 @@ def real_detector(real_repository: Path) -> ModelEntry:
 
         assert export_main(["--model", DETECTOR, "--repository", str(real_repository), "--force"]) == 0
     return ModelRepository(real_repository).get(DETECTOR)
+
+
+@pytest.fixture(scope="session")
+def real_faces(real_repository: Path) -> tuple[ModelEntry, ModelEntry, PipelineEntry]:
+    """The real face detector and expression classifier, and the face_expression pipeline over
+    them, exported beside the default model by `make test`; exported here, once, when pytest runs
+    alone and they are missing."""
+    for name in FACE_MODELS:
+        if not (real_repository / name / "config.json").is_file():
+            from export.cli import main as export_main
+
+            assert export_main(["--model", name, "--repository", str(real_repository), "--force"]) == 0
+    repository = ModelRepository(real_repository)
+    detector, classifier, pipeline = FACE_MODELS
+    return repository.get(detector), repository.get(classifier), repository.get_pipeline(pipeline)
 
 
 def photo_bytes(name: str) -> bytes:

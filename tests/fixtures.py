@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from visionserve.http.app import create_app
-from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.repository import ModelEntry, ModelRepository, PipelineEntry
 from visionserve.runtimes.base import ModelRuntime
 from visionserve.serving.registry import ModelRegistry
 from visionserve.settings import GrpcSettings, SecuritySettings, ServerSettings
@@ -137,17 +138,22 @@ def crafted_png(width: int, height: int) -> bytes:
 
 
 def registry_of(
-    *runtimes: ModelRuntime, settings: ServerSettings | None = None, **overrides: object
+    *runtimes: ModelRuntime,
+    settings: ServerSettings | None = None,
+    pipelines: Sequence[PipelineEntry] = (),
+    **overrides: object,
 ) -> ModelRegistry:
-    """A registry serving `runtimes` (the first is the default) with `settings` (or ServerSettings
-    built from `overrides`)."""
+    """A registry serving `runtimes` (the first is the default) and `pipelines` over them, with
+    `settings` (or ServerSettings built from `overrides`)."""
     server_settings = settings or ServerSettings(**overrides)  # type: ignore[arg-type]
-    return ModelRegistry(list(runtimes), server_settings)
+    return ModelRegistry(list(runtimes), server_settings, pipelines=pipelines, default=runtimes[0].model.name)
 
 
 def app_of(settings: ServerSettings, *runtimes: ModelRuntime, **kwargs: Any) -> FastAPI:
-    """The HTTP app serving `runtimes` (the first is the default) with `settings`."""
-    return create_app(settings, registry_of(*runtimes, settings=settings), **kwargs)
+    """The HTTP app serving `runtimes` (the first is the default) with `settings` (and the
+    `pipelines` keyword's pipelines over them)."""
+    pipelines = kwargs.pop("pipelines", ())
+    return create_app(settings, registry_of(*runtimes, settings=settings, pipelines=pipelines), **kwargs)
 
 
 def grpc_server_of(
@@ -155,13 +161,14 @@ def grpc_server_of(
     server_settings: ServerSettings,
     *runtimes: ModelRuntime,
     security: SecuritySettings | None = None,
+    pipelines: Sequence[PipelineEntry] = (),
 ) -> GrpcServer:
     """The gRPC server serving `runtimes` (the first is the default)."""
     # NOTE: imported here: the gRPC stubs must not load with every test module (one test loads
     # tritonclient's, whose descriptors clash with them in one process)
     from grpc_server.server import GrpcServer
 
-    registry = registry_of(*runtimes, settings=server_settings)
+    registry = registry_of(*runtimes, settings=server_settings, pipelines=pipelines)
     return GrpcServer(settings, server_settings, registry, security)
 
 

@@ -318,7 +318,9 @@ class ModelRepository:
         folder, raw = self._read(name)
         config_path = folder / CONFIG_FILE
         if raw.get("task") in PIPELINE_TASKS:
-            raise ConfigurationError(f"{config_path}: model {name!r} is a pipeline, not a model with artefacts")
+            raise ConfigurationError(
+                f"{config_path}: model {name!r} is a pipeline, not a model with artefacts"
+            )
         try:
             config = ModelConfig.model_validate(raw)
         except ValidationError as exc:

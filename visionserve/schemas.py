@@ -48,7 +48,9 @@ class TaskParameters(BaseModel):
         "(default 0).",
     )
     max_faces: int | None = Field(
-        default=None, ge=1, description="face_expression: most faces to return (default and cap: the model's)."
+        default=None,
+        ge=1,
+        description="face_expression: most faces to return (default and cap: the model's).",
     )
 
     def task_parameters(self) -> dict[str, object]:
@@ -212,12 +214,15 @@ class ModelInfo(BaseModel):
     detection: dict[str, float | int] | None = Field(
         default=None, description="Detection: the postprocessing defaults (thresholds, max detections)."
     )
-    landmarks: int | None = Field(default=None, description="Detection: points per box (a face detector's 5).")
+    landmarks: int | None = Field(
+        default=None, description="Detection: points per box (a face detector's 5)."
+    )
     stages: dict[str, str] | None = Field(
         default=None, description="A pipeline: the models it runs (face_expression: detector, classifier)."
     )
     faces: dict[str, float | int] | None = Field(
-        default=None, description="face_expression: its defaults (score_threshold, min_face_size, max_faces, margin)."
+        default=None,
+        description="face_expression: its defaults (score_threshold, min_face_size, max_faces, margin).",
     )
     max_batch_size: int = Field(
         description="Largest batch the batcher forms (config.json, or VISION_MAX_BATCH_SIZE; 1 = off)."
@@ -226,7 +231,9 @@ class ModelInfo(BaseModel):
     max_queue_size: int = Field(description="Requests waiting before new ones get 503 / UNAVAILABLE.")
     runtime: str
     device: str
-    instances: int = Field(description="Runtime instances computing batches at the same time (0: a pipeline, see its stages).")
+    instances: int = Field(
+        description="Runtime instances computing batches at the same time (0: a pipeline, see its stages)."
+    )
     threads: int = Field(description="Intra-op threads of each instance.")
     preprocess_workers: int = Field(
         description="Threads decoding and preprocessing images (shared by the models)."

@@ -1,5 +1,5 @@
-"""An unmodified tritonclient.grpc asks a detector for one photo's boxes; run as a child process by
-tests/integration/test_detection.py (its stubs and visionserve's cannot share a process: see
+"""An unmodified tritonclient.grpc asks a detector (or the face pipeline) for one photo's outputs;
+run as a child process by tests/integration/test_detection.py and test_faces.py (its stubs and visionserve's cannot share a process: see
 tritonclient_grpc_calls.py), printing what it saw as JSON.
 
     python -m tests.integration.tritonclient_grpc_detect HOST:PORT MODEL PHOTO
@@ -22,16 +22,16 @@ def main(target: str, model: str, photo: str) -> dict[str, Any]:
     try:
         tensor = grpcclient.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([Path(photo).read_bytes()], dtype=np.object_))
+        metadata = client.get_model_metadata(model, as_json=True)
         result = client.infer(model, [tensor])
         outputs = {
             name: {
                 "shape": list(result.as_numpy(name).shape),
                 "data": result.as_numpy(name).reshape(-1).tolist(),
             }
-            for name in ("boxes", "scores", "classes", "num_detections")
+            for name in (output["name"] for output in metadata["outputs"])
         }
         index = client.get_model_repository_index(as_json=True)["models"]
-        metadata = client.get_model_metadata(model, as_json=True)
         return {"outputs": outputs, "index": index, "metadata": metadata}
     finally:
         client.close()

@@ -53,7 +53,8 @@ class HttpServing:
 def http_serving(runtime: ModelRuntime, *more: ModelRuntime, **settings: Any) -> Iterator[HttpServing]:
     """The FastAPI app for the runtimes (the first is the default) under uvicorn in a thread;
     yields once every model is ready."""
-    app = app_of(ServerSettings(**{"preprocess_workers": 2, **settings}), runtime, *more)
+    pipelines = settings.pop("pipelines", ())
+    app = app_of(ServerSettings(**{"preprocess_workers": 2, **settings}), runtime, *more, pipelines=pipelines)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -96,6 +97,7 @@ class GrpcServing:
 def grpc_serving(runtime: ModelRuntime, *more: ModelRuntime, **settings: Any) -> Iterator[GrpcServing]:
     """A `GrpcServer` for the runtimes (the first is the default) on its own event loop in a
     thread; yields once every model is ready."""
+    pipelines = settings.pop("pipelines", ())
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
     thread.start()
@@ -107,6 +109,7 @@ def grpc_serving(runtime: ModelRuntime, *more: ModelRuntime, **settings: Any) ->
             ServerSettings(**{"preprocess_workers": 2, **settings}),
             runtime,
             *more,
+            pipelines=pipelines,
         )
         await server.start()
         assert server.loaded is not None

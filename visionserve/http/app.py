@@ -77,9 +77,8 @@ def create_app(
                     await loading
             await registry.stop()
 
-    summary = (
-        f"{len(registry)} model(s) on {registry.backend} ({registry.device}): "
-        + ", ".join(f"{model.name} ({model.task.name})" for model in registry)
+    summary = f"{len(registry)} model(s) on {registry.backend} ({registry.device}): " + ", ".join(
+        f"{model.name} ({model.task.name})" for model in registry
     )
     app = FastAPI(title="visionserve", version=__version__, summary=summary, lifespan=lifespan)
     app.state.registry = registry

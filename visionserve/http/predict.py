@@ -24,8 +24,7 @@ from visionserve.http.requests import (
     unless_disconnected,
 )
 from visionserve.schemas import AnyPredictResponse, B64PredictRequest, PredictRequest, TaskParameters
-from visionserve.serving.registry import AnyModel
-from visionserve.serving.registry import ModelRegistry
+from visionserve.serving.registry import AnyModel, ModelRegistry
 from visionserve.settings import ServerSettings
 
 _MULTIPART_BODY = {
@@ -172,7 +171,9 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
         min_face_size: Annotated[
             float | None, Query(ge=0.0, description="face_expression: smallest face kept, in pixels.")
         ] = None,
-        max_faces: Annotated[int | None, Query(ge=1, description="face_expression: most faces returned.")] = None,
+        max_faces: Annotated[
+            int | None, Query(ge=1, description="face_expression: most faces returned.")
+        ] = None,
     ) -> JSONResponse:
         """Run a model on an uploaded image file (multipart/form-data, field `file`)."""
         started = time.perf_counter()

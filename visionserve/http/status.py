@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from visionserve import __version__
 from visionserve.http.errors import ERROR_RESPONSES
 from visionserve.schemas import HealthStatus, ModelDetail, ModelInfo, ModelsResponse
-from visionserve.serving.registry import AnyModel
-from visionserve.serving.registry import ModelRegistry
+from visionserve.serving.registry import AnyModel, ModelRegistry
 
 
 def _not_ready(model: AnyModel) -> JSONResponse:

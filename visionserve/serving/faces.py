@@ -167,15 +167,19 @@ class FaceExpressionModel:
         pipeline's own runtime is its stages')."""
         detector = self.detector.describe()
         keys = ("input_size", "max_batch_size", "max_queue_delay_us", "max_queue_size", "device")
-        return self.task.describe() | {key: detector[key] for key in keys} | {
-            "name": self.name,
-            "version": self.entry.config.version,
-            "runtime": "pipeline",
-            "instances": 0,
-            "threads": 0,
-            "ready": self.ready,
-            "state": self.state.value,
-        }
+        return (
+            self.task.describe()
+            | {key: detector[key] for key in keys}
+            | {
+                "name": self.name,
+                "version": self.entry.config.version,
+                "runtime": "pipeline",
+                "instances": 0,
+                "threads": 0,
+                "ready": self.ready,
+                "state": self.state.value,
+            }
+        )
 
     # --- inference --------------------------------------------------------------------------------
 
@@ -227,7 +231,9 @@ class FaceExpressionModel:
             results.append(outcome[0])
         return results
 
-    async def infer_tensor(self, batch: np.ndarray, params: object, *, deadline: float | None = None) -> list[object]:
+    async def infer_tensor(
+        self, batch: np.ndarray, params: object, *, deadline: float | None = None
+    ) -> list[object]:
         """A pipeline crops faces out of the photo itself: it takes encoded images only."""
         raise VisionError(
             ErrorCode.INVALID_ARGUMENT,
@@ -261,7 +267,9 @@ class FaceExpressionModel:
     async def _classify(self, crops: list[np.ndarray], deadline: float | None) -> list[np.ndarray]:
         """Every crop its own item in the classifier's batcher; probabilities per crop. If one
         fails (queue full, deadline), the others are dropped uncomputed."""
-        tasks = [asyncio.ensure_future(self.classifier.batcher.submit(crop, deadline=deadline)) for crop in crops]
+        tasks = [
+            asyncio.ensure_future(self.classifier.batcher.submit(crop, deadline=deadline)) for crop in crops
+        ]
         try:
             rows = await asyncio.gather(*tasks)
         except BaseException:

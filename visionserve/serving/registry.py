@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from visionserve.cpu import available_cpus
 from visionserve.errors import ConfigurationError, ErrorCode, VisionError
 from visionserve.metrics import Metrics
-from visionserve.runtimes.base import ModelRuntime
 from visionserve.repository import PipelineEntry
+from visionserve.runtimes.base import ModelRuntime
 from visionserve.serving.budget import ComputeBudget
 from visionserve.serving.faces import FaceExpressionModel
 from visionserve.serving.lifecycle import ServiceState

@@ -3,8 +3,8 @@ non-maximum suppression, boxes in the photo's own pixels."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np

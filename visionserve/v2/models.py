@@ -11,8 +11,7 @@ from visionserve.serving.lifecycle import ServiceState
 from visionserve.v2.signature import Signature
 
 if TYPE_CHECKING:
-    from visionserve.serving.registry import AnyModel
-    from visionserve.serving.registry import ModelRegistry
+    from visionserve.serving.registry import AnyModel, ModelRegistry
 
 _INDEX_STATES = {
     ServiceState.CREATED: "LOADING",

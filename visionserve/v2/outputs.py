@@ -168,7 +168,13 @@ def detection_outputs(
             classes[i, j] = obj.index
             if obj.landmarks and landmarks.shape[2]:
                 landmarks[i, j] = np.asarray(obj.landmarks, dtype=np.float32).reshape(-1)
-    arrays = {"boxes": boxes, "scores": scores, "classes": classes, "landmarks": landmarks, "num_detections": found}
+    arrays = {
+        "boxes": boxes,
+        "scores": scores,
+        "classes": classes,
+        "landmarks": landmarks,
+        "num_detections": found,
+    }
     return _tensors(arrays, requested)
 
 

@@ -183,7 +183,9 @@ class Signature:
         """The signature of a served model, with the batching it was built with."""
         if isinstance(model.entry, PipelineEntry):
             stage = model.detector  # type: ignore[union-attr]
-            return cls.of_pipeline(model.entry, max_batch_size=stage.batcher.max_batch_size, device=stage.runtime.device)
+            return cls.of_pipeline(
+                model.entry, max_batch_size=stage.batcher.max_batch_size, device=stage.runtime.device
+            )
         batcher = model.batcher
         return cls.of(
             model.entry,
