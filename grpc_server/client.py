@@ -5,6 +5,7 @@
     python -m grpc_server.client clip.gif --stream --every 2  # the frames of a GIF (or a folder,
                                                               # or several files) as one stream
     python -m grpc_server.client street.jpg --model yolo11n --score-threshold 0.5   # a detector
+    python -m grpc_server.client group.jpg --model face_expression --max-faces 8   # faces
     python -m grpc_server.client clip.gif --live --model yolo11n   # live: stale frames skipped
 
 The target is `--target`, else VISION_GRPC_TARGET, else 127.0.0.1:50051. Exit status: 0; 1 when the
@@ -54,6 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--score-threshold", type=float, help="a detector's lowest score kept")
     parser.add_argument("--classes", help="a detector's classes to keep, comma-separated labels")
+    parser.add_argument("--min-face-size", type=float, help="face_expression: smallest face kept, in pixels")
+    parser.add_argument("--max-faces", type=int, help="face_expression: most faces per image")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--batch", action="store_true", help="one PredictBatch call with every image")
     mode.add_argument("--stream", action="store_true", help="the inputs' frames as one PredictStream")
@@ -98,6 +101,10 @@ def task_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {"model": args.model, "topk": args.topk or 0}
     if args.score_threshold is not None:
         fields["score_threshold"] = args.score_threshold
+    if args.min_face_size is not None:
+        fields["min_face_size"] = args.min_face_size
+    if args.max_faces is not None:
+        fields["max_faces"] = args.max_faces
     if args.classes:
         fields["classes"] = [name.strip() for name in args.classes.split(",") if name.strip()]
     return fields
@@ -144,9 +151,24 @@ def describe_objects(detections: Sequence[pb.Detection]) -> str:
     )
 
 
+def describe_faces(faces: Sequence[pb.Face]) -> str:
+    """`top:probability [x1,y1,x2,y2], ...` per face, or a word when there is none."""
+    if not faces:
+        return "no faces"
+    return ", ".join(
+        f"{f.top}:{getattr(f.expression, f.top):.3f} "
+        f"[{f.box.x1:.0f},{f.box.y1:.0f},{f.box.x2:.0f},{f.box.y2:.0f}]"
+        for f in faces
+    )
+
+
 def answer_text(answer: pb.PredictResponse | pb.FramePrediction) -> str:
-    """What a classifier's or a detector's answer says."""
-    return describe_objects(answer.detections) if answer.task == "detection" else describe(answer.topk)
+    """What a classifier's, a detector's or the face pipeline's answer says."""
+    if answer.task == "detection":
+        return describe_objects(answer.detections)
+    if answer.task == "face_expression":
+        return describe_faces(answer.faces)
+    return describe(answer.topk)
 
 
 def show_result(name: str, result: pb.PredictResponse) -> None:

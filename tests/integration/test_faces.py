@@ -442,3 +442,24 @@ def test_the_expressions_carry_seed_003_s_names_in_its_order() -> None:
         == list(EXPRESSIONS)
         == [f.name for f in pb.Expression.DESCRIPTOR.fields]
     )
+
+
+def test_the_grpc_client_cli_prints_each_face(
+    grpc_served: GrpcServing, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grpc_server.client import main as client_main
+
+    image, _ = group_image(GROUP[:2])
+    (tmp_path / "group.png").write_bytes(image)
+    argv = [
+        str(tmp_path / "group.png"),
+        "--target",
+        grpc_served.target,
+        "--model",
+        PIPELINE,
+        "--max-faces",
+        "1",
+    ]
+    assert client_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "happiness:" in out and out.count("happiness:") == 1, out
