@@ -32,7 +32,7 @@ help:
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
 	@echo "make lint       ruff + mypy"
 	@echo "make export     (re-)export the embedded models ($(DEFAULT_MODEL), $(DETECTOR), $(FACE_DETECTOR), $(EXPRESSIONS), $(FACES)) into $(MODEL_REPOSITORY)/"
-	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/ and visionserve/v2/ from protos/"
+	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/, visionserve/v2/ and visionserve/seeds/ from protos/"
 	@echo "make up         Docker Compose: export, HTTP :8000, gRPC :50051, UI :5000, JupyterLab :8888 (BACKEND=onnx|torch, GPU=1)"
 	@echo "make down       stop the Compose stack (the model volume is kept)"
 
@@ -124,6 +124,8 @@ protos: $(VENV)/.installed-dev
 		protos/visionserve/v1/inference.proto
 	$(BIN)/python -m grpc_tools.protoc -Ivisionserve/v2=protos/inference --python_out=. --pyi_out=. \
 		--grpc_python_out=. protos/inference/grpc_service.proto
+	$(BIN)/python -m grpc_tools.protoc -Ivisionserve/seeds=protos/seeds --python_out=. --pyi_out=. \
+		--grpc_python_out=. protos/seeds/classify.proto protos/seeds/inference.proto protos/seeds/protobuf.proto
 
 # Docker Compose (docs/docker.md). BACKEND picks the APIs' runtime; GPU=1 adds the CUDA override.
 COMPOSE_FILES := -f docker/docker-compose.yaml $(if $(filter 1,$(GPU)),-f docker/docker-compose.gpu.yaml)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -44,10 +44,19 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     with its request's model (`default_model` when it names none); a stream, whose frames may
     each name another, with none."""
 
-    def __init__(self, metrics: Metrics | None = None, *, access_log: bool = True, default_model: str = ""):
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        *,
+        access_log: bool = True,
+        default_model: str = "",
+        method_models: Mapping[str, str] | None = None,
+    ):
         self.metrics = metrics
         self.access_log = access_log
         self.default_model = default_model
+        self.method_models = dict(method_models or {})
+        """Methods whose messages name no model, and the model they run on (the seeds' services)."""
 
     async def intercept_service(
         self,
@@ -58,6 +67,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = details.method
+        fixed_model = self.method_models.get(method)
 
         def log(context: Any, started: float, failed: BaseException | None, model: str = "") -> None:
             elapsed = time.perf_counter() - started
@@ -80,7 +90,7 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     failed = exc
                     raise
                 finally:
-                    log(context, started, failed, model_of(request, self.default_model))
+                    log(context, started, failed, fixed_model or model_of(request, self.default_model))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,

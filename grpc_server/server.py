@@ -1,5 +1,6 @@
 """The grpc.aio server: visionserve.v1.Inference, the Open Inference Protocol's
-inference.GRPCInferenceService (KServe V2), standard health checking and reflection.
+inference.GRPCInferenceService (KServe V2), the seed articles' own services (classify.Classifier,
+InferenceServer, Pipeline: grpc_server/seed_services.py), standard health checking and reflection.
 
 `python -m grpc_server` serves the models of the VISION_* settings' repository on VISION_GRPC_PORT
 (default 50051). Health is NOT_SERVING until every model is loaded and warmed, SERVING after, and
@@ -28,6 +29,12 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from grpc_server.auth import ApiKeyInterceptor, require_key
 from grpc_server.interceptors import LoggingInterceptor
 from grpc_server.messages import MessageCheckInterceptor
+from grpc_server.seed_services import (
+    SEED_SERVICES,
+    add_seed_services,
+    seed_method_models,
+    served_seed_services,
+)
 from grpc_server.servicer import InferenceServicer
 from grpc_server.v2_servicer import V2InferenceServicer
 from visionserve.errors import ConfigurationError
@@ -97,6 +104,7 @@ class GrpcServer:
                     registry.metrics,
                     access_log=server_settings.access_log,
                     default_model=registry.default_name,
+                    method_models=seed_method_models(registry),
                 ),
                 *([ApiKeyInterceptor(self.api_key)] if self.api_key else []),
                 MessageCheckInterceptor(),  # NOTE: last: requests that do not parse -> INVALID_ARGUMENT
@@ -119,10 +127,15 @@ class GrpcServer:
             registry, max_message_bytes=limit, stream_read_ahead=settings.stream_read_ahead
         )
         v2_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.v2_servicer, self.server)
+        add_seed_services(self.server, registry, max_message_bytes=limit)
+        # NOTE: a seed service whose model is not served is listed (it answers NOT_FOUND saying
+        # how to serve it) but has no health status (Check answers NOT_FOUND for it)
+        self.health_services = (SERVICE_NAME, V2_SERVICE_NAME, *served_seed_services(registry))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, V2_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, V2_SERVICE_NAME, *SEED_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = 0
         self.metrics_port = 0
@@ -130,7 +143,7 @@ class GrpcServer:
         self.loaded: asyncio.Task[None] | None = None
 
     async def _set_health(self, status: int) -> None:
-        for name in (health.OVERALL_HEALTH, SERVICE_NAME, V2_SERVICE_NAME):
+        for name in (health.OVERALL_HEALTH, *self.health_services):
             await self.health.set(name, status)
 
     async def start(self) -> int:
@@ -265,7 +278,7 @@ def banner(grpc_server: GrpcServer, host: str, port: int) -> str:
     client = " --tls-ca ca.pem" if tls else ""
     models = ", ".join(f"{m.name} ({m.task.name})" for m in registry)
     text = (
-        f"\nvisionserve gRPC API ({registry.default.runtime.backend}) on {shown}:{port}\n"
+        f"\nvisionserve gRPC API ({registry.backend}) on {shown}:{port}\n"
         f"  models: {models}; default {registry.default_name}\n"
         + ("  TLS:    on (VISION_TLS_CERT_FILE)\n" if tls else "")
         + ("  auth:   API key on (VISION_API_KEY); health checks need none\n" if auth else "")
@@ -273,6 +286,7 @@ def banner(grpc_server: GrpcServer, host: str, port: int) -> str:
         f"  health: {grpcurl} {shown}:{port} grpc.health.v1.Health/Check\n"
         f"  try:    python -m grpc_server.client photo.jpg --target {shown}:{port}{client}\n"
         "  V2:     inference.GRPCInferenceService (Open Inference Protocol; docs/v2.md)\n"
+        "  seeds:  classify.Classifier, InferenceServer, Pipeline (the seed articles' own; docs/grpc.md)\n"
         "  stop:   Ctrl-C\n"
     )
     if grpc_server.metrics_port:

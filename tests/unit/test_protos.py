@@ -32,6 +32,10 @@ STUBS = (
     Stubs(
         "inference/grpc_service.proto", "visionserve/v2=protos/inference", "visionserve/v2", "grpc_service"
     ),
+    *(
+        Stubs(f"seeds/{stem}.proto", "visionserve/seeds=protos/seeds", "visionserve/seeds", stem)
+        for stem in ("classify", "inference", "protobuf")
+    ),
 )
 
 
