@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.faces import FACE_PIPELINE, export_face_pipeline
 from export.pipeline import DEFAULT_OPSET, ExportOptions, export_model
 from export.sources import EMBEDDED, ExportError, ModelSource, embedded, factory, torchvision_arch
 from visionserve.photos import packaged_photos, photos_in
@@ -23,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
             "Export a PyTorch image classifier or detector into the model repository (ONNX + torch.export "
             "program + labels + config.json), verified on real photos with both runtimes. "
             "With no source option, exports the embedded default (efficientnet_lite0); --all exports "
-            "every embedded model (efficientnet_lite0, yolo11n) not yet in the repository."
+            f"every embedded model ({', '.join(EMBEDDED)}) not yet in the repository. "
+            f"{FACE_PIPELINE} is a pipeline: a config.json naming its stages (retinaface_mnet025, "
+            "mini_xception), which are exported first when missing."
         ),
     )
     source = parser.add_mutually_exclusive_group()
@@ -50,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input-size",
         type=int,
-        help="crop size fed to a classifier (square); the detector's letterbox: 320, 480 or 640 (default)",
+        help="crop size fed to a classifier (square); the detectors' letterbox: 320, 480 or 640 "
+        "(default; retinaface_mnet025 also 800, 960)",
     )
     parser.add_argument("--resize", type=int, help="shorter side before the center crop")
     parser.add_argument("--mean", type=float, nargs=3, help="per-channel mean, in pixel/255 units")
@@ -82,13 +86,18 @@ def _source(args: argparse.Namespace) -> tuple[ModelSource, str]:
     name = args.model or EMBEDDED[0]
     if args.weights:
         raise ExportError("--weights goes with --arch or --factory; the embedded model has its own")
-    if name == "yolo11n":
+    if name in ("yolo11n", "retinaface_mnet025"):
         if args.resize or args.mean or args.std or args.interpolation:
             raise ExportError(
-                "the detector letterboxes its input: --resize, --mean, --std and "
+                f"{name} letterboxes its input: --resize, --mean, --std and "
                 "--interpolation apply to classifiers only"
             )
         return embedded(name, input_size=args.input_size), name
+    if name == "mini_xception" and (args.input_size or args.resize or args.mean or args.std):
+        raise ExportError(
+            "mini_xception takes 64x64 face crops and converts them to grey in [-1, 1] in its graph: "
+            "--input-size, --resize, --mean and --std do not apply"
+        )
     return embedded(name), name
 
 
@@ -151,6 +160,31 @@ _SINGLE_MODEL_OPTIONS = (
 )
 
 
+def _export_pipeline(args: argparse.Namespace) -> int:
+    """`--model face_expression`: its config.json; its stages first where they are missing."""
+    options = (*_SINGLE_MODEL_OPTIONS, "task")
+    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name)]
+    if given:
+        print(
+            f"export failed: {FACE_PIPELINE} is made of other models; drop {', '.join(given)}",
+            file=sys.stderr,
+        )
+        return 2
+    stage_options = [option for option in _common(args) if option != "--force"]
+    try:
+        final = export_face_pipeline(
+            args.repository,
+            force=args.force,
+            export_stage=lambda stage: main([*stage_options, "--model", stage]),
+            out=lambda line: print(line, flush=True),
+        )
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {final} (a pipeline: config.json only)")
+    return 0
+
+
 def _export_all(args: argparse.Namespace) -> int:
     """Every embedded model not in the repository yet (all of them again with --force)."""
     given = [f"--{name.replace('_', '-')}" for name in _SINGLE_MODEL_OPTIONS if getattr(args, name)]
@@ -184,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.all:
         return _export_all(args)
+    if args.model == FACE_PIPELINE:
+        return _export_pipeline(args)
     started = time.perf_counter()
     try:
         print("[0] building the model ...", flush=True)
@@ -195,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             repository=args.repository,
             photos=photos,
             max_batch_size=args.max_batch_size
+            or source.max_batch_size
             or (DETECTOR_MAX_BATCH if args.model == "yolo11n" else DEFAULT_MAX_BATCH),
             opset=args.opset,
             force=args.force,

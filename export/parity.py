@@ -1,10 +1,12 @@
 """The parity check of a new repository entry: both runtimes, loaded by the classes the services
 use, run on real photos through the serving preprocessing and postprocessing, and must agree.
 
-- classification: the top-5 classes identical and the softmax probabilities within
-  `PARITY_MAX_ABS_DIFF`;
+- classification: the top-5 classes identical and the probabilities (the softmax of logits, or
+  the model's own probabilities) within `PARITY_MAX_ABS_DIFF`;
 - detection: the same objects (count, classes, in order) with boxes within `BOX_MAX_DIFF_PX`
-  pixels of the photo and scores within `SCORE_MAX_DIFF`, at the model's default thresholds.
+  pixels of the photo and scores within `SCORE_MAX_DIFF`, at the model's default thresholds; a
+  detector with landmarks (faces) also has every landmark within `BOX_MAX_DIFF_PX` pixels, and
+  every anchor's class scores (found or not: most photos hold no face) are within `SCORE_MAX_DIFF`.
 
 Each runtime must also answer a photo the same at batch 1 and at batch N (the dynamic batch axis).
 """
@@ -70,7 +72,10 @@ def check_parity(entry_root: Path, photos: list[Path]) -> dict[str, object]:
 def _classification_parity(
     entry: ModelEntry, outputs: dict[str, np.ndarray], names: list[str]
 ) -> dict[str, object]:
-    onnx_probs, torch_probs = softmax(outputs["onnx"]), softmax(outputs["torch"])
+    if entry.config.output.kind == "logits":
+        onnx_probs, torch_probs = softmax(outputs["onnx"]), softmax(outputs["torch"])
+    else:
+        onnx_probs, torch_probs = outputs["onnx"].astype(np.float32), outputs["torch"].astype(np.float32)
     max_diff = float(np.abs(onnx_probs - torch_probs).max())
     k = min(PARITY_TOPK, onnx_probs.shape[1])
     per_photo = []
@@ -101,7 +106,7 @@ def _detection_parity(
     params = task.parameters({})
     per_photo = []
     same = True
-    box_diff = score_diff = 0.0
+    box_diff = score_diff = landmark_diff = 0.0
     for i, name in enumerate(names):
         meta = prepared[i].meta
         found = {
@@ -118,6 +123,9 @@ def _detection_parity(
                 corners_b = np.array([b.box.x1, b.box.y1, b.box.x2, b.box.y2])
                 box_diff = max(box_diff, float(np.abs(corners_a - corners_b).max()))
                 score_diff = max(score_diff, abs(a.score - b.score))
+                if a.landmarks:
+                    points_a, points_b = np.array(a.landmarks), np.array(b.landmarks)
+                    landmark_diff = max(landmark_diff, float(np.abs(points_a - points_b).max()))
         top = onnx.detections[0] if onnx.detections else None
         per_photo.append(
             {
@@ -127,7 +135,7 @@ def _detection_parity(
                 "score": round(top.score, 4) if top else None,
             }
         )
-    return {
+    result: dict[str, object] = {
         "photos": per_photo,
         "same_objects": same,
         "max_box_diff_px": box_diff,
@@ -135,14 +143,29 @@ def _detection_parity(
         "thresholds": {"box_px": BOX_MAX_DIFF_PX, "score": SCORE_MAX_DIFF},
         "passed": same and box_diff <= BOX_MAX_DIFF_PX and score_diff <= SCORE_MAX_DIFF,
     }
+    if task.landmarks:
+        scores = slice(4, 4 + task.classes)
+        raw_diff = float(np.abs(outputs["onnx"][..., scores] - outputs["torch"][..., scores]).max())
+        result["max_landmark_diff_px"] = landmark_diff
+        result["max_anchor_score_diff"] = raw_diff
+        result["passed"] = (
+            bool(result["passed"]) and landmark_diff <= BOX_MAX_DIFF_PX and raw_diff <= SCORE_MAX_DIFF
+        )
+    return result
 
 
 def describe(parity: dict[str, object]) -> str:
     """One line for the export's progress output."""
     if "same_objects" in parity:
+        landmarks = (
+            f", max landmark diff {parity['max_landmark_diff_px']:.3f} px, max score diff over all "
+            f"anchors {parity['max_anchor_score_diff']:.2e}"
+            if "max_landmark_diff_px" in parity
+            else ""
+        )
         return (
             f"    same objects: {parity['same_objects']}, max box diff {parity['max_box_diff_px']:.3f} px "
-            f"(threshold {BOX_MAX_DIFF_PX}), max score diff {parity['max_score_diff']:.2e} "
+            f"(threshold {BOX_MAX_DIFF_PX}){landmarks}, max score diff {parity['max_score_diff']:.2e} "
             f"(threshold {SCORE_MAX_DIFF:.0e})"
         )
     return (

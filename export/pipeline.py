@@ -109,9 +109,9 @@ def _export_onnx(program: torch.export.ExportedProgram, path: Path, opset: int, 
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _classes(module: torch.nn.Module, example: torch.Tensor, task: str) -> int:
+def _classes(module: torch.nn.Module, example: torch.Tensor, task: str, landmarks: int = 0) -> int:
     """The classes the model outputs: a classifier's (batch, classes) scores, a detector's (batch,
-    anchors, 4 + classes) boxes and class scores."""
+    anchors, 4 + classes + 2 x landmarks) boxes, class scores and landmark points."""
     with torch.inference_mode():
         out = module(example)
     rank = 3 if task == "detection" else 2
@@ -119,7 +119,10 @@ def _classes(module: torch.nn.Module, example: torch.Tensor, task: str) -> int:
         got = getattr(out, "shape", type(out).__name__)
         expected = "(batch, anchors, 4 + classes)" if rank == 3 else "(batch, classes)"
         raise ExportError(f"the {task} model must return one {expected} tensor; it returned {got}")
-    return int(out.shape[-1]) - (4 if task == "detection" else 0)
+    classes = int(out.shape[-1]) - (4 + 2 * landmarks if task == "detection" else 0)
+    if classes < 1:
+        raise ExportError(f"the model's output rows of {out.shape[-1]} columns hold no class scores")
+    return classes
 
 
 def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str], None] = print) -> Path:
@@ -139,7 +142,7 @@ def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str
     staging.chmod(0o755)  # mkdtemp makes it private; services (another user in a container) read it
     try:
         with progress("checking the model's output"):
-            classes = _classes(module, example, source.task)
+            classes = _classes(module, example, source.task, source.landmarks)
             labels = source.labels
             if labels is None:
                 raise ExportError("this source has no class names: pass --labels FILE (one name per line)")
@@ -159,7 +162,12 @@ def export_model(source: ModelSource, options: ExportOptions, out: Callable[[str
                     "name": options.name,
                     "task": source.task,
                     "input": source.input.model_dump(),
-                    "output": {"name": source.output_name, "kind": source.output_kind, "classes": classes},
+                    "output": {
+                        "name": source.output_name,
+                        "kind": source.output_kind,
+                        "classes": classes,
+                        **({"landmarks": source.landmarks} if source.landmarks else {}),
+                    },
                     **({"detection": source.detection.model_dump()} if source.detection else {}),
                     "max_batch_size": options.max_batch_size,
                     "artefacts": {

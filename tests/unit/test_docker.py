@@ -436,13 +436,14 @@ def test_the_export_service_exports_every_embedded_model_once(tmp_path: Path) ->
     """The export service runs `python -m export --all`, which keeps an entry already there: a
     second `up` exports nothing (its weights are in the image: no network at run time)."""
     from export.cli import main as export_main
+    from export.sources import EMBEDDED
 
     service = resolved("onnx", gpu=False)["services"]["export"]
     assert service["command"] == ["python", "-m", "export", "--all", "--repository", "/models"]
     assert "entrypoint" not in service
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "RUN python -m export.weights yolo11n" in dockerfile
-    for name in ("efficientnet_lite0", "yolo11n"):
+    assert "RUN python -m export.weights yolo11n retinaface_mnet025 mini_xception" in dockerfile
+    for name in EMBEDDED:
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     assert export_main(["--all", "--repository", str(tmp_path)]) == 0  # nothing to do
