@@ -1,9 +1,11 @@
-"""`create_app(settings)`: the upload UI (image page, video page, status page).
+"""`create_app(settings)`: the upload UI (image page, video page, live camera page, status page).
 
-Every page works as a plain form post; the scripts in `static/` only make the same requests with
-`fetch` and update the page in place (`X-Requested-With: fetch` asks for the result fragment,
-`Accept: application/x-ndjson` for the video's events). All text from users and from the APIs
-reaches the browser through Jinja's autoescaping, or through `textContent` in the scripts.
+Every page but the live one works as a plain form post; the scripts in `static/` only make the
+same requests with `fetch` and update the page in place (`X-Requested-With: fetch` asks for the
+result fragment, `Accept: application/x-ndjson` for the video's events). The live page needs
+JavaScript (the camera is the browser's): it posts one camera frame at a time to `/live/frame`.
+All text from users and from the APIs reaches the browser through Jinja's autoescaping, or
+through `textContent` in the scripts.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from flask import Flask, Response, render_template, request, stream_template, stream_with_context
+from flask import Flask, Response, jsonify, render_template, request, stream_template, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from flask_ui.client import ApiClient
 from flask_ui.errors import Problem, UIError
 from flask_ui.frames import open_video
 from flask_ui.grpc_client import VideoClient
-from flask_ui.overlay import box_shapes, font_size
-from flask_ui.params import DetectionParams, choose_model, detection_params, every, form_values, live_mode
+from flask_ui.live import LIVE_TOPK, ModelCache, live_answer
+from flask_ui.overlay import box_shapes, face_shapes, font_size, point_radius
+from flask_ui.params import choose_model, every, form_values, live_mode, task_params
 from flask_ui.preview import DETECTION_PREVIEW_SIDE, PREVIEW_SIDE, preview_data_url
-from flask_ui.results import DetectionPrediction, ModelInfo
+from flask_ui.results import DetectionPrediction, FacesPrediction, ModelInfo
 from flask_ui.settings import UISettings
 from flask_ui.video import video_events
 
@@ -49,7 +52,9 @@ def _wants_fragment() -> bool:
 
 
 def _wants_events() -> bool:
-    return NDJSON in request.headers.get("Accept", "")
+    """Errors as JSON: the video page's event stream and the live page's frames."""
+    accept = request.headers.get("Accept", "")
+    return NDJSON in accept or "application/json" in accept
 
 
 def _upload(kind: str) -> tuple[bytes, str]:
@@ -61,17 +66,6 @@ def _upload(kind: str) -> tuple[bytes, str]:
     if not data:
         raise UIError(Problem.BAD_INPUT, "The file is empty", f"{upload.filename} has no content.")
     return data, upload.filename or ""
-
-
-def _settings_for(model: ModelInfo | None) -> tuple[int | None, DetectionParams | None]:
-    """The classifier's `topk` or the detector's settings from the form, for `model` (unknown:
-    the detector's settings only when some were set; the API says when they do not apply)."""
-    if model is not None and not model.is_detector:
-        return TOPK, None
-    params = detection_params(request.form)
-    if model is None and params == DetectionParams():
-        return None, None
-    return None, params
 
 
 def _closing(chunks: Iterator[str], events: Generator[dict[str, Any]]) -> Iterator[str]:
@@ -106,6 +100,7 @@ def create_app(
         ca_file=settings.tls_ca_file,
     )
     app.extensions["visionserve_ui"] = {"settings": settings, "api": api, "video": video}
+    live_models = ModelCache(api)
 
     @app.context_processor
     def common() -> dict[str, Any]:
@@ -145,14 +140,19 @@ def create_app(
                 raise context["error"]
             chosen: ModelInfo | None = context["chosen"]
             data, context["filename"] = _upload("photo")
-            topk, detection = _settings_for(chosen)
+            topk, params = task_params(request.form, chosen, topk=TOPK)
             name = chosen.name if chosen else context["form"]["model"].strip() or None
-            result = api.predict(data, context["filename"], model=name, topk=topk, detection=detection)
+            result = api.predict(data, context["filename"], model=name, topk=topk, params=params)
             context["result"] = result
-            if isinstance(result, DetectionPrediction):
+            if isinstance(result, DetectionPrediction | FacesPrediction):
                 context["preview"] = preview_data_url(data, DETECTION_PREVIEW_SIDE)
-                context["shapes"] = box_shapes(result.detections, result.width, result.height)
+                context["shapes"] = (
+                    box_shapes(result.detections, result.width, result.height)
+                    if isinstance(result, DetectionPrediction)
+                    else face_shapes(result.faces, result.width, result.height)
+                )
                 context["font_size"] = font_size(result.width, result.height)
+                context["point_radius"] = point_radius(result.width, result.height)
             else:
                 context["preview"] = preview_data_url(data, PREVIEW_SIDE)
         except UIError as exc:
@@ -173,7 +173,7 @@ def create_app(
                 raise context["error"]
             data, filename = _upload("video")
             sampling, live = every(request.form), live_mode(request.form)
-            _, detection = _settings_for(context["chosen"])
+            _, params = task_params(request.form, context["chosen"], topk=1)
             source = open_video(data)
         except UIError as exc:
             if _wants_events():
@@ -187,7 +187,7 @@ def create_app(
             max_frames=settings.max_video_frames,
             model=context["chosen"],
             requested_model=context["form"]["model"].strip(),
-            detection=detection,
+            params=params,
             live=live,
             previews=_wants_events(),  # NOTE: the page without JavaScript shows a table only
         )
@@ -198,6 +198,29 @@ def create_app(
         # No JavaScript: the page itself streams, a table row per frame as its answer arrives.
         page = stream_template("video.html", events=events, filename=filename, **context)
         return Response(_closing(page, events), mimetype="text/html", headers=headers)
+
+    @app.get("/live")
+    def live_page() -> tuple[str, int]:
+        return _form_page("live.html", "live")
+
+    @app.post("/live/frame")
+    def live_frame() -> Response | tuple[Response, int]:
+        """One camera frame (`file`, a JPEG) and the form's model and settings -> its answer as
+        JSON, or `{"event": "error", "title", "message"}` with the error's status: a bad frame
+        fails alone, the page shows why and sends the next one."""
+        try:
+            models = live_models.get()
+            requested = form_values(request.form)["model"]
+            chosen = choose_model(models, requested)
+            data, _ = _upload("frame")
+            topk, params = task_params(request.form, chosen, topk=LIVE_TOPK)
+            name = chosen.name if chosen else requested.strip() or None
+            result = api.predict(data, "frame.jpg", model=name, topk=topk, params=params)
+        except UIError as exc:
+            return jsonify(event="error", title=exc.title, message=exc.message), exc.status
+        response = jsonify(live_answer(result))
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.get("/status")
     def status_page() -> str:

@@ -12,23 +12,13 @@ import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import httpx2
 
+from flask_ui.answers import model_info, prediction
 from flask_ui.errors import Problem, UIError
-from flask_ui.params import DetectionParams
-from flask_ui.results import (
-    DETECTION,
-    Box,
-    ClassScore,
-    Detection,
-    DetectionDefaults,
-    DetectionPrediction,
-    ImagePrediction,
-    ModelInfo,
-    Prediction,
-)
+from flask_ui.params import TaskParams
+from flask_ui.results import ModelInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -157,23 +147,23 @@ class ApiClient:
         *,
         model: str | None = None,
         topk: int | None = None,
-        detection: DetectionParams | None = None,
+        params: TaskParams | None = None,
     ) -> Prediction:
         """POST the image to /predict/file for `model` (None: the API's default) with a
-        classifier's `topk` or a detector's settings (only those given are sent); the answer as
-        the model's task has it."""
-        params: dict[str, str | list[str]] = {}
+        classifier's `topk` or a detector's or face model's settings (only those given are sent);
+        the answer as the model's task has it."""
+        query: dict[str, str | list[str]] = {}
         if model:
-            params["model"] = model
+            query["model"] = model
         if topk is not None:
-            params["topk"] = str(topk)
-        if detection is not None:
-            params |= detection.query()
+            query["topk"] = str(topk)
+        if params is not None:
+            query |= params.query()
         started = time.perf_counter()
         try:
             response = self._http.post(
                 "/predict/file",
-                params=params,
+                params=query,
                 files={"file": (filename or "upload", image, "application/octet-stream")},
             )
         except httpx2.TimeoutException as exc:
@@ -191,7 +181,7 @@ class ApiClient:
         if response.status_code != 200:
             raise error_from_response(response)
         try:
-            return _prediction(response.json(), round_trip_ms)
+            return prediction(response.json(), round_trip_ms)
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("unexpected answer from %s/predict/file: %s", self.base_url, exc)
             raise UIError(
@@ -220,7 +210,7 @@ class ApiClient:
         try:
             response = self._http.get("/models", timeout=self.status_timeout_s)
             response.raise_for_status()
-            models = [_model_info(entry) for entry in response.json()["models"]]
+            models = [model_info(entry) for entry in response.json()["models"]]
         except (httpx2.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             logger.debug("no model list from %s: %s", self.base_url, exc)
             return None
@@ -228,53 +218,3 @@ class ApiClient:
             # NOTE: an API from before several models were served lists only its one model.
             models[0] = replace(models[0], default=True)
         return models
-
-
-def _prediction(body: dict[str, Any], round_trip_ms: float) -> Prediction:
-    """The answer of /predict/file as the model's task has it (an answer without `task` comes
-    from a classifier-only API)."""
-    if body.get("task") == DETECTION:
-        return DetectionPrediction(
-            detections=[_detection(d) for d in body["detections"]],
-            width=int(body["image"]["width"]),
-            height=int(body["image"]["height"]),
-            model=str(body["model"]),
-            server_ms=float(body["latency_ms"]),
-            round_trip_ms=round_trip_ms,
-        )
-    return ImagePrediction(
-        topk=[ClassScore(str(p["label"]), float(p["prob"]), int(p["index"])) for p in body["topk"]],
-        model=str(body["model"]),
-        server_ms=float(body["latency_ms"]),
-        round_trip_ms=round_trip_ms,
-    )
-
-
-def _detection(entry: dict[str, Any]) -> Detection:
-    box = entry["box"]
-    return Detection(
-        label=str(entry["label"]),
-        index=int(entry["index"]),
-        score=float(entry["score"]),
-        box=Box(float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])),
-    )
-
-
-def _model_info(entry: dict[str, Any]) -> ModelInfo:
-    defaults = entry.get("detection")
-    return ModelInfo(
-        name=str(entry["name"]),
-        task=str(entry.get("task") or "classification"),
-        runtime=str(entry["runtime"]),
-        device=str(entry["device"]),
-        ready=bool(entry.get("ready", False)),
-        default=bool(entry.get("default", False)),
-        parameters=tuple(str(p) for p in entry.get("parameters") or ()),
-        detection=DetectionDefaults(
-            score_threshold=float(defaults["score_threshold"]),
-            iou_threshold=float(defaults["iou_threshold"]),
-            max_detections=int(defaults["max_detections"]),
-        )
-        if defaults
-        else None,
-    )

@@ -19,8 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flask_ui.client import Readiness
 from flask_ui.errors import Problem, UIError
-from flask_ui.params import DetectionParams
-from flask_ui.results import DETECTION, Box, ClassScore, Detection, FrameResult
+from flask_ui.params import DetectionParams, FaceParams, TaskParams
+from flask_ui.results import (
+    DETECTION,
+    EXPRESSIONS,
+    FACE_EXPRESSION,
+    Box,
+    ClassScore,
+    Detection,
+    Face,
+    FrameResult,
+)
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -32,6 +41,21 @@ MAX_IN_FLIGHT = 16
 (VISION_GRPC_STREAM_READ_AHEAD=8), so the model is never starved, yet few enough that the page's
 previews of unanswered frames stay small (16 x about 20 KB)."""
 _POLL_S = 0.25
+
+
+def _box(box: pb.Box) -> Box:
+    return Box(box.x1, box.y1, box.x2, box.y2)
+
+
+def _face(face: pb.Face) -> Face:
+    expression = {name: float(getattr(face.expression, name)) for name in EXPRESSIONS}
+    return Face(
+        box=_box(face.box),
+        score=face.score,
+        landmarks=tuple((p.x, p.y) for p in face.landmarks),
+        expression=expression,
+        top=face.top or max(expression, key=expression.__getitem__),
+    )
 
 
 def frame_result(answer: pb.FramePrediction) -> FrameResult:
@@ -46,9 +70,18 @@ def frame_result(answer: pb.FramePrediction) -> FrameResult:
             error=answer.error.message,
             error_code=answer.error.code,
         )
+    if answer.task == FACE_EXPRESSION:
+        return FrameResult(
+            answer.frame_id,
+            task=FACE_EXPRESSION,
+            faces=[_face(face) for face in answer.faces],
+            width=answer.image.width,
+            height=answer.image.height,
+            server_ms=answer.latency_ms,
+        )
     if answer.task == DETECTION:
         detections = [
-            Detection(d.label, d.index, d.score, Box(d.box.x1, d.box.y1, d.box.x2, d.box.y2))
+            Detection(d.label, d.index, d.score, _box(d.box), tuple((p.x, p.y) for p in d.landmarks))
             for d in answer.detections
         ]
         return FrameResult(
@@ -108,18 +141,23 @@ def error_from_rpc(exc: grpc.RpcError, target: str, timeout_s: float) -> UIError
     return UIError(Problem.API_ERROR, "The gRPC service failed", "Its log says why. Try again.")
 
 
-def _frame_template(model: str, topk: int, detection: DetectionParams | None) -> pb.Frame:
+def _frame_template(model: str, topk: int, params: TaskParams | None) -> pb.Frame:
     """What every frame of a stream carries besides its image: the model and its settings (unset
     ones left out: the model's own apply)."""
     template = pb.Frame(model=model, topk=topk)
-    if detection is not None:
-        if detection.score_threshold is not None:
-            template.score_threshold = detection.score_threshold
-        if detection.iou_threshold is not None:
-            template.iou_threshold = detection.iou_threshold
-        if detection.max_detections is not None:
-            template.max_detections = detection.max_detections
-        template.classes.extend(detection.classes)
+    if params is not None and params.score_threshold is not None:
+        template.score_threshold = params.score_threshold
+    if isinstance(params, DetectionParams):
+        if params.iou_threshold is not None:
+            template.iou_threshold = params.iou_threshold
+        if params.max_detections is not None:
+            template.max_detections = params.max_detections
+        template.classes.extend(params.classes)
+    elif isinstance(params, FaceParams):
+        if params.min_face_size is not None:
+            template.min_face_size = params.min_face_size
+        if params.max_faces is not None:
+            template.max_faces = params.max_faces
     return template
 
 
@@ -186,15 +224,16 @@ class VideoClient:
         *,
         model: str = "",
         topk: int = 0,
-        detection: DetectionParams | None = None,
+        params: TaskParams | None = None,
         live: bool = False,
     ) -> Generator[FrameResult]:
         """Send `(frame_id, encoded image)` pairs to `model` (empty: the default) as one
         PredictStream, or PredictLive when `live`; yield each answer as it arrives, in frame order.
-        `topk` (0: the server's default) is a classifier's, `detection` a detector's settings.
+        `topk` (0: the server's default) is a classifier's, `params` a detector's or face model's
+        settings.
         Raises UIError when the call fails (a bad frame does not: it comes back as a FrameResult
         with `error`). Closing the iterator early cancels the call."""
-        template = _frame_template(model, topk, detection)
+        template = _frame_template(model, topk, params)
         window = threading.Semaphore(MAX_IN_FLIGHT)
         done = threading.Event()
 

@@ -1,5 +1,5 @@
 """What a form asks of a model, checked before anything is sent: which model (one the API serves),
-a detector's settings, and the video page's sampling and mode.
+a detector's or a face model's settings, and the video page's sampling and mode.
 
 Numbers are only parsed here; their ranges are the API's to judge (its message says what is
 allowed, and the page shows it as it is), so the UI never disagrees with the server.
@@ -12,14 +12,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flask_ui.errors import Problem, UIError
-from flask_ui.results import ModelInfo
+from flask_ui.results import CLASSIFICATION, DETECTION, FACE_EXPRESSION, ModelInfo
 
 MAX_EVERY = 1000
 MAX_FIELD = 500
 """Longest value of a text field that is passed on (longer ones are refused, not cut)."""
 MODES = ("stream", "live")
-FORM_FIELDS = ("model", "score_threshold", "iou_threshold", "max_detections", "classes", "every", "mode")
-"""Fields whose values are shown again in the form after a post (the choice is kept)."""
+FORM_FIELDS = (
+    "model",
+    "score_threshold",
+    "iou_threshold",
+    "max_detections",
+    "classes",
+    "face_score_threshold",
+    "min_face_size",
+    "max_faces",
+    "every",
+    "mode",
+)
+"""Fields whose values are shown again in the form after a post (the choice is kept). A face
+model's score threshold has its own field (`face_score_threshold`, sent as `score_threshold`):
+without JavaScript both fieldsets show and post, and each keeps its own value."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,30 @@ class DetectionParams:
         if self.classes:
             query["classes"] = list(self.classes)
         return query
+
+
+@dataclass(frozen=True)
+class FaceParams:
+    """A face_expression model's settings for one request; None: the model's own."""
+
+    score_threshold: float | None = None
+    min_face_size: float | None = None
+    max_faces: int | None = None
+
+    def query(self) -> dict[str, str | list[str]]:
+        """As query parameters of `POST /predict/file`."""
+        query: dict[str, str | list[str]] = {}
+        if self.score_threshold is not None:
+            query["score_threshold"] = repr(self.score_threshold)
+        if self.min_face_size is not None:
+            query["min_face_size"] = repr(self.min_face_size)
+        if self.max_faces is not None:
+            query["max_faces"] = str(self.max_faces)
+        return query
+
+
+TaskParams = DetectionParams | FaceParams
+"""The settings of a model's task (a classifier's `topk` is the UI's own choice)."""
 
 
 def _field(form: Mapping[str, str], name: str) -> str:
@@ -69,21 +106,55 @@ def _number(form: Mapping[str, str], name: str, words: str) -> float | None:
     return value
 
 
+def _whole(form: Mapping[str, str], name: str, words: str, example: str) -> int | None:
+    raw = _field(form, name)
+    if raw and not (raw.isascii() and raw.isdigit()):  # NOTE: "²".isdigit(), and int() refuses it
+        raise UIError(
+            Problem.BAD_INPUT, f"The {words} must be a whole number", f"Got {raw[:20]!r}; e.g. {example}."
+        )
+    return int(raw) if raw else None
+
+
 def detection_params(form: Mapping[str, str]) -> DetectionParams:
     """The detector's settings from a form (fields `score_threshold`, `iou_threshold`,
     `max_detections`, `classes`: comma-separated labels); empty fields are left to the model."""
-    raw_max = _field(form, "max_detections")
-    if raw_max and not raw_max.isdigit():
-        raise UIError(
-            Problem.BAD_INPUT, "The most boxes must be a whole number", f"Got {raw_max[:20]!r}; e.g. 20."
-        )
+    max_detections = _whole(form, "max_detections", "most boxes", "20")
     classes = tuple(label.strip() for label in _field(form, "classes").split(",") if label.strip())
     return DetectionParams(
         score_threshold=_number(form, "score_threshold", "score threshold"),
         iou_threshold=_number(form, "iou_threshold", "overlap (IoU) threshold"),
-        max_detections=int(raw_max) if raw_max else None,
+        max_detections=max_detections,
         classes=classes,
     )
+
+
+def face_params(form: Mapping[str, str]) -> FaceParams:
+    """A face model's settings from a form (fields `face_score_threshold`, `min_face_size` in
+    pixels, `max_faces`); empty fields are left to the model."""
+    return FaceParams(
+        score_threshold=_number(form, "face_score_threshold", "face score threshold"),
+        min_face_size=_number(form, "min_face_size", "smallest face size"),
+        max_faces=_whole(form, "max_faces", "most faces", "10"),
+    )
+
+
+def task_params(
+    form: Mapping[str, str], model: ModelInfo | None, *, topk: int
+) -> tuple[int | None, TaskParams | None]:
+    """What to send to `model` besides the image: a classifier's `topk`, or the settings of a
+    detector or a face model from `form` (each task is sent its own only: the API refuses another
+    task's). When the API's model list is unknown (`model` None), the settings that were filled
+    in are sent, and the API says if they do not apply."""
+    if model is None:
+        detection, faces = detection_params(form), face_params(form)
+        if detection != DetectionParams():
+            return None, detection
+        return None, faces if faces != FaceParams() else None
+    if model.task == DETECTION:
+        return None, detection_params(form)
+    if model.task == FACE_EXPRESSION:
+        return None, face_params(form)
+    return (topk, None) if model.task == CLASSIFICATION else (None, None)
 
 
 def choose_model(models: list[ModelInfo] | None, requested: str) -> ModelInfo | None:

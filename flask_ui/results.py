@@ -1,5 +1,6 @@
 """What the APIs answer, as the pages use it: the served models, a classifier's classes, a
-detector's boxes (with a colour per class), for a photo (HTTP) or a video frame (gRPC)."""
+detector's boxes (with a colour per class), a face_expression pipeline's faces (box, landmarks,
+seven expressions), for a photo (HTTP) or a video frame (gRPC)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from dataclasses import dataclass, field
 
 CLASSIFICATION = "classification"
 DETECTION = "detection"
+FACE_EXPRESSION = "face_expression"
+EXPRESSIONS = ("neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise")
+"""Seed 003's seven expressions, in its order (the API's `expression` object and the bars)."""
+
+Point = tuple[float, float]
+"""x, y in the photo's own pixels."""
 
 
 def colour_for(index: int) -> str:
@@ -57,12 +64,14 @@ class Box:
 
 @dataclass(frozen=True)
 class Detection:
-    """One object a detector found."""
+    """One object a detector found (a face detector's also carry five landmarks: eyes, nose tip,
+    mouth corners)."""
 
     label: str
     index: int
     score: float
     box: Box
+    landmarks: tuple[Point, ...] = ()
 
     @property
     def colour(self) -> str:
@@ -84,6 +93,46 @@ class Detection:
             "box": [round(box.x1, 1), round(box.y1, 1), round(box.x2, 1), round(box.y2, 1)],
             "colour": self.colour,
             "ink": self.ink,
+            "points": [[round(x, 1), round(y, 1)] for x, y in self.landmarks],
+        }
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face of a face_expression answer: the detector's box, score and landmarks, the seven
+    expressions' probabilities (by seed 003's names) and the most probable one (`top`)."""
+
+    box: Box
+    score: float
+    landmarks: tuple[Point, ...]
+    expression: dict[str, float]
+    top: str
+
+    @property
+    def top_prob(self) -> float:
+        """The top expression's probability."""
+        return self.expression.get(self.top, 0.0)
+
+    def bars(self) -> list[ClassScore]:
+        """The seven expressions in seed 003's order (its index is the colour's), then any other
+        the API names."""
+        names = [*EXPRESSIONS, *(name for name in self.expression if name not in EXPRESSIONS)]
+        return [ClassScore(name, self.expression.get(name, 0.0), i) for i, name in enumerate(names)]
+
+    def as_detection(self) -> Detection:
+        """The face as a box to draw: labelled with its top expression and that one's
+        probability, in the expression's colour, with the landmarks."""
+        index = EXPRESSIONS.index(self.top) if self.top in EXPRESSIONS else len(EXPRESSIONS)
+        return Detection(self.top, index, self.top_prob, self.box, self.landmarks)
+
+    def to_event(self) -> dict[str, object]:
+        """The face as the pages' scripts list it (JSON): top expression, its probability, the
+        detector's score and the seven probabilities in order."""
+        return {
+            "top": self.top,
+            "prob": round(self.top_prob, 4),
+            "score": round(self.score, 4),
+            "expression": [[bar.label, round(bar.prob, 4)] for bar in self.bars()],
         }
 
 
@@ -114,7 +163,22 @@ class DetectionPrediction:
     task: str = DETECTION
 
 
-Prediction = ImagePrediction | DetectionPrediction
+@dataclass(frozen=True)
+class FacesPrediction:
+    """A face_expression pipeline's answer for one photo: faces in the photo's pixels, highest
+    detector score first."""
+
+    faces: list[Face]
+    width: int
+    """The photo's width as the API saw it (after EXIF orientation): what the boxes refer to."""
+    height: int
+    model: str
+    server_ms: float
+    round_trip_ms: float
+    task: str = FACE_EXPRESSION
+
+
+Prediction = ImagePrediction | DetectionPrediction | FacesPrediction
 
 
 @dataclass(frozen=True)
@@ -124,6 +188,15 @@ class DetectionDefaults:
     score_threshold: float
     iou_threshold: float
     max_detections: int
+
+
+@dataclass(frozen=True)
+class FaceDefaults:
+    """A face_expression model's own settings, used when a request does not set them."""
+
+    score_threshold: float | None = None
+    min_face_size: float | None = None
+    max_faces: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,22 +211,29 @@ class ModelInfo:
     default: bool = False
     parameters: tuple[str, ...] = ()
     detection: DetectionDefaults | None = None
+    faces: FaceDefaults | None = None
 
     @property
     def is_detector(self) -> bool:
         """True for an object detector (boxes), False for a classifier (classes)."""
         return self.task == DETECTION
 
+    @property
+    def is_faces(self) -> bool:
+        """True for a face_expression pipeline (faces and their expressions)."""
+        return self.task == FACE_EXPRESSION
+
 
 @dataclass(frozen=True)
 class FrameResult:
-    """The answer for one video frame: its classes or boxes, `skipped` (live mode: a newer frame
-    was computed instead), or the error the server gave for it alone (`error_code`, `error`)."""
+    """The answer for one video frame: its classes, boxes or faces, `skipped` (live mode: a newer
+    frame was computed instead), or the error the server gave for it alone (`error_code`, `error`)."""
 
     frame_id: int
     task: str = CLASSIFICATION
     topk: list[ClassScore] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)
+    faces: list[Face] = field(default_factory=list)
     width: int = 0
     """The frame's size as the server saw it: what the boxes refer to."""
     height: int = 0

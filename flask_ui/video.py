@@ -21,9 +21,9 @@ from typing import Any
 from flask_ui.errors import UIError
 from flask_ui.frames import VideoFrame, VideoSource
 from flask_ui.grpc_client import VideoClient
-from flask_ui.overlay import box_shapes, font_size
-from flask_ui.params import DetectionParams
-from flask_ui.results import DETECTION, FrameResult, ModelInfo
+from flask_ui.overlay import drawing
+from flask_ui.params import TaskParams
+from flask_ui.results import CLASSIFICATION, FrameResult, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,14 @@ def _frame_event(result: FrameResult, preview: bytes | None) -> dict[str, Any]:
     event["server_ms"] = round(result.server_ms, 1)
     if result.error:
         return event | {"error": result.error, "error_code": result.error_code}
-    if result.task == DETECTION:
-        shapes = box_shapes(result.detections, result.width, result.height)
-        event |= {
-            "detections": [shape.to_event() for shape in shapes],
-            "width": result.width,
-            "height": result.height,
-            "font_size": font_size(result.width, result.height),
-        }
-    elif result.topk:
-        top = result.topk[0]
-        event |= {"label": top.label, "prob": round(top.prob, 4)}
+    event |= drawing(
+        result.task,
+        width=result.width,
+        height=result.height,
+        detections=result.detections,
+        faces=result.faces,
+        topk=result.topk,
+    )
     image = _data_url(preview)
     if image:
         event["image"] = image
@@ -88,14 +85,14 @@ def video_events(
     max_frames: int,
     model: ModelInfo | None = None,
     requested_model: str = "",
-    detection: DetectionParams | None = None,
+    params: TaskParams | None = None,
     live: bool = False,
     previews: bool = True,
 ) -> Generator[dict[str, Any]]:
     """`start`, one `frame` per answer (with the running counts and computed frames per second),
     then `end`, or `error` when the stream fails. `model` is the chosen served model (None: the
-    API's list was unknown, `requested_model` is sent as it is); `detection` is a detector's
-    settings; `previews` adds each answered frame's small JPEG to its event."""
+    API's list was unknown, `requested_model` is sent as it is); `params` are a detector's or a
+    face model's settings; `previews` adds each answered frame's small JPEG to its event."""
     name = model.name if model else requested_model
     task = model.task if model else None
     yield {
@@ -121,8 +118,8 @@ def video_events(
     results = client.stream(
         outgoing(),
         model=name,
-        topk=1 if task and task != DETECTION else 0,
-        detection=detection,
+        topk=1 if task == CLASSIFICATION else 0,
+        params=params,
         live=live,
     )
     try:

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.3)
         print(
             f"\nvisionserve stack ready ({args.backend}):\n"
-            f"  UI        {ui_url}  (image page; {ui_url}/video, {ui_url}/status)\n"
+            f"  UI        {ui_url}  (image page; {ui_url}/video, {ui_url}/live, {ui_url}/status)\n"
             f"  HTTP API  {http_url}  (docs: {http_url}/docs)\n"
             f"  gRPC API  {grpc_target}  (python -m grpc_server.client photo.jpg --target {grpc_target})\n"
             "  Ctrl-C stops everything\n",

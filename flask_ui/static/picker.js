@@ -1,5 +1,5 @@
 // The model picker: only the settings of the chosen model's task are shown and sent (the others'
-// fieldsets are hidden and disabled), with the chosen detector's own defaults as placeholders.
+// fieldsets are hidden and disabled), with the chosen model's own defaults as placeholders.
 // Without this script every field shows, and the server ignores those of the other task.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
@@ -17,6 +17,10 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     const threshold = form.querySelector("#score_threshold");
     if (threshold && option && option.dataset.scoreThreshold) threshold.placeholder = option.dataset.scoreThreshold;
+    const faceThreshold = form.querySelector("#face_score_threshold");
+    if (faceThreshold && option && option.dataset.faceScoreThreshold) {
+      faceThreshold.placeholder = option.dataset.faceScoreThreshold;
+    }
     form.dataset.task = task;
   }
 

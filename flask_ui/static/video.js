@@ -1,11 +1,11 @@
 // The video page without reloading: the upload is posted with fetch asking for newline-delimited
 // JSON events. Each answered frame comes with a small JPEG of itself; it is shown with its own
-// boxes (a detector's) as one element, so the overlay is always in step with its frame, and the
-// last few frames stay in a strip. Skipped frames (live mode) are counted and listed, never drawn.
+// boxes (a detector's, or a face model's faces with their top expression: overlay.js) as one
+// element, so the overlay is always in step with its frame, and the last few frames stay in a strip. Skipped frames (live mode) are counted and listed, never drawn.
 // Text goes in through textContent only.
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
-  const SVG = "http://www.w3.org/2000/svg";
+  const { overlay, summary, hasBoxes, percent } = window.VisionOverlay;
   const STRIP_LENGTH = 8; // frames kept in the strip: the page's memory stays bounded
   const form = document.getElementById("video-form");
   const input = document.getElementById("file");
@@ -38,40 +38,6 @@ document.addEventListener("DOMContentLoaded", () => {
     return td;
   }
 
-  function svg(name, attributes) {
-    const element = document.createElementNS(SVG, name);
-    for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
-    return element;
-  }
-
-  // A detector's boxes as an SVG whose viewBox is the frame's size as the server saw it: the
-  // browser scales the boxes with the frame, whatever size it is shown at.
-  function overlay(event) {
-    const layer = svg("svg", {
-      class: "overlay",
-      viewBox: `0 0 ${Number(event.width)} ${Number(event.height)}`,
-      preserveAspectRatio: "none",
-      "aria-hidden": "true",
-      "font-size": Number(event.font_size),
-    });
-    for (const d of [...event.detections].reverse()) { // the highest score drawn last, on top
-      const [x1, y1, x2, y2] = d.box.map(Number);
-      const [tx, ty, tw, th] = d.tag.map(Number);
-      const group = svg("g", { class: "box" });
-      group.dataset.label = d.label;
-      group.dataset.score = String(d.score);
-      group.append(
-        svg("rect", { class: "outline", x: x1, y: y1, width: x2 - x1, height: y2 - y1, stroke: d.colour }),
-        svg("rect", { class: "tag", x: tx, y: ty, width: tw, height: th, fill: d.colour }),
-      );
-      const text = svg("text", { class: "tag-text", x: Number(d.text_at[0]), y: Number(d.text_at[1]), fill: d.ink });
-      text.textContent = d.text;
-      group.append(text);
-      layer.append(group);
-    }
-    return layer;
-  }
-
   // One frame and its answer as one element: replacing it replaces both at once.
   function framed(event) {
     const figure = document.createElement("figure");
@@ -81,16 +47,8 @@ document.addEventListener("DOMContentLoaded", () => {
     img.alt = `Frame ${event.frame_id}`;
     img.src = event.image;
     figure.append(img);
-    if (event.task === "detection") figure.append(overlay(event));
+    if (hasBoxes(event)) figure.append(overlay(event));
     return figure;
-  }
-
-  function summary(event) {
-    if (event.task === "detection") {
-      if (!event.detections.length) return "nothing found";
-      return event.detections.map((d) => `${d.label} ${(d.score * 100).toFixed(0)}%`).join(", ");
-    }
-    return `${event.label} ${(event.prob * 100).toFixed(1)}%`;
   }
 
   function show(event) {
@@ -118,16 +76,17 @@ document.addEventListener("DOMContentLoaded", () => {
     } else if (event.error) {
       cell(row, event.error, "bad").colSpan = 2;
       cell(row, `${event.server_ms} ms`);
-    } else if (event.task === "detection") {
+    } else if (hasBoxes(event)) {
+      // a detector's labels and scores, or each face's top expression and its probability
       const labels = cell(row, "");
-      if (!event.detections.length) labels.textContent = "nothing found";
+      if (!event.detections.length) labels.textContent = summary(event);
       event.detections.forEach((d, i) => {
         const span = document.createElement("span");
         span.className = "label";
         span.textContent = d.label;
         labels.append(...(i ? [", ", span] : [span]));
       });
-      cell(row, event.detections.map((d) => `${(d.score * 100).toFixed(0)}%`).join(", "));
+      cell(row, event.detections.map((d) => percent(d.score)).join(", "));
       cell(row, `${event.server_ms} ms`);
     } else {
       cell(row, event.label, "label");

@@ -1,10 +1,12 @@
 """The upload UI in a real browser (Debian's chromium, driven by Playwright) against the real
 stack: the HTTP API, the gRPC API and the UI, each started as users start it, on free ports, with
-the real exported models (the EfficientNet-Lite0 classifier, the default, and the YOLO11n
-detector).
+the real exported models (the EfficientNet-Lite0 classifier, the default, the YOLO11n detector,
+and the face models: the face_expression pipeline over retinaface_mnet025 and mini_xception).
+The live camera page has its own module: test_ui_live.py.
 
 Screenshots of every page go to the pytest tmp dir (`ui-screenshots*`), to look at; those in
-docs/ (ui-image.png, ui-video.png, ui-detection.png, ui-video-detection.png) are copied from there.
+docs/ (ui-image.png, ui-video.png, ui-detection.png, ui-video-detection.png, ui-faces.png) are
+copied from there.
 `make test` installs chromium when it is missing; without it these tests fail where apt-get could
 install it, and skip (saying why) only where it cannot.
 """
@@ -26,7 +28,7 @@ import grpc
 import httpx2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
+from PIL import Image, ImageOps
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import photo_bytes
@@ -83,9 +85,10 @@ def _wait_ready(stack: Stack, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(real_repository: Path, real_detector: ModelEntry) -> Iterator[Stack]:
-    """HTTP API, gRPC API and UI as processes on free ports, each API serving both models (the
-    gRPC one may be stopped by a test: the status test comes last in this module)."""
+def stack(real_repository: Path, real_detector: ModelEntry, real_faces: object) -> Iterator[Stack]:
+    """HTTP API, gRPC API and UI as processes on free ports, each API serving every model of the
+    repository: the classifier, yolo11n and the face models (the gRPC one may be stopped by a
+    test: the status test comes last in this module)."""
     _require_chromium()
     model = {"VISION_MODEL_REPOSITORY": str(real_repository), "VISION_THREADS": "1"}
     started: list[ServiceProcess] = []
@@ -352,7 +355,8 @@ def _assert_box_over(
 
 def test_a_detector_draws_its_boxes_over_the_photo_at_any_size(stack: Stack, page: Page, shots: Path) -> None:
     page.goto(stack.url)
-    expect(page.locator("#model option")).to_have_count(2)
+    served = page.locator("#model option").evaluate_all("options => options.map(o => o.value)")
+    assert {"efficientnet_lite0", "yolo11n"} <= set(served), served
     expect(page.locator("#model")).to_have_value("efficientnet_lite0")  # the default
     expect(page.locator("#detection-params")).to_be_hidden()  # a classifier has no such settings
     page.select_option("#model", "yolo11n")
@@ -510,6 +514,79 @@ def test_video_page_live_mode_skips_what_the_model_cannot_keep_up_with(stack: St
     assert drawn and drawn <= computed, "only computed frames are drawn"
     assert 11 in computed, "the newest frame is always computed"
     expect(page.locator("#video-kind")).to_contain_text("live")
+
+
+# Where face_expression finds the astronaut's face on astronaut.png (512x512) and on its mirror
+# image beside it (the two side by side: 1024x512).
+FACE = (178.0, 58.8, 273.0, 177.5)
+MIRRORED_FACE = (1024 - FACE[2], FACE[1], 1024 - FACE[0], FACE[3])
+
+
+def _two_faces() -> bytes:
+    astronaut = Image.open(io.BytesIO(photo_bytes("astronaut.png"))).convert("RGB")
+    canvas = Image.new("RGB", (1024, 512))
+    canvas.paste(astronaut, (0, 0))
+    canvas.paste(ImageOps.mirror(astronaut), (512, 0))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_face_model_draws_each_face_with_its_top_expression_and_seven_bars(
+    stack: Stack, page: Page, shots: Path
+) -> None:
+    page.goto(f"{stack.url}/?model=face_expression")
+    expect(page.locator("#face-params")).to_be_visible()
+    expect(page.locator("#detection-params")).to_be_hidden()
+    expect(page.locator("#face_score_threshold")).to_have_attribute("placeholder", "0.5")
+    page.set_input_files("#file", files=[_file("two.png", _two_faces())])
+    faces = page.locator('#result .overlay .box[data-label="happiness"]')
+    expect(faces).to_have_count(2)
+    for i in range(2):
+        expect(faces.nth(i).locator("text")).to_have_text(re.compile(r"^happiness \d+%$"))
+        expect(faces.nth(i).locator("circle.point")).to_have_count(5)
+    image = "#result .boxed img"
+    outlines = sorted(
+        (_outline_box(page, f"#result .overlay .box:nth-of-type({i + 1}) .outline"), i) for i in range(2)
+    )
+    for (box, i), expected in zip(outlines, (FACE, MIRRORED_FACE), strict=True):
+        assert box == pytest.approx(expected, abs=8), (box, expected)  # the detector is not symmetric
+        _assert_box_over(
+            page, image, f"#result .overlay .box:nth-of-type({i + 1}) .outline", box, (1024, 512)
+        )
+    # below the photo: each face with its seven expressions as bars, the top one's bar drawn
+    expect(page.locator("#result li.face")).to_have_count(2)
+    expect(page.locator("#result li.face .expressions li")).to_have_count(14)
+    width = page.locator('#result li.face:first-child li[data-expression="happiness"] .fill').evaluate(
+        "e => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width"
+    )
+    assert width > 0.9, "happiness is almost all of the first face's expression"
+    page.screenshot(path=shots / "ui-faces.png", full_page=True)
+    # the face model's settings reach the API: one face at most
+    page.fill("#max_faces", "1")
+    page.click("#submit")
+    expect(page.locator("#result li.face")).to_have_count(1)
+    expect(page.locator("#result .overlay .box")).to_have_count(1)
+
+
+def test_video_page_runs_the_face_model_over_a_clip(stack: Stack, page: Page) -> None:
+    page.goto(f"{stack.url}/video")
+    page.evaluate(WATCH_STAGE)
+    page.select_option("#model", "face_expression")
+    names = ["astronaut.png", "coffee.png", "astronaut.png"]
+    page.set_input_files("#file", files=[_file("clip.gif", _clip(names), "image/gif")])
+    page.click("#submit")
+    expect(page.locator("#video-state")).to_contain_text("Done: 3 frames")
+    shown = page.evaluate("window.shown")
+    assert [s["labels"] for s in shown] == [["happiness"], [], ["happiness"]], shown
+    rows = page.locator("#frames tr.frame-row")
+    assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(3)] == [
+        "happiness",
+        "no face found",
+        "happiness",
+    ]
+    tile = page.locator('#strip li[data-frame="2"]')
+    expect(tile.locator('.overlay .box[data-label="happiness"] circle.point')).to_have_count(5)
 
 
 def test_status_page_says_when_the_grpc_service_is_down(stack: Stack, page: Page, shots: Path) -> None:

@@ -12,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import Any
 
 import av
 import httpx2
@@ -24,10 +25,19 @@ from flask_ui.app import create_app, megabytes
 from flask_ui.client import ApiClient, Readiness, error_from_response
 from flask_ui.errors import Problem, UIError
 from flask_ui.frames import PREVIEW_SIDE, open_video
-from flask_ui.grpc_client import MAX_IN_FLIGHT, VideoClient, windowed
+from flask_ui.grpc_client import MAX_IN_FLIGHT, VideoClient, _frame_template, frame_result, windowed
 from flask_ui.overlay import box_shapes
-from flask_ui.params import DetectionParams
-from flask_ui.results import Box, ClassScore, Detection, FrameResult, colour_for
+from flask_ui.params import DetectionParams, FaceParams, TaskParams
+from flask_ui.results import (
+    EXPRESSIONS,
+    FACE_EXPRESSION,
+    Box,
+    ClassScore,
+    Detection,
+    Face,
+    FrameResult,
+    colour_for,
+)
 from flask_ui.settings import UISettings
 from flask_ui.video import video_events
 from tests.conftest import ROOT, encode, photo_bytes
@@ -61,7 +71,36 @@ DETECTOR = {
     "parameters": ["score_threshold", "iou_threshold", "max_detections", "classes"],
     "detection": {"score_threshold": 0.25, "iou_threshold": 0.45, "max_detections": 100},
 }
+FACES = {
+    "name": "face_expression",
+    "runtime": "pipeline",
+    "device": "cpu",
+    "ready": True,
+    "version": 1,
+    "task": "face_expression",
+    "default": False,
+    "parameters": ["score_threshold", "min_face_size", "max_faces"],
+    "detection": None,
+    "faces": {"score_threshold": 0.5, "min_face_size": 0.0, "max_faces": 32, "margin": 0.2},
+}
 MODELS = {"models": [CLASSIFIER, DETECTOR]}
+WITH_FACES = {"models": [CLASSIFIER, DETECTOR, FACES]}
+# What face_expression answers for astronaut.png (512x512), measured against the real pipeline.
+ASTRONAUT_FACE = {
+    "box": {"x1": 177.98, "y1": 58.77, "x2": 273.01, "y2": 177.49},
+    "score": 0.9999,
+    "landmarks": [[204.27, 100.75], [246.62, 102.67], [224.88, 129.37], [203.29, 139.12], [245.73, 140.52]],
+    "expression": {
+        "neutral": 0.001973,
+        "anger": 6e-05,
+        "disgust": 0.0,
+        "fear": 2e-06,
+        "happiness": 0.997811,
+        "sadness": 4e-06,
+        "surprise": 0.00015,
+    },
+    "top": "happiness",
+}
 # What yolo11n answers for motorcycle_left.png (741x500), measured against the real model.
 MOTORCYCLE = {
     "label": "motorcycle",
@@ -99,14 +138,32 @@ def detections(found: list[dict[str, object]], width: int = 741, height: int = 5
     }
 
 
-def fake_api(predict: Handler | None = None, seen: list[httpx2.Request] | None = None) -> Handler:
-    """An API answering /models, /health/ready and /predict/file (with `predict`; by default a
-    classifier's classes, or the detector's boxes when the request names yolo11n). Requests to
-    /predict/file are added to `seen`."""
+def faces(found: list[dict[str, object]], width: int = 512, height: int = 512) -> dict[str, object]:
+    return {
+        "model": "face_expression",
+        "task": "face_expression",
+        "faces": found,
+        "image": {"width": width, "height": height},
+        "latency_ms": 44.5,
+    }
+
+
+def fake_api(
+    predict: Handler | None = None,
+    seen: list[httpx2.Request] | None = None,
+    models: Mapping[str, object] = MODELS,
+    listed: list[httpx2.Request] | None = None,
+) -> Handler:
+    """An API serving `models` that answers /models (each request added to `listed`),
+    /health/ready and /predict/file (with `predict`; by default a classifier's classes, the
+    detector's boxes when the request names yolo11n, the astronaut's face for face_expression).
+    Requests to /predict/file are added to `seen`."""
 
     def handle(request: httpx2.Request) -> httpx2.Response:
         if request.url.path == "/models":
-            return httpx2.Response(200, json=MODELS)
+            if listed is not None:
+                listed.append(request)
+            return httpx2.Response(200, json=models)
         if request.url.path == "/health/ready":
             return httpx2.Response(200, json={"status": "ready"})
         if seen is not None:
@@ -115,6 +172,8 @@ def fake_api(predict: Handler | None = None, seen: list[httpx2.Request] | None =
             return predict(request)
         if request.url.params.get("model") == "yolo11n":
             return httpx2.Response(200, json=detections([MOTORCYCLE, BICYCLE]))
+        if request.url.params.get("model") == "face_expression":
+            return httpx2.Response(200, json=faces([ASTRONAUT_FACE]))
         return httpx2.Response(
             200, json=prediction(["tabby", "tiger cat", "Egyptian cat", "lynx", "Persian cat"])
         )
@@ -155,10 +214,10 @@ class FakeVideo(VideoClient):
         *,
         model: str = "",
         topk: int = 0,
-        detection: DetectionParams | None = None,
+        params: TaskParams | None = None,
         live: bool = False,
     ) -> Generator[FrameResult]:
-        self.calls.append({"model": model, "topk": topk, "detection": detection, "live": live})
+        self.calls.append({"model": model, "topk": topk, "params": params, "live": live})
         try:
             for n, (frame_id, image) in enumerate(frames):
                 assert image[:2] == b"\xff\xd8", "frames are sent as JPEG"
@@ -169,6 +228,20 @@ class FakeVideo(VideoClient):
                 elif frame_id in self.errors:
                     yield FrameResult(
                         frame_id, error=f"frame {frame_id} refused", error_code=self.errors[frame_id]
+                    )
+                elif model == "face_expression":
+                    with Image.open(io.BytesIO(image)) as decoded:
+                        width, height = decoded.size
+                    expression = dict.fromkeys(EXPRESSIONS, 0.01) | {"surprise": 0.94}
+                    face = Face(
+                        Box(10, 5, 40, 45),
+                        0.99,
+                        ((20, 20), (30, 20), (25, 28), (21, 35), (29, 35)),
+                        expression,
+                        "surprise",
+                    )
+                    yield FrameResult(
+                        frame_id, FACE_EXPRESSION, faces=[face], width=width, height=height, server_ms=4.0
                     )
                 elif model == "yolo11n":
                     with Image.open(io.BytesIO(image)) as decoded:
@@ -839,7 +912,7 @@ def test_a_detector_s_video_events_carry_each_frame_with_its_boxes() -> None:
     events = events_of(response)
     assert events[0]["model"] == "yolo11n" and events[0]["task"] == "detection"
     assert video.calls == [
-        {"model": "yolo11n", "topk": 0, "detection": DetectionParams(score_threshold=0.4), "live": False}
+        {"model": "yolo11n", "topk": 0, "params": DetectionParams(score_threshold=0.4), "live": False}
     ]
     frames = [e for e in events if e["event"] == "frame"]
     assert [e["frame_id"] for e in frames] == [0, 1, 2, 3]
@@ -866,7 +939,7 @@ def test_a_classifier_s_video_gets_its_top_class_and_the_frames_too() -> None:
             "/video", data={"file": (io.BytesIO(gif(["chelsea.png"])), "a.gif")}, headers=NDJSON
         )
     )
-    assert video.calls[0] == {"model": "efficientnet_lite0", "topk": 1, "detection": None, "live": False}
+    assert video.calls[0] == {"model": "efficientnet_lite0", "topk": 1, "params": None, "live": False}
     frame = events[1]
     assert frame["label"] == "tabby" and str(frame["image"]).startswith("data:image/jpeg;base64,")
 
@@ -1050,3 +1123,303 @@ def test_the_ui_imports_no_model_code() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# --- faces ------------------------------------------------------------------------------------
+
+
+def with_faces(
+    predict: Handler | None = None, seen: list[httpx2.Request] | None = None, video: VideoClient | None = None
+) -> FlaskClient:
+    return ui(fake_api(predict, seen=seen, models=WITH_FACES), video=video)
+
+
+def test_a_face_model_s_answer_is_the_photo_with_each_face_its_top_expression_and_seven_bars() -> None:
+    seen: list[httpx2.Request] = []
+    second = ASTRONAUT_FACE | {
+        "box": {"x1": 400.0, "y1": 300.0, "x2": 470.0, "y2": 390.0},
+        "expression": dict.fromkeys(EXPRESSIONS, 0.05) | {"surprise": 0.7},
+        "top": "surprise",
+        "score": 0.8,
+    }
+    page = with_faces(lambda request: httpx2.Response(200, json=faces([ASTRONAUT_FACE, second])), seen).post(
+        "/",
+        data=upload(
+            "astronaut.png",
+            model="face_expression",
+            face_score_threshold="0.6",
+            min_face_size="20",
+            max_faces="4",
+            score_threshold="0.9",  # the detector's field, posted without JavaScript: not sent
+        ),
+        headers={"X-Requested-With": "fetch"},
+    )
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'data-task="face_expression"' in html
+    assert re.search(r'<svg class="overlay" viewBox="0 0 512 512" preserveAspectRatio="none"', html)
+    # each face's box, labelled with its top expression and that one's probability, in its colour
+    assert re.findall(r'<g class="box" data-label="([^"]+)"', html) == ["surprise", "happiness"]
+    outline = re.search(
+        r'data-label="happiness".*?<rect class="outline" x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" '
+        r'height="([\d.]+)" stroke="(#[0-9a-f]{6})"',
+        html,
+        re.S,
+    )
+    assert outline is not None
+    assert [float(v) for v in outline.groups()[:4]] == pytest.approx([178.0, 58.8, 95.0, 118.7], abs=0.06)
+    assert outline.group(5) == colour_for(EXPRESSIONS.index("happiness"))
+    assert ">happiness 100%</text>" in html and ">surprise 70%</text>" in html
+    # its five landmarks as dots, in the photo's pixels
+    happy = html[html.index('data-label="happiness"') :]
+    dots = re.findall(r'<circle class="point" cx="([\d.]+)" cy="([\d.]+)" r="[\d.]+"', happy)
+    assert [float(v) for dot in dots for v in dot] == pytest.approx(
+        [204.3, 100.8, 246.6, 102.7, 224.9, 129.4, 203.3, 139.1, 245.7, 140.5], abs=0.06
+    )
+    # below: each face, its seven expressions as bars in seed 003's order, the top one marked
+    assert "2 faces found" in html
+    assert re.findall(r'<li class="face" data-top="([^"]+)"', html) == ["happiness", "surprise"]
+    bars = re.findall(r'<li data-expression="([^"]+)"', html)
+    assert bars == list(EXPRESSIONS) * 2
+    assert re.search(
+        r'<li data-expression="happiness" class="highest">\s*<span class="label">happiness', html
+    )
+    assert "99.8%" in html and "box 178, 59 – 273, 177" in html
+    # the face model's settings went to the API under the API's names, nothing else
+    assert dict(seen[0].url.params) == {
+        "model": "face_expression",
+        "score_threshold": "0.6",
+        "min_face_size": "20.0",
+        "max_faces": "4",
+    }
+
+
+def test_no_face_found_is_said() -> None:
+    html = (
+        with_faces(lambda request: httpx2.Response(200, json=faces([])))
+        .post("/", data=upload("coffee.png", model="face_expression", min_face_size="40"))
+        .get_data(as_text=True)
+    )
+    assert "0 faces found" in html and "No face found of at least 40 px" in html
+    assert '<g class="box"' not in html
+
+
+def test_a_face_detector_s_landmarks_are_drawn_as_dots() -> None:
+    face = {"label": "face", "index": 0, "score": 0.99} | {k: ASTRONAUT_FACE[k] for k in ("box", "landmarks")}
+    html = (
+        ui(lambda request: httpx2.Response(200, json=detections([face, MOTORCYCLE], 512, 512)))
+        .post("/", data=upload("astronaut.png", model="yolo11n"))
+        .get_data(as_text=True)
+    )
+    assert html.count('<circle class="point"') == 5, "the face's five; the motorcycle has none"
+    assert re.search(r'data-label="face".*?<circle class="point" cx="204.3" cy="100.8"', html, re.S)
+
+
+def test_the_picker_shows_a_face_model_s_settings_with_its_defaults() -> None:
+    html = with_faces().get("/?model=face_expression").get_data(as_text=True)
+    assert options(html)[2] == ("face_expression", "face_expression", True)
+    assert 'id="face-params" data-task="face_expression"' in html
+    assert re.search(r'name="face_score_threshold"[^>]*placeholder="0.5"', html, re.S)
+    assert re.search(r'name="max_faces"[^>]*placeholder="32"', html, re.S)
+    assert 'data-face-score-threshold="0.5"' in html
+    assert 'id="face-params"' not in ui().get("/").get_data(as_text=True), "no face model served"
+    models = api_client(fake_api(models=WITH_FACES)).models()
+    assert models is not None and models[2].is_faces and models[2].faces is not None
+    assert (models[2].faces.score_threshold, models[2].faces.max_faces) == (0.5, 32)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("face_score_threshold", "high", "The face score threshold must be a number"),
+        ("min_face_size", "inf", "The smallest face size must be a number"),
+        ("max_faces", "-1", "The most faces must be a whole number"),
+        ("max_faces", "²", "The most faces must be a whole number"),
+    ],
+)
+def test_a_face_model_s_settings_that_are_not_numbers_are_refused_before_the_api(
+    field: str, value: str, shown: str
+) -> None:
+    seen: list[httpx2.Request] = []
+    page = with_faces(seen=seen).post("/", data=upload(model="face_expression", **{field: value}))
+    assert page.status_code == 400 and shown in page.get_data(as_text=True)
+    assert seen == []
+
+
+def test_a_face_model_s_video_events_carry_each_face_with_its_top_expression() -> None:
+    video = FakeVideo()
+    response = with_faces(video=video).post(
+        "/video",
+        data={
+            "file": (io.BytesIO(gif(["astronaut.png", "coffee.png"], size=120)), "clip.gif"),
+            "model": "face_expression",
+            "face_score_threshold": "0.7",
+            "max_faces": "3",
+        },
+        headers=NDJSON,
+    )
+    events = events_of(response)
+    assert events[0]["task"] == "face_expression"
+    assert video.calls == [
+        {"model": "face_expression", "topk": 0, "params": FaceParams(0.7, None, 3), "live": False}
+    ]
+    frame: dict[str, Any] = events[1]
+    assert (frame["width"], frame["height"]) == (120, 120)
+    (box,) = frame["detections"]
+    assert box["label"] == "surprise" and box["text"] == "surprise 94%" and box["box"] == [10, 5, 40, 45]
+    assert box["points"] == [[20, 20], [30, 20], [25, 28], [21, 35], [29, 35]]
+    (face,) = frame["faces"]
+    assert face["top"] == "surprise" and [name for name, _ in face["expression"]] == list(EXPRESSIONS)
+    assert frame["point_radius"] > 0 and frame["image"].startswith("data:image/jpeg;base64,")
+    # without JavaScript: a row per frame with the top expression
+    html = with_faces(video=FakeVideo()).post(
+        "/video",
+        data={"file": (io.BytesIO(gif(["astronaut.png"])), "a.gif"), "model": "face_expression"},
+    )
+    assert '<span class="label">surprise</span>' in html.get_data(as_text=True)
+
+
+def test_the_grpc_answer_s_faces_and_landmarks_are_read_and_the_face_settings_sent() -> None:
+    answer = pb.FramePrediction(frame_id=7, task="face_expression", latency_ms=12.5)
+    answer.image.width, answer.image.height = 640, 480
+    face = answer.faces.add(score=0.98, top="happiness")
+    face.box.x1, face.box.y1, face.box.x2, face.box.y2 = 10, 20, 110, 140
+    face.landmarks.add(x=40, y=60)
+    face.expression.happiness, face.expression.neutral = 0.9, 0.1
+    result = frame_result(answer)
+    assert result.task == "face_expression" and (result.width, result.height) == (640, 480)
+    (read,) = result.faces
+    assert read.box == Box(10, 20, 110, 140) and read.landmarks == ((40, 60),) and read.top == "happiness"
+    assert list(read.expression) == list(EXPRESSIONS) and read.expression["happiness"] == pytest.approx(0.9)
+    detector = pb.FramePrediction(frame_id=1, task="detection")
+    found = detector.detections.add(label="face", index=0, score=0.9)
+    found.landmarks.add(x=1.5, y=2.5)
+    assert frame_result(detector).detections[0].landmarks == ((1.5, 2.5),)
+    template = _frame_template("face_expression", 0, FaceParams(0.6, 24.0, 5))
+    assert template.score_threshold == pytest.approx(0.6)
+    assert (template.min_face_size, template.max_faces) == (24.0, 5)
+    assert not template.HasField("iou_threshold") and not template.classes
+    assert not _frame_template("face_expression", 0, FaceParams()).HasField("score_threshold")
+
+
+# --- the live page ----------------------------------------------------------------------------
+
+
+def frame(name: str = "astronaut.png", **fields: str) -> dict[str, object]:
+    jpeg = encode(Image.open(io.BytesIO(photo_bytes(name))).convert("RGB"), "JPEG")
+    return {"file": (io.BytesIO(jpeg), "frame-1.jpg"), **fields}
+
+
+JSON = {"Accept": "application/json"}
+
+
+def test_the_live_page_is_in_the_nav_with_the_picker_and_its_scripts() -> None:
+    html = with_faces().get("/live?model=yolo11n").get_data(as_text=True)
+    assert '<a href="/live" aria-current="page">Live</a>' in html
+    assert options(html)[1] == ("yolo11n", "detection", True)
+    assert 'id="detection-params"' in html and 'id="face-params"' in html
+    for script in ("picker.js", "overlay.js", "live.js"):
+        assert f"/static/{script}" in html
+    assert 'action="/live/frame"' in html and 'id="camera"' in html
+    assert '<a href="/live"' in ui().get("/").get_data(as_text=True), "linked from every page"
+
+
+def test_a_camera_frame_gets_a_face_model_s_boxes_expressions_and_times() -> None:
+    seen: list[httpx2.Request] = []
+    response = with_faces(seen=seen).post(
+        "/live/frame", data=frame(model="face_expression", max_faces="2"), headers=JSON
+    )
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    answer = response.get_json()
+    assert answer["task"] == "face_expression" and answer["model"] == "face_expression"
+    assert (answer["width"], answer["height"]) == (512, 512)
+    assert answer["server_ms"] == 44.5 and answer["api_ms"] >= 0
+    (box,) = answer["detections"]
+    assert box["text"] == "happiness 100%" and box["box"] == [178.0, 58.8, 273.0, 177.5]
+    assert len(box["points"]) == 5
+    assert answer["faces"][0]["top"] == "happiness" and len(answer["faces"][0]["expression"]) == 7
+    assert dict(seen[0].url.params) == {"model": "face_expression", "max_faces": "2"}
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_camera_frame_gets_a_detector_s_boxes_or_a_classifier_s_top_classes() -> None:
+    seen: list[httpx2.Request] = []
+    client = ui(fake_api(seen=seen))
+    boxes = client.post("/live/frame", data=frame(model="yolo11n", classes="motorcycle"), headers=JSON)
+    assert [d["label"] for d in boxes.get_json()["detections"]] == ["motorcycle", "bicycle"]
+    assert seen[0].url.params.get_list("classes") == ["motorcycle"] and "topk" not in seen[0].url.params
+    top = client.post("/live/frame", data=frame(), headers=JSON).get_json()
+    assert top["task"] == "classification" and top["label"] == "tabby" and top["topk"][0] == ["tabby", 0.5]
+    assert seen[1].url.params["topk"] == "3" and seen[1].url.params["model"] == "efficientnet_lite0"
+
+
+def test_the_model_list_is_looked_up_once_for_many_frames() -> None:
+    listed: list[httpx2.Request] = []
+    client = ui(fake_api(listed=listed))
+    before = len(listed)
+    for _ in range(5):
+        assert client.post("/live/frame", data=frame(model="yolo11n"), headers=JSON).status_code == 200
+    assert len(listed) - before == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "fields", "status", "title"),
+    [
+        (
+            httpx2.Response(
+                400, json={"error": {"code": "invalid_image", "message": "cannot identify image"}}
+            ),
+            {},
+            400,
+            "That file is not an image we can read",
+        ),
+        (
+            httpx2.Response(
+                422, json={"error": {"code": "invalid_argument", "message": "query.max_faces: too many"}}
+            ),
+            {"model": "face_expression", "max_faces": "5000"},
+            400,
+            "The model cannot take these settings",
+        ),
+        (httpx2.Response(200), {"model": "no_such_model"}, 400, "There is no such model"),
+        (
+            httpx2.Response(200),
+            {"model": "yolo11n", "score_threshold": "x"},
+            400,
+            "The score threshold must be a number",
+        ),
+        (
+            httpx2.Response(503, json={"error": {"code": "overloaded", "message": "full"}}),
+            {},
+            503,
+            "The model is busy",
+        ),
+    ],
+)
+def test_a_bad_camera_frame_gets_its_own_error_as_json(
+    answer: httpx2.Response, fields: dict[str, str], status: int, title: str
+) -> None:
+    client = with_faces(lambda request: answer)
+    response = client.post("/live/frame", data=frame(**fields), headers=JSON)
+    assert response.status_code == status and response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["event"] == "error" and body["title"] == title and body["message"]
+    # the next frame is answered as usual (the stream goes on)
+    assert with_faces().post("/live/frame", data=frame(model="yolo11n"), headers=JSON).status_code == 200
+
+
+def test_a_camera_frame_without_a_file_or_the_api_down_says_so_as_json() -> None:
+    missing = ui().post("/live/frame", data={"model": "yolo11n"}, headers=JSON)
+    assert missing.status_code == 400 and missing.get_json()["title"] == "No frame chosen"
+
+    def down(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("refused", request=request)
+
+    response = ui(down).post("/live/frame", data=frame(), headers=JSON)
+    assert (
+        response.status_code == 503 and response.get_json()["title"] == "The inference API is not reachable"
+    )
+
+
+def test_a_camera_frame_over_the_upload_limit_gets_json_too() -> None:
+    response = ui(max_content_length=2048).post("/live/frame", data=frame(), headers=JSON)
+    assert response.status_code == 413 and response.get_json()["title"] == "That file is too large"
