@@ -1,6 +1,6 @@
 """An unmodified tritonclient.grpc asks a detector (or the face pipeline) for one photo's outputs;
-run as a child process by tests/integration/test_detection.py and test_faces.py (its stubs and visionserve's cannot share a process: see
-tritonclient_grpc_calls.py), printing what it saw as JSON.
+run as a child process by tests/integration/test_detection.py and test_faces.py (its stubs and
+visionserve's cannot share a process: see tritonclient_grpc_calls.py), printing what it saw as JSON.
 
     python -m tests.integration.tritonclient_grpc_detect HOST:PORT MODEL PHOTO
 """

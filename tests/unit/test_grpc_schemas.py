@@ -80,7 +80,16 @@ def assert_same_kind(model: type[BaseModel], name: str, field: FieldDescriptor) 
         (schemas.Expression, pb.Expression),
         (schemas.Face, pb.Face),
     ],
-    ids=["Prediction", "PredictRequest", "Box", "Detection", "ImageSize", "ErrorDetail-Error", "Expression", "Face"],
+    ids=[
+        "Prediction",
+        "PredictRequest",
+        "Box",
+        "Detection",
+        "ImageSize",
+        "ErrorDetail-Error",
+        "Expression",
+        "Face",
+    ],
 )
 def test_same_fields_with_the_same_names_and_kinds(model: type[BaseModel], message: type[typing.Any]) -> None:
     fields = proto_fields(message.DESCRIPTOR)
