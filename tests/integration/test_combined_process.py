@@ -1,5 +1,5 @@
 """One process serving both protocols over one registry (`VISION_GRPC_SERVE_HTTP=true python -m
-grpc_server`, what `make run` starts): both models over HTTP and gRPC, one set of batchers and
+grpc_server`, what `make run` starts): every model over HTTP and gRPC, one set of batchers and
 metrics, and a shutdown that turns readiness on both protocols first."""
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def _until(condition: object, what: str, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_one_process_serves_both_protocols_and_both_models_then_stops_cleanly(
-    real_repository: Path, real_detector: ModelEntry
+def test_one_process_serves_both_protocols_and_every_model_then_stops_cleanly(
+    real_repository: Path, real_detector: ModelEntry, real_faces: tuple[object, ...]
 ) -> None:
     http_port, grpc_port = _free_port(), _free_port()
     env = {
@@ -64,7 +64,13 @@ def test_one_process_serves_both_protocols_and_both_models_then_stops_cleanly(
         _until(lambda: httpx2.get(f"{api}/health/ready").status_code == 200, "HTTP ready")
         assert _health(target) == SERVING
         models = {m["name"]: m["task"] for m in httpx2.get(f"{api}/models").json()["models"]}
-        assert models == {"efficientnet_lite0": "classification", "yolo11n": "detection"}
+        assert models == {
+            "efficientnet_lite0": "classification",
+            "yolo11n": "detection",
+            "retinaface_mnet025": "detection",
+            "mini_xception": "classification",
+            "face_expression": "face_expression",
+        }
         found = httpx2.post(
             f"{api}/predict/file?model=yolo11n",
             files={"file": photo_bytes("motorcycle_left.png")},
@@ -75,7 +81,11 @@ def test_one_process_serves_both_protocols_and_both_models_then_stops_cleanly(
             reply = pb_grpc.InferenceStub(channel).Predict(
                 pb.PredictRequest(image=photo_bytes("coffee.png")), timeout=60
             )
+            faces = pb_grpc.InferenceStub(channel).Predict(
+                pb.PredictRequest(image=photo_bytes("astronaut.png"), model="face_expression"), timeout=60
+            )
         assert reply.prediction == "espresso"
+        assert [face.top for face in faces.faces] == ["happiness"]
         # one registry: the HTTP app's metrics count the gRPC call too
         metrics = httpx2.get(f"{api}/metrics").text
         assert re.search(
