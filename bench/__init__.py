@@ -1,7 +1,9 @@
-"""The benchmark harness: for each model (a classifier, a detector at 640 and 320), the in-process
-limit and served latency and throughput, and one stream's frames/s and per-frame latency (in
-order and live), for every runtime, concurrency level and batching mode; against servers it
-starts itself, or against a running deployment (`--url`, `--grpc-target`). The soak
+"""The benchmark harness: for each model (a classifier, a detector at 640 and 320, the
+face_expression pipeline), the in-process limit and served latency and throughput, and one
+stream's frames/s and per-frame latency (in order and live), for every runtime, concurrency level
+and batching mode; for a pipeline also its faces/s on an image of 8 faces and its classifier
+stage's cost per face with 8 faces and with 1; against servers it starts itself, or against a
+running deployment (`--url`, `--grpc-target`). The soak
 (`python -m bench.soak`, `make soak`) and the one-process-or-two comparison
 (`python -m bench.processes`) live here too.
 
@@ -50,11 +52,15 @@ The modules:
 - `grpc_load`: unary `Predict` (and V2, health) senders over grpc.aio; `stream_load`: one
   `PredictStream` back to back (frames/s), one `PredictStream` / `PredictLive` fed like a camera;
 - `images`: the photos sent (every packaged photo as a 600 px JPEG, or `--image FILE`); `clip`:
-  the clip a detector is sent (pans over the packaged photos, 640x480 frames);
+  the clip a detector is sent (pans over the packaged photos, 640x480 frames); `face_images`: a
+  pipeline's (the photos, the astronaut's one face, a group image of 8 faces);
 - `steps`: a model's task steps in-process (crop + top-k, letterbox + NMS) and request parameters;
   `subjects`: the models of a run, their images and in-process settings;
 - `inprocess`: decode + preprocess + predict_batch + postprocess, timed per stage (batch 1);
 - `layouts`: the in-process limit, img/s over thread layouts (preprocessing x intra-op threads);
+- `pipeline_rows`: a pipeline's in-process rows: the registry the servers build, driven by N
+  concurrent coroutines with no protocol (its limit, its faces/s); `face_stage`: its classifier
+  stage (crop + classify) per face, through the registry and timed directly;
 - `variants`: the run's model repository, with `yolo11n_320` exported into it when missing;
 - `server_metrics`: the server's /metrics scraped around a row and subtracted (batches, queue);
 - `servers`: the real services as subprocesses (`python -m fastapi_onnx` / `fastapi_pt`,
@@ -66,10 +72,11 @@ The modules:
 - `choices`, `config`, `cli`: what a run can measure, what it measures (`BenchConfig`), the
   command line; `groups`: the served processes of a backend; `senders`: the clients of a run;
   `plans`: its served rows; `progress`: the progress bar on stderr;
-- `rows`, `report`, `tables`, `summaries`, `csvfile`, `plot`, `targets`, `targets_models`,
-  `facts`: the rows, the JSON document, the markdown (results; limit, streams, overload,
-  stages, targets), the CSV (and the records of `BenchReport.to_records`, `latency_records`,
-  `batch_size_records`), the plots, the issues' targets and the report's header;
+- `rows`, `report`, `tables`, `summaries`, `faces_report`, `csvfile`, `plot`, `targets`,
+  `targets_models`, `targets_faces`, `facts`: the rows, the JSON document, the markdown (results;
+  limit, streams, faces, overload, stages, targets), the CSV (and the records of
+  `BenchReport.to_records`, `latency_records`, `batch_size_records`), the plots, the issues'
+  targets and the report's header;
 - `measure`: one runtime's rows measured in turns; `runner`: one whole run (`run_benchmark`),
   `external`: one against a deployment; `__main__`: the command line;
 - `soak`, `soak_report`: the soak; `processes`, `processes_report`: one process or two.

@@ -10,9 +10,10 @@ from visionserve.repository import Backend
 ENDPOINTS = [*REQUESTS, *GRPC_ENDPOINTS]
 """Every endpoint name the CLI knows: HTTP (`http_load.REQUESTS`), then gRPC (`grpc`, the streams, ...)."""
 
-DEFAULT_MODELS = ("efficientnet_lite0", "yolo11n", "yolo11n_320")
-"""What a run measures when it names no model (`make bench`): the classifier, the detector, and
-the detector exported at 320x320 (`variants` exports it if the repository lacks it)."""
+DEFAULT_MODELS = ("efficientnet_lite0", "yolo11n", "yolo11n_320", "face_expression")
+"""What a run measures when it names no model (`make bench`): the classifier, the detector, the
+detector exported at 320x320 (`variants` exports it if the repository lacks it), and the
+face_expression pipeline (its stages are served with it)."""
 
 DEFAULT_ENDPOINTS = ("json", "grpc", "stream", "pacedstream", "livestream")
 """What a run measures when it names no endpoint: HTTP JSON, gRPC unary and the three streams."""
@@ -26,7 +27,8 @@ BATCHING_MODES = ("on", "off")
 
 IMAGE_SETS = ("auto", "photos", "clip")
 """`photos`: every packaged photo as a 600 px JPEG; `clip`: the frames of `clip.make_clip`;
-`auto`: the clip for a detector, the photos for any other model."""
+`auto`: the clip for a detector, the photos and a group image of 8 faces for a face_expression
+pipeline (`face_images`), the photos for any other model."""
 
 OVERLOAD_ENDPOINTS = ("json", "file", "grpc")
 """The endpoints an overload run loads (HTTP JSON, HTTP multipart and gRPC unary), where they are

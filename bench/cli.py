@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what each model is sent: photos = every packaged photo as a 600 px JPEG, clip = the "
         "frames of a clip made from them (640x480, bench.clip), auto = the clip for a detector, "
-        "the photos otherwise (default auto)",
+        "the photos and an 8-face group image for face_expression, the photos otherwise (default auto)",
     )
     parser.add_argument(
         "--clip-fps",

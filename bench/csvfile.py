@@ -103,7 +103,7 @@ def _key(row: ResultRow) -> Record:
     return {
         "scenario": row.scenario,
         "protocol": row.mode,
-        "endpoint": row.target,
+        "endpoint": row.described_target,
         "backend": row.runtime,
         "model": row.model,
         "batching": row.batching,

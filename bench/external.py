@@ -38,8 +38,15 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 def local_entry(repository: Path, name: str, runtime: Backend) -> ModelEntry:
     """The model entry `name` of `repository`, with an artefact for `runtime`; ConfigurationError
-    saying what is missing otherwise."""
-    entry = ModelRepository(repository).get(name)
+    saying what is missing otherwise (a pipeline: its in-process rows need the servers the harness
+    starts, `pipeline_rows`)."""
+    local = ModelRepository(repository)
+    if local.is_pipeline(name):
+        raise ConfigurationError(
+            f"{name} is a pipeline: its in-process rows (a registry of its stages) are measured only "
+            "when the harness starts its own servers (leave out --url / --grpc-target)"
+        )
+    entry = local.get(name)
     entry.artefact_path(runtime)
     return entry
 
@@ -181,7 +188,7 @@ def run_external(config: BenchConfig, sets: ImageSets, bar: ProgressBar) -> Benc
     )
     measured = BenchModel.of(name or "", task, images, in_process)
     group = ServedGroup(DEPLOYED, None, deployment.http, deployment.grpc, deployment.access)
-    rows, layout_rows = measure_runtime(
+    rows, layout_rows, stages = measure_runtime(
         config,
         label=label,
         groups=[group],
@@ -192,15 +199,19 @@ def run_external(config: BenchConfig, sets: ImageSets, bar: ProgressBar) -> Benc
     )
     report.rows += rows
     report.layouts += layout_rows
+    report.face_stages += stages
     return report
 
 
 def _local_task(config: BenchConfig, name: str | None) -> str:
     """The task of `name` in the local repository (a deployment reached over gRPC only does not
     say); classification when it is not there."""
+    if not name:
+        return "classification"
+    local = ModelRepository(config.model_repository)
     try:
         return (
-            ModelRepository(config.model_repository).get(name or "").config.task if name else "classification"
+            local.get_pipeline(name).config.task if local.is_pipeline(name) else local.get(name).config.task
         )
     except ConfigurationError:
         return "classification"

@@ -10,12 +10,14 @@ from pathlib import Path
 import grpc
 
 from bench.config import HTTP_CLIENTS, BenchConfig
+from bench.face_images import GROUP_FACES, GROUP_NAME
 from bench.http_load import event_loop_name
 from bench.images import DEFAULT_LONG_SIDE, DEFAULT_QUALITY
 from bench.layouts import PIPELINE as LIMIT_PIPELINE
 from bench.layouts import Layout
+from bench.pipeline_rows import LIMIT_LEVELS, pipeline_levels
 from visionserve.cpu import available_cpus
-from visionserve.repository import ModelEntry
+from visionserve.repository import ModelEntry, PipelineEntry
 from visionserve.settings import ModelSettings
 
 
@@ -25,10 +27,13 @@ def images_fact(config: BenchConfig) -> str:
         return "--image as is"
     photos = f"every packaged photo, longer side {DEFAULT_LONG_SIDE} px, JPEG quality {DEFAULT_QUALITY}"
     clip = "the clip's frames (bench.clip: pans over the packaged photos, 640x480 JPEG)"
+    faces = (
+        f"the photos and {GROUP_NAME} (bench.face_images: the astronaut's face pasted {GROUP_FACES} times)"
+    )
     return {
         "photos": photos,
         "clip": clip,
-        "auto": f"a classifier: {photos}; a detector: {clip}",
+        "auto": f"a classifier: {photos}; a detector: {clip}; a face_expression pipeline: {faces}",
     }[config.images]
 
 
@@ -51,6 +56,23 @@ def limit_fact(config: BenchConfig, layouts: tuple[Layout, ...]) -> str:
         f"{LIMIT_PIPELINE}, layouts {', '.join(layout.label for layout in layouts)} (W preprocessing "
         f"threads, which also postprocess, x T intra-op threads), each model's max batch, "
         f"{config.requests or 'unbounded'} images each, capped at {config.limit_cap_s:g} s"
+    )
+
+
+def pipeline_fact(config: BenchConfig) -> str:
+    """How a pipeline's in-process rows were measured (`pipeline_rows`, `face_stage`)."""
+    levels = pipeline_levels(LIMIT_LEVELS if config.resolved_layouts() else (), config.concurrency)
+    limit = (
+        f"limit = the best of c={','.join(map(str, levels))}: the registry (the served processes' "
+        "settings) in the harness's process, FaceExpressionModel.predict from N concurrent "
+        "coroutines, closed loop, the same images, no protocol; capped like a layout"
+        if levels
+        else "no limit (--layouts none)"
+    )
+    return (
+        f"{limit}; the same calls at c={','.join(map(str, config.concurrency))} on the images and "
+        f"on {GROUP_NAME} alone (faces/s); the classifier stage on the astronaut (1 face) and "
+        f"{GROUP_NAME}, one request at a time"
     )
 
 
@@ -89,12 +111,18 @@ def client_facts(config: BenchConfig, *, where: str, read_ahead: str) -> dict[st
     return facts
 
 
-def models_fact(config: BenchConfig, entries: Mapping[str, ModelEntry], repository: Path) -> str:
-    """The models measured: name, task, input size, where from."""
+def models_fact(
+    config: BenchConfig, entries: Mapping[str, ModelEntry | PipelineEntry], repository: Path
+) -> str:
+    """The models measured: name, task, input size (a pipeline: its stages), where from."""
     parts = []
     for number, (name, entry) in enumerate(entries.items()):
-        height, width = entry.config.input.size
         default = ", the servers' default" if number == 0 else ""
+        if isinstance(entry, PipelineEntry):
+            stages = entry.config.stages
+            parts.append(f"{name} ({entry.config.task}: {stages.detector} -> {stages.classifier}{default})")
+            continue
+        height, width = entry.config.input.size
         parts.append(f"{name} ({entry.config.task}, {width}x{height}{default})")
     where = (
         ""
@@ -105,7 +133,10 @@ def models_fact(config: BenchConfig, entries: Mapping[str, ModelEntry], reposito
 
 
 def local_facts(
-    config: BenchConfig, entries: Mapping[str, ModelEntry], first: ModelSettings, repository: Path
+    config: BenchConfig,
+    entries: Mapping[str, ModelEntry | PipelineEntry],
+    first: ModelSettings,
+    repository: Path,
 ) -> dict[str, object]:
     """The header of a run whose servers the harness started: every setting they were given."""
     server = config.server_settings()
@@ -116,12 +147,15 @@ def local_facts(
     )
     max_batch = server.max_batch_size or "each model's max_batch_size (config.json)"
     names = list(entries)
+    pipelines = [entry for entry in entries.values() if isinstance(entry, PipelineEntry)]
+    stages = "; a pipeline's stages with it" if pipelines else ""
     facts: dict[str, object] = {
         "models": models_fact(config, entries, repository),
-        "served": "every model by every served process"
+        "served": f"every model by every served process{stages}"
         + (f"; {names[0]} also alone (processes of its own)" if config.coserving and len(names) > 1 else ""),
         "images": images_fact(config),
-        "request_parameters": "classification: topk=5; detection: none (the model's thresholds)",
+        "request_parameters": "classification: topk=5; detection: none (the model's thresholds)"
+        + ("; face_expression: none (the pipeline's defaults)" if pipelines else ""),
         "device": first.device,
         "runtime_threads": first.resolved_threads(),
         "runtime_instances": first.instances or 1,
@@ -134,6 +168,7 @@ def local_facts(
         **load_facts(config),
         "in_process_limit": limit_fact(config, config.resolved_layouts()),
         "in_process_stages": "batch 1, one image after another",
+        **({"pipeline_in_process": pipeline_fact(config)} if pipelines else {}),
         **client_facts(
             config, where="same machine", read_ahead=str(config.grpc_settings().stream_read_ahead)
         ),

@@ -35,24 +35,35 @@ PIPELINE = "decode + preprocess + predict_batch + postprocess"
 
 @dataclass(frozen=True, order=True)
 class Layout:
-    """W preprocessing threads feeding one inference thread with T intra-op threads."""
+    """W preprocessing threads feeding one inference thread with T intra-op threads; or, for a
+    pipeline (`concurrent` N >= 1), the registry the servers build (W preprocessing threads, T
+    intra-op threads per stage) driven by N concurrent requests (`pipeline_rows`)."""
 
     workers: int
     threads: int
+    concurrent: int = 0
+    """0: a thread layout; N: a pipeline's registry under N concurrent requests."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.threads < 1:
+        if self.workers < 1 or self.threads < 1 or self.concurrent < 0:
             raise ValueError(f"a layout needs at least 1 worker and 1 thread, got {self.label}")
 
     @property
     def label(self) -> str:
-        """`WxT`, as on the command line."""
-        return f"{self.workers}x{self.threads}"
+        """`WxT`, as on the command line; `c=N` for a pipeline's."""
+        return f"c={self.concurrent}" if self.concurrent else f"{self.workers}x{self.threads}"
 
     def describe(self) -> str:
-        """e.g. `2 preprocessing threads, 1 intra-op thread`."""
+        """e.g. `2 preprocessing threads, 1 intra-op thread`; `16 concurrent requests through the
+        registry (2 preprocessing threads, 2 intra-op threads per stage)`."""
         workers = "thread" if self.workers == 1 else "threads"
         threads = "thread" if self.threads == 1 else "threads"
+        if self.concurrent:
+            requests = "request" if self.concurrent == 1 else "concurrent requests"
+            return (
+                f"{self.concurrent} {requests} through the registry ({self.workers} preprocessing "
+                f"{workers}, {self.threads} intra-op {threads} per stage)"
+            )
         return f"{self.workers} preprocessing {workers}, {self.threads} intra-op {threads}"
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import httpx2
 
 from bench.config import BenchConfig
+from bench.face_stage import StageCost
 from bench.groups import ServedGroup
 from bench.http_load import event_loop_runner
 from bench.inprocess import (
@@ -24,6 +25,7 @@ from bench.inprocess import (
     merge_pipeline,
 )
 from bench.layouts import Layout, LayoutMeasurement, measure_layout, use_threads
+from bench.pipeline_rows import PipelineRows
 from bench.plans import RowPlan, build_plans, split_requests
 from bench.progress import ProgressBar
 from bench.rows import IN_PROCESS, LayoutRow, ResultRow
@@ -132,9 +134,10 @@ def measure_runtime(
     bar: ProgressBar,
     baseline: ServerProcess | None = None,
     baseline_model: str = "",
-) -> tuple[list[ResultRow], list[LayoutRow]]:
+) -> tuple[list[ResultRow], list[LayoutRow], list[StageCost]]:
     """One runtime: the processes of `groups` and the `baseline` started (a deployment's ends are
-    only addresses), the models' in-process runtimes loaded, then every row measured in turns.
+    only addresses), the models' in-process runtimes (and pipelines' registries) loaded, then every
+    row measured in turns; the rows, the in-process limits' layouts, the pipelines' stage costs.
     Served rows are labelled `label`, and so are the layouts they are held against. Whatever is
     not being measured is idle: the runtimes' threads do not spin (ONNX Runtime's spinning is off
     unless configured on, for all alike)."""
@@ -149,6 +152,7 @@ def measure_runtime(
             )
         launch(processes, stack)
         local = InProcessRows(models, stack, bar)
+        pipelines = PipelineRows(models, stack, bar, label)
         runner = stack.enter_context(event_loop_runner())
         plans = build_plans(
             config,
@@ -168,6 +172,7 @@ def measure_runtime(
         for model, layout in local.layouts:
             if config.warmup:
                 local.measure_limit(model, layout, min(config.warmup, LAYOUT_WARMUP), None)
+        pipelines.warm_up(config.warmup)
         for plan in plans:
             runner.run(plan.measure(config.warmup, None))
 
@@ -191,19 +196,23 @@ def measure_runtime(
                 )
                 local.pipelines[(model, timer_label)].append(pipeline)
                 bar.finish(summary(pipeline.total, None))
+            pipelines.measure_round(requests, round_duration, layout_cap)
             for plan in plans:
                 own = requests if plan.rounds is None else plan.rounds[number - 1]
                 _measure_round(plan, runner, own, round_duration, bar)
 
     rows, layout_rows = local.rows(label)
-    return rows + [plan.result() for plan in plans], layout_rows
+    pipeline_rows, pipeline_layouts, stages = pipelines.rows()
+    return rows + pipeline_rows + [plan.result() for plan in plans], layout_rows + pipeline_layouts, stages
 
 
 def _scrape(plan: RowPlan, bar: ProgressBar) -> MetricsSnapshot | None:
     if plan.metrics_url is None:
         return None
     try:
-        return scrape(plan.metrics_url, access=plan.access, model=plan.template.model or None)
+        return scrape(
+            plan.metrics_url, access=plan.access, model=plan.metrics_model or plan.template.model or None
+        )
     except (httpx2.HTTPError, ValueError) as exc:
         bar.note(f"cannot read {plan.metrics_url} ({exc}); {row_name(plan.template)} has no server figures")
         plan.metrics_url = None

@@ -4,9 +4,10 @@ A `RowPlan` is one served row: the `ResultRow` it will become, a `measure(reques
 that runs one round of it, and the `/metrics` URL to scrape around each round (only its model's
 samples). `build_plans` lists every served row of the run's models against the groups'
 processes (`groups`): each concurrency level (per model: each group's HTTP then gRPC rows, then
-the baseline), the streams, the overload rows. The floors (`live`, `health`) run no model and are
-measured once, with the first model's group; the V2 endpoints and the baseline ask for a
-classification and are measured for classifiers only.
+the baseline), a pipeline's group image alone at the highest level (its faces/s), the streams, the
+overload rows. The floors (`live`, `health`) run no model and are measured once, with the first
+model's group; the V2 endpoints and the baseline ask for a classification and are measured for
+classifiers only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.access import OPEN, Access
@@ -70,6 +71,8 @@ class RowPlan:
     figures: ServerFigures | None = None
     access: Access = OPEN
     """The key and CAs of the metrics scrapes."""
+    metrics_model: str | None = None
+    """Whose samples of /metrics the row reads (None: its model's; a pipeline: its detector's)."""
 
     def add(self, measurement: Measurement, figures: ServerFigures | None) -> None:
         """One round's measurement and what the server saw during it."""
@@ -91,6 +94,7 @@ class RowPlan:
             server=self.figures,
             model=self.template.model,
             alone=self.template.alone,
+            image=self.template.image,
         )
 
 
@@ -177,6 +181,9 @@ def build_plans(
                 row = template("onnx", BASELINE, BASELINE_TARGET, level, batching="none", model=model.name)
                 plans.append(RowPlan(row, closed_loop(send, level, bar.advance)))
     for model in models:
+        if model.many_faces is not None:
+            plans += _one_image_rows(config, label=label, groups=sweep, model=model, clients=clients, bar=bar)
+    for model in models:
         for name in config.stream_endpoints:
             for group in sweep:
                 if group.grpc is None or group.alone or not group.serves(model.name):
@@ -230,6 +237,43 @@ def build_plans(
                 send = clients.unary(group.grpc.target, model)
                 measure = closed_loop(send, level, bar.advance, backoff_s=backoff_s)
                 plans.append(RowPlan(row, measure, group.grpc.metrics_url, rounds))
+    scraped = {model.name: model.metrics_model for model in models if model.metrics_model}
+    for plan in plans:
+        plan.metrics_model = scraped.get(plan.template.model)
+    return plans
+
+
+def _one_image_rows(
+    config: BenchConfig,
+    *,
+    label: str,
+    groups: list[ServedGroup],
+    model: BenchModel,
+    clients: Clients,
+    bar: ProgressBar,
+) -> list[RowPlan]:
+    """A pipeline's closed-loop rows with model work at the run's highest level, every request its
+    group image (`BenchModel.many_faces`): its faces/s served."""
+    image = model.many_faces
+    assert image is not None
+    only = replace(model, images=[image])
+    specs = {name: found for name, found in _specs(config, only, first=False).items() if name not in FLOORS}
+    plans: list[RowPlan] = []
+    for group in groups:
+        if group.alone or not group.serves(model.name):
+            continue
+        found = _closed_loop_rows(
+            config,
+            label=label,
+            group=group,
+            model=only,
+            specs=specs,
+            level=max(config.concurrency),
+            clients=clients,
+            bar=bar,
+            first=False,
+        )
+        plans += [replace(plan, template=replace(plan.template, image=image.name)) for plan in found]
     return plans
 
 

@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import csvfile, plot, tables, targets
+from bench import csvfile, faces_report, plot, tables, targets
+from bench.face_stage import StageCost
 from bench.rows import (
     BASELINE,
     GRPC,
@@ -88,6 +89,8 @@ class BenchReport:
     """Model -> its task (`classification`, `detection`), where known: which targets apply."""
     stream_fps: float | None = None
     """The paced streams' frame rate (a camera's), where the run has them."""
+    face_stages: list[StageCost] = field(default_factory=list)
+    """A pipeline's classifier stage on its one-face and group images (`face_stage`)."""
 
     def limits(self) -> dict[tuple[str, str], LayoutRow]:
         """(runtime, model) -> its best layout: the in-process limit served rows are held against."""
@@ -103,7 +106,7 @@ class BenchReport:
         """A served row's req/s (a stream's frames computed per second) as a fraction of its
         runtime's and model's in-process limit (model work only)."""
         limit = self.limits().get((row.runtime, row.model))
-        if limit is None or not row.model_work or row.mode == IN_PROCESS:
+        if limit is None or not row.model_work or row.mode == IN_PROCESS or row.image:
             return None
         rate = limit.measurement.images_per_s
         return row.measurement.throughput_rps / rate if rate > 0 else None
@@ -138,7 +141,7 @@ class BenchReport:
         baselines: dict[tuple[str, str], float] = {}
         for row in self.rows:
             summary = row.measurement.summary()
-            if row.mode == IN_PROCESS and summary is not None:
+            if row.mode == IN_PROCESS and row.concurrency == 1 and summary is not None and not row.image:
                 baselines.setdefault((row.runtime, row.model), summary.p50_ms)
         found = []
         for row in self.rows:
@@ -149,6 +152,7 @@ class BenchReport:
                 or row.concurrency != 1
                 or row.overload_queue_size is not None
                 or row.alone
+                or row.image
                 or summary is None
             ):
                 continue
@@ -235,6 +239,7 @@ class BenchReport:
                 }
                 for row in self.overload_rows()
             ],
+            "faces": faces_report.faces_dict(self),
             "targets": [asdict(check) for check in targets.check_targets(self)],
             "overhead": [
                 {
@@ -253,6 +258,7 @@ class BenchReport:
             "model": row.model,
             "mode": row.mode,
             "target": row.target,
+            "image": row.image or None,
             "scenario": row.scenario,
             "batching": row.batching,
             "concurrency": row.concurrency,

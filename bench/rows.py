@@ -60,16 +60,27 @@ class ResultRow:
     alone: bool = False
     """Served by processes that load this model only (the run's other rows: every model of the
     run loaded): what the other models cost this one while they are idle."""
+    image: str = ""
+    """The one image every request of the row sent instead of the model's images (e.g. a
+    pipeline's group image, for its faces/s); such a row is held against no limit. Empty: the
+    model's images."""
 
     @property
     def scenario(self) -> str:
         """`in-process`, `sweep` (served, closed loop), `alone` (the same, the model served alone),
-        `stream`, `baseline` or `overload`."""
+        `stream`, `baseline`, `overload` or `image` (one image only, in-process or served)."""
         if self.overload_queue_size is not None:
             return "overload"
         if self.alone:
             return "alone"
+        if self.image:
+            return "image"
         return {IN_PROCESS: "in-process", BASELINE: "baseline", GRPC_STREAM: "stream"}.get(self.mode, "sweep")
+
+    @property
+    def described_target(self) -> str:
+        """The target, and the one image sent where the row has one (`..., group-8-faces.jpg only`)."""
+        return f"{self.target}, {self.image} only" if self.image else self.target
 
     @property
     def rejected(self) -> int:

@@ -20,20 +20,31 @@ from pathlib import Path
 from bench.clip import describe_clip
 from bench.config import BenchConfig
 from bench.external import run_external
+from bench.face_images import group_image, one_face_image
 from bench.facts import local_facts
 from bench.groups import baseline_process, served_groups
 from bench.images import file_image
 from bench.machine import describe_machine
 from bench.measure import measure_runtime
+from bench.pipeline_rows import LIMIT_LEVELS, pipeline_levels
 from bench.plans import split_requests
 from bench.progress import ProgressBar
 from bench.report import BenchReport
 from bench.server_env import model_env
 from bench.steps import TaskSteps
-from bench.subjects import BenchModel, ImageSets, InProcess, check_images, runtime_label
+from bench.subjects import (
+    PIPELINE_TASK,
+    BenchModel,
+    ImageSets,
+    InProcess,
+    InProcessPipeline,
+    check_images,
+    runtime_label,
+)
 from bench.variants import prepare_repository
 from visionserve.cpu import available_cpus
-from visionserve.repository import ModelEntry, ModelRepository
+from visionserve.repository import ModelEntry, ModelRepository, PipelineEntry
+from visionserve.settings import ModelSettings
 
 __all__ = ["BenchConfig", "run_benchmark", "runtime_label", "split_requests"]
 
@@ -69,7 +80,8 @@ def describe_images(sets: ImageSets, models: list[BenchModel], fps: float) -> li
             names = ", ".join(model.name for model in users)
             described.append(f"clip ({names}): {describe_clip(users[0].images, fps)}")
         else:
-            described += [image.describe() for image in users[0].images]
+            # the photos once, though a pipeline is sent them too (and its group image)
+            described += [image.describe() for image in users[0].images if image.describe() not in described]
     return described
 
 
@@ -81,7 +93,9 @@ def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
     names = config.resolved_models()
     repository = prepare_repository(Path(config.model_repository), names, config.output, note=bar.note)
     local = ModelRepository(repository)
-    entries = {name: local.get(name) for name in names}
+    pipelines = {name: local.get_pipeline(name) for name in names if local.is_pipeline(name)}
+    entries = {name: local.get(name) for name in names if name not in pipelines}
+    detectors = {name: local.get(pipeline.config.stages.detector) for name, pipeline in pipelines.items()}
     server_settings = config.server_settings()
     pixels = server_settings.max_image_pixels
     steps: dict[str, TaskSteps] = {}
@@ -89,23 +103,32 @@ def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
         steps[name] = check_images(
             sets.for_task(entry.config.task), TaskSteps.of(entry, max_image_pixels=pixels)
         )
+    for detector in detectors.values():  # a pipeline's images go through its detector first
+        check_images(sets.for_task(PIPELINE_TASK), TaskSteps.of(detector, max_image_pixels=pixels))
     first = config.model_settings(config.backends[0], names[0]).model_copy(
         update={"model_repository": repository}
     )
+    described = {name: pipelines.get(name) or entries[name] for name in names}
     report = BenchReport(
         machine=describe_machine(device=first.device),
-        settings=local_facts(config, entries, first, repository),
-        tasks={name: entry.config.task for name, entry in entries.items()},
+        settings=local_facts(config, described, first, repository),
+        tasks={name: entry.config.task for name, entry in described.items()},
         stream_fps=config.clip_fps if {"pacedstream", "livestream"} & set(config.stream_endpoints) else None,
     )
     baseline_backend = "onnx" if "onnx" in config.backends else config.backends[0]
-    classifiers = [name for name in names if entries[name].config.task == "classification"]
+    classifiers = [name for name, entry in entries.items() if entry.config.task == "classification"]
     for backend in config.backends:
         models = []
-        for name, entry in entries.items():
+        for name in names:
             settings = config.model_settings(backend, name).model_copy(
                 update={"model_repository": repository}
             )
+            if name in pipelines:
+                pipeline = in_process_pipeline(config, pipelines[name], detectors[name], settings)
+                images = sets.for_task(PIPELINE_TASK)
+                models.append(BenchModel.of(name, PIPELINE_TASK, images, None, pipeline))
+                continue
+            entry = entries[name]
             in_process = InProcess(
                 entry=entry,
                 steps=steps[name],
@@ -128,7 +151,7 @@ def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
             report.notes.append(
                 "baseline: not measured (seed 004's endpoint serves a classifier; none is measured)"
             )
-        rows, layout_rows = measure_runtime(
+        rows, layout_rows, stages = measure_runtime(
             config,
             label=runtime_label(settings),
             groups=served_groups(config, backend, env, names),
@@ -139,9 +162,30 @@ def _run(config: BenchConfig, progress: ProgressBar | None) -> BenchReport:
         )
         report.rows += rows
         report.layouts += layout_rows
+        report.face_stages += stages
         if not report.images:
             report.images = describe_images(sets, models, config.clip_fps)
     return report
+
+
+def in_process_pipeline(
+    config: BenchConfig, entry: PipelineEntry, detector: ModelEntry, settings: ModelSettings
+) -> InProcessPipeline:
+    """What a pipeline's in-process rows run (`pipeline_rows`): a registry of it and its stages,
+    with the served processes' settings; its limit over `LIMIT_LEVELS` and the run's levels (none
+    with `--layouts none`), its faces/s at the run's levels."""
+    server = config.server_settings()
+    limit = LIMIT_LEVELS if config.resolved_layouts() else ()
+    return InProcessPipeline(
+        entry=entry,
+        settings=settings.model_copy(update={"models": entry.name, "model_name": entry.name}),
+        server=server,
+        levels=pipeline_levels(limit, config.concurrency),
+        face_levels=config.concurrency,
+        max_batch=_max_batch(server.max_batch_size, detector),
+        one_face=one_face_image(),
+        many_faces=group_image(),
+    )
 
 
 def _max_batch(setting: int | None, entry: ModelEntry) -> int:

@@ -2,8 +2,9 @@
 parameters, the images it is sent, and (where this machine has it) what its in-process rows run.
 
 A classifier is sent the packaged photos as 600 px JPEGs, a detector the frames of the clip
-(`clip`), unless `--images` or `--image` says otherwise; its in-process limit, stages, closed-loop
-rows and streams all use the same images, so that served and in-process figures compare.
+(`clip`), a face_expression pipeline the photos and a group image of 8 faces (`face_images`),
+unless `--images` or `--image` says otherwise; its in-process limit, stages, closed-loop rows and
+streams all use the same images, so that served and in-process figures compare.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bench.clip import make_clip
+from bench.face_images import face_photos
 from bench.images import BenchImage, default_images
 from bench.layouts import Layout
 from bench.steps import TaskSteps, request_parameters
 from visionserve.errors import VisionError
-from visionserve.repository import ModelEntry
-from visionserve.settings import ModelSettings
+from visionserve.repository import ModelEntry, PipelineEntry
+from visionserve.settings import ModelSettings, ServerSettings
+
+PIPELINE_TASK = "face_expression"
+"""The task of a pipeline model (its config.json names stages, not artefacts)."""
 
 
 def runtime_label(settings: ModelSettings) -> str:
@@ -50,6 +55,28 @@ class InProcess:
 
 
 @dataclass(frozen=True)
+class InProcessPipeline:
+    """What the in-process rows of a pipeline need (`pipeline_rows`): its entry, the settings the
+    served processes build their registry with, the concurrency levels of its in-process limit
+    (empty: none) and of its faces/s rows, the detector's maximum batch, and the images with one
+    face and with many."""
+
+    entry: PipelineEntry
+    settings: ModelSettings
+    server: ServerSettings
+    levels: tuple[int, ...]
+    face_levels: tuple[int, ...]
+    max_batch: int
+    one_face: BenchImage
+    many_faces: BenchImage
+
+    @property
+    def detector(self) -> str:
+        """The detector stage's name: the pipeline's images go through its batcher."""
+        return self.entry.config.stages.detector
+
+
+@dataclass(frozen=True)
 class BenchModel:
     """One model of the run: its name and task, what every request for it carries, the images it
     is sent, and its in-process rows (None: not measured here)."""
@@ -60,11 +87,37 @@ class BenchModel:
     in_process: InProcess | None = None
     params: Mapping[str, object] = field(default_factory=dict)
     """The task parameters every request carries (`steps.request_parameters`)."""
+    pipeline: InProcessPipeline | None = None
+    """A pipeline's in-process rows (None: not a pipeline, or not measured here)."""
+    many_faces: BenchImage | None = None
+    """A pipeline's group image: also sent alone, at the run's highest concurrency (faces/s)."""
+    metrics_model: str = ""
+    """Whose samples of the servers' /metrics a row of this model reads (empty: its own); a
+    pipeline's are its detector's, the batcher its images go through."""
 
     @classmethod
-    def of(cls, name: str, task: str, images: list[BenchImage], in_process: InProcess | None) -> BenchModel:
-        """A model of the run, with the requests' parameters of its task."""
-        return cls(name, task, images, in_process, request_parameters(task))
+    def of(
+        cls,
+        name: str,
+        task: str,
+        images: list[BenchImage],
+        in_process: InProcess | None,
+        pipeline: InProcessPipeline | None = None,
+    ) -> BenchModel:
+        """A model of the run, with the requests' parameters of its task (a pipeline: its
+        in-process rows, group image and detector's metrics)."""
+        if pipeline is None:
+            return cls(name, task, images, in_process, request_parameters(task))
+        return cls(
+            name,
+            task,
+            images,
+            None,
+            request_parameters(task),
+            pipeline=pipeline,
+            many_faces=pipeline.many_faces,
+            metrics_model=pipeline.detector,
+        )
 
     @property
     def datas(self) -> list[bytes]:
@@ -81,12 +134,13 @@ class ImageSets:
         self._made: dict[str, list[BenchImage]] = {}
 
     def kind(self, task: str) -> str:
-        """`file`, `photos` or `clip`: what a model of `task` is sent."""
+        """`file`, `photos`, `clip` or `faces` (the photos and the group image): what a model of
+        `task` is sent."""
         if self.image is not None:
             return "file"
         if self.choice != "auto":
             return self.choice
-        return "clip" if task == "detection" else "photos"
+        return {"detection": "clip", PIPELINE_TASK: "faces"}.get(task, "photos")
 
     def for_task(self, task: str) -> list[BenchImage]:
         """The images a model of `task` is sent."""
@@ -95,7 +149,8 @@ class ImageSets:
             assert self.image is not None
             return [self.image]
         if kind not in self._made:
-            self._made[kind] = make_clip() if kind == "clip" else default_images()
+            makers = {"clip": make_clip, "faces": face_photos}
+            self._made[kind] = makers.get(kind, default_images)()
         return self._made[kind]
 
 

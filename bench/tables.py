@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bench import summaries
+from bench import faces_report, summaries
 from bench.rows import GRPC_STREAM, ResultRow
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ def markdown(report: BenchReport) -> str:
     for section in (
         summaries.limit_table(report),
         summaries.streams_table(report),
+        faces_report.faces_table(report),
+        faces_report.stage_table(report),
         summaries.overload_table(report),
         summaries.stages_table(rows),
         summaries.targets_table(report),
@@ -115,7 +117,8 @@ def results_table(report: BenchReport) -> list[str]:
         queue = (
             [row.server.queue_ms(0.5), row.server.queue_ms(0.99)] if row.server is not None else [None, None]
         )
-        target = row.target if row.overload_queue_size is None else f"{row.target}, overload"
+        target = row.described_target
+        target += "" if row.overload_queue_size is None else ", overload"
         target += ", served alone" if row.alone else ""
         cells = [row.runtime, row.model or DASH, row.mode, target, row.batching or DASH, str(row.concurrency)]
         cells += [str(m.completed), str(m.failed), *latency, f"{m.throughput_rps:.1f}"]
@@ -130,7 +133,7 @@ def results_table(report: BenchReport) -> list[str]:
 
 def row_name(row: ResultRow) -> str:
     """A row in words: runtime, model, mode, target, batching, concurrency."""
-    parts = [row.runtime, *([row.model] if row.model else []), row.mode, row.target]
+    parts = [row.runtime, *([row.model] if row.model else []), row.mode, row.described_target]
     if row.batching is not None:
         parts.append(f"batching {row.batching}")
     if row.overload_queue_size is not None:

@@ -9,7 +9,8 @@ The classifier's (issue 4, on the run's first classifier):
 - concurrency 1: batching on adds ≤ 0.5 ms to p50 compared with batching off;
 - overload: rejections p99 < 5 ms, accepted p99 ≤ 200 ms, nothing lost.
 
-The detectors' and of serving several models (issue 10): `targets_models`.
+The detectors' and of serving several models (issue 10): `targets_models`; the face_expression
+pipeline's (issue 14): `targets_faces`.
 
 A target whose rows the run did not measure is left out: the report lists what was checked. These
 are the figures to quote, not assertions: timed tests do not assert them (a shared machine).
@@ -41,6 +42,9 @@ class TargetCheck:
     measured: str
     goal: str
     met: bool
+    margin: str = ""
+    """How far inside the goal (positive) or outside it (negative), in the goal's unit; empty
+    where a target says only met or missed."""
 
 
 def find_row(
@@ -63,6 +67,7 @@ def find_row(
             and row.concurrency == level
             and row.overload_queue_size is None
             and row.alone == alone
+            and not row.image
             and (batching is None or row.batching == batching)
             and (model is None or row.model == model)
         ):
@@ -73,9 +78,10 @@ def find_row(
 def check_targets(report: BenchReport) -> list[TargetCheck]:
     """Every target this run's rows can answer: the classifier's, then the detectors' and the
     models' (`targets_models`)."""
+    from bench.targets_faces import check_face_targets
     from bench.targets_models import check_model_targets
 
-    return _classifier_targets(report) + check_model_targets(report)
+    return _classifier_targets(report) + check_model_targets(report) + check_face_targets(report)
 
 
 def _classifier_targets(report: BenchReport) -> list[TargetCheck]:
@@ -194,7 +200,12 @@ def ratio_check(report: BenchReport, row: ResultRow, goal: float, name: str, lab
     unit = "frames/s" if row.mode == GRPC_STREAM else "req/s"
     return [
         TargetCheck(
-            name, label, f"{rate:.1f} {unit} = {ratio:.2f} × limit", f"≥ {goal:g} × limit", ratio >= goal
+            name,
+            label,
+            f"{rate:.1f} {unit} = {ratio:.2f} × limit",
+            f"≥ {goal:g} × limit",
+            ratio >= goal,
+            margin=f"{ratio - goal:+.3f} × limit",
         )
     ]
 

@@ -1,6 +1,6 @@
 """The model repository a run serves: `--model-repository` itself when it holds every model the
 run names; otherwise a repository of the run's own, `OUTPUT/repository/`, that links to the
-entries `--model-repository` has and holds the ones the harness exported.
+entries `--model-repository` has (a pipeline's stages too) and holds the ones the harness exported.
 
 A name the repository lacks can be exported when it is an embedded detector at another input
 size, `<detector>_<size>` (`yolo11n_320`): `python -m export --model yolo11n --input-size 320
@@ -119,7 +119,13 @@ def prepare_repository(
         )
     own = workdir / "repository"
     own.mkdir(parents=True, exist_ok=True)
-    for name in names:
+    source = ModelRepository(repository)
+    linked = list(names)
+    for name in names:  # a pipeline's stages are served with it: linked too
+        if name in present and source.is_pipeline(name):
+            stages = source.get_pipeline(name).config.stages
+            linked += [stages.detector, stages.classifier]
+    for name in dict.fromkeys(linked):
         if name in present:
             link = own / name
             if link.is_symlink() or link.exists():

@@ -242,3 +242,83 @@ def test_one_process_and_two_are_measured_with_both_protocols_at_once(
         assert all(process["rss_peak_mb"] > 50 and process["cpu_s"] > 0 for process in layout["processes"])
     assert printed.out == (output / "processes.md").read_text()
     assert "one process (VISION_GRPC_SERVE_HTTP=true python -m grpc_server)" in printed.out
+
+
+FACE_REQUESTS = 6
+
+
+def test_a_run_of_the_face_pipeline_measures_its_limit_faces_per_second_and_classifier_stage(
+    real_repository: Path,
+    real_faces: tuple[object, object, object],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "out"
+    status = main(
+        [
+            "--model-repository",
+            str(real_repository),
+            "--model",
+            "face_expression",
+            "--endpoints",
+            "json,grpc,livestream",
+            "--concurrency",
+            "1,16",
+            "--requests",
+            str(FACE_REQUESTS),
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--clip-fps",
+            "60",
+            "--progress",
+            "lines",
+            "--output",
+            str(output),
+        ]
+    )
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    data = json.loads((output / "bench.json").read_text())
+    assert data["models"] == {"face_expression": "face_expression"}
+    results = data["results"]
+    assert all(r["failed"] == 0 for r in results), [r for r in results if r["failed"]]
+    sweep = [r for r in results if r["scenario"] == "sweep"]
+    assert {(r["mode"], r["concurrency"]) for r in sweep} == {
+        (m, c) for m in ("HTTP", "gRPC") for c in (1, 16)
+    }
+    for row in sweep:  # the servers' figures of a pipeline's row are its detector's batches
+        assert row["completed"] == FACE_REQUESTS and row["ratio_to_in_process_limit"] > 0
+        assert sum(row["server"]["batch_size_counts"].values()) == row["server"]["batches"] >= 1
+    in_process = [r for r in results if r["scenario"] == "in-process"]
+    assert [r["concurrency"] for r in in_process] == [1, 16]
+    group = [r for r in results if r["scenario"] == "image"]
+    assert {(r["mode"], r["concurrency"], r["image"]) for r in group} == {
+        (mode, level, "group-8-faces.jpg") for mode, level in (("in-process", 1), ("in-process", 16))
+    } | {(mode, 16, "group-8-faces.jpg") for mode in ("HTTP", "gRPC")}
+    (live,) = [r for r in results if r["scenario"] == "stream"]
+    assert live["target"] == "Inference/PredictLive (1 stream, 60 frames/s)"
+    assert live["completed"] + live["skipped"] == FACE_REQUESTS and live["latency_ms"]["p99_ms"] > 0
+
+    assert [entry["layout"] for entry in data["layouts"]] == ["c=1", "c=4", "c=16", "c=32"]
+    (limit,) = data["in_process_limit"]
+    assert limit["model"] == "face_expression" and limit["images_per_s"] > 0
+    faces = data["faces"]
+    stages = {stage["image"]: stage for stage in faces["classifier_stage"]}
+    assert (stages["astronaut.jpg"]["faces"], stages["group-8-faces.jpg"]["faces"]) == (1, 8)
+    assert stages["group-8-faces.jpg"]["classifier_mean_batch"] == 8.0  # its faces in one batch
+    for stage in stages.values():
+        assert stage["pairs"] == FACE_REQUESTS and stage["per_face_ms_direct"] > 0
+    rates = faces["faces_per_s"]
+    assert len(rates) == 4 and all(
+        r["faces_per_s"] == pytest.approx(8 * r["images_per_s"], abs=0.1) for r in rates
+    )
+
+    report = (output / "bench.md").read_text()
+    assert "Faces per second on one image of many faces" in report
+    assert "Classifier stage of face_expression (crop + classify)" in report
+    for target in ("c=16 HTTP JSON throughput", "c=16 gRPC unary throughput"):
+        assert f"| {target} | face_expression, batching on |" in report
+    assert "| classifier stage per face, 8 faces vs 1 | face_expression, in-process" in report
+    assert "group-8-faces.jpg (800x480 JPEG" in report

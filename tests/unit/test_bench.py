@@ -32,6 +32,9 @@ from bench.closed_loop import RequestFailed, run_closed_loop
 from bench.csvfile import COLUMNS as CSV_COLUMNS
 from bench.csvfile import KEY_COLUMNS, write_csv
 from bench.deployment import DeployedModel
+from bench.face_images import GROUP_BACKGROUND, face_photos, group_image, one_face_image
+from bench.face_stage import StageCost
+from bench.facts import local_facts
 from bench.groups import ServedGroup, served_groups
 from bench.grpc_load import (
     HEALTH,
@@ -58,6 +61,7 @@ from bench.images import BenchImage, default_images, file_image
 from bench.inprocess import STAGES, PipelineTimer, measure_pipeline, merge_pipeline
 from bench.layouts import Layout, LayoutMeasurement, default_layouts, measure_layout
 from bench.machine import cpu_model, describe_machine
+from bench.pipeline_rows import LIMIT_LEVELS, PIPELINE_TARGET, pipeline_levels
 from bench.plans import build_plans
 from bench.plot import plot_throughput, plotted_rows, stream_rows
 from bench.processes import ProcessesConfig
@@ -93,7 +97,7 @@ from bench.servers import (
 from bench.stats import Measurement, percentile, summarize
 from bench.steps import TaskSteps, describe_steps, request_parameters
 from bench.stream_load import measure_paced, measure_stream
-from bench.subjects import BenchModel
+from bench.subjects import BenchModel, ImageSets
 from bench.targets import check_targets
 from bench.variants import Variant, parse_variant, prepare_repository
 from tests.conftest import encode, photo_bytes, wait_ready
@@ -375,9 +379,9 @@ def test_command_line_defaults_and_lists() -> None:
         False,
         False,
     )
-    # `make bench`: the classifier, the detector and its 320 variant; their JSON and gRPC rows and
-    # the three streams
-    assert config.resolved_models() == ("efficientnet_lite0", "yolo11n", "yolo11n_320")
+    # `make bench`: the classifier, the detector and its 320 variant, the face_expression pipeline;
+    # their JSON and gRPC rows and the three streams
+    assert config.resolved_models() == ("efficientnet_lite0", "yolo11n", "yolo11n_320", "face_expression")
     assert config.model_name == "efficientnet_lite0" and config.coserving and config.images == "auto"
     assert config.endpoints == ("json", "grpc", "stream", "pacedstream", "livestream")
     assert (config.http_endpoints, config.grpc_endpoints, config.stream_endpoints) == (
@@ -1838,3 +1842,207 @@ def test_a_process_serving_both_apis_is_found_by_both_banners(tmp_path: Path) ->
     assert process.module == "grpc_server"
     with pytest.raises(ValueError, match="at least one sender"):
         ProcessesConfig(http_clients=0, grpc_clients=0)
+
+
+# --- a pipeline: face_expression ---------------------------------------------------------------
+
+
+def test_the_group_image_pastes_the_astronaut_s_face_8_times_as_a_jpeg() -> None:
+    group = group_image()
+    assert (group.name, group.width, group.height, group.format) == ("group-8-faces.jpg", 800, 480, "JPEG")
+    with Image.open(io.BytesIO(group.data)) as opened:
+        assert opened.format == "JPEG" and opened.size == (800, 480)
+        pixels = np.asarray(opened.convert("RGB"), dtype=np.int16)
+    cells = [pixels[r * 240 : (r + 1) * 240, c * 200 : (c + 1) * 200] for r in range(2) for c in range(4)]
+    background = np.array(GROUP_BACKGROUND, dtype=np.int16)
+    for cell in cells:  # a face in every cell of the 4 x 2 grid, on the plain canvas
+        assert np.abs(cell[120, 100] - background).sum() > 30 and np.abs(cell[2, 2] - background).sum() < 15
+    photos = face_photos()
+    assert [image.name for image in photos] == [*(i.name for i in default_images()), "group-8-faces.jpg"]
+    assert one_face_image().name == "astronaut.jpg" and "astronaut.jpg" in [i.name for i in photos]
+    sets = ImageSets("auto")
+    assert (sets.kind("face_expression"), sets.kind("detection"), sets.kind("classification")) == (
+        "faces",
+        "clip",
+        "photos",
+    )
+    assert sets.for_task("face_expression")[-1].name == "group-8-faces.jpg"
+
+
+def test_a_pipeline_s_limit_is_its_registry_under_n_concurrent_requests() -> None:
+    layout = Layout(2, 2, concurrent=16)
+    assert layout.label == "c=16" and layout.describe() == (
+        "16 concurrent requests through the registry (2 preprocessing threads, 2 intra-op threads per stage)"
+    )
+    assert Layout(2, 1, concurrent=1).describe().startswith("1 request through the registry")
+    assert Layout(2, 2).label == "2x2" and Layout(2, 2) != layout
+    assert pipeline_levels(LIMIT_LEVELS, (1, 2)) == (1, 2, 4, 16, 32)
+    assert pipeline_levels((), (1, 16)) == ()  # --layouts none: no limit
+
+
+def _stage(image: str, faces: int, pipeline_ms: float, detector_ms: float, direct_ms: float) -> StageCost:
+    n = 5
+    return StageCost(
+        runtime="onnx",
+        model="face_expression",
+        image=image,
+        faces=faces,
+        pipeline_s=(pipeline_ms / 1e3,) * n,
+        detector_s=(detector_ms / 1e3,) * n,
+        direct_s=(direct_ms / 1e3,) * n,
+        classifier_batches=n,
+        classifier_items=n * faces,
+    )
+
+
+def _faces_report() -> BenchReport:
+    def rate(rps: float, n: int = 10) -> Measurement:
+        return Measurement(latencies_s=(0.05,) * n, wall_s=n / rps)
+
+    group = "group-8-faces.jpg"
+    json_target, name = "POST /predict (JSON base64)", "face_expression"
+    return BenchReport(
+        machine={"date": "2030-01-01", "cpu": "Test CPU", "usable_cores": "2"},
+        settings={},
+        rows=[
+            ResultRow("onnx", IN_PROCESS, PIPELINE_TARGET, 1, rate(20.0), model=name),
+            ResultRow("onnx", IN_PROCESS, PIPELINE_TARGET, 16, rate(25.0), model=name, image=group),
+            ResultRow("onnx", HTTP, json_target, 1, rate(18.0), batching="on", model=name),
+            ResultRow("onnx", HTTP, json_target, 16, rate(22.0), batching="on", model=name),
+            ResultRow("onnx", GRPC, UNARY, 16, rate(20.0), batching="on", model=name),
+            ResultRow("onnx", GRPC, UNARY, 16, rate(23.0), batching="on", model=name, image=group),
+        ],
+        layouts=[
+            LayoutRow("onnx", Layout(2, 2, 1), LayoutMeasurement(20, 1.0, 20), 4, model=name),
+            LayoutRow("onnx", Layout(2, 2, 16), LayoutMeasurement(25, 1.0, 10), 4, model=name),
+        ],
+        tasks={name: "face_expression"},
+        face_stages=[
+            _stage("astronaut.jpg", 1, 44.0, 40.0, 1.0),  # 4 ms for its face through the registry
+            _stage(group, 8, 52.0, 40.0, 6.4),  # 12 ms for 8: 1.5 ms each
+        ],
+    )
+
+
+def test_a_pipeline_is_held_against_its_registry_limit_and_its_faces_targets(tmp_path: Path) -> None:
+    report = _faces_report()
+    assert report.limits()[("onnx", "face_expression")].layout == Layout(2, 2, 16)
+    json_16, grpc_16, group_16 = report.rows[3], report.rows[4], report.rows[5]
+    assert report.limit_ratio(json_16) == pytest.approx(0.88) and report.limit_ratio(grpc_16) == 0.8
+    assert report.limit_ratio(group_16) is None  # one image: held against no limit
+    assert (group_16.scenario, group_16.described_target) == ("image", f"{UNARY}, group-8-faces.jpg only")
+    checks = {(c.target, c.row): c for c in check_targets(report)}
+    label = "face_expression, batching on"
+    http = checks[("c=16 HTTP JSON throughput", label)]
+    assert (http.met, http.goal, http.margin) == (True, "≥ 0.85 × limit", "+0.030 × limit")
+    grpc_check = checks[("c=16 gRPC unary throughput", label)]
+    assert (grpc_check.met, grpc_check.margin) == (False, "-0.050 × limit")
+    per_face = checks[
+        ("classifier stage per face, 8 faces vs 1", "face_expression, in-process (through the registry)")
+    ]
+    assert (
+        per_face.measured == "1.50 vs 4.00 ms per face = 0.38×"
+        and per_face.met
+        and per_face.margin == "+0.125×"
+    )
+    text = report.to_markdown()
+    assert (
+        "| onnx | face_expression | gRPC | Inference/Predict (unary), group-8-faces.jpg only | on | 16 | 8 |"
+        in text
+    )
+    assert "| 23.0 | 184.0 |" in text  # img/s and faces/s
+    stage_row = "| group-8-faces.jpg | 8 | 5 | 52.00 | 40.00 | 12.00 | 1.50 | 6.40 | 0.80 | 8.00 |"
+    assert f"| onnx | face_expression {stage_row}" in text
+    assert "per face with 8 faces vs 1: 0.38× through the registry, 0.80× direct" in text
+    assert (
+        "c=16: 16 concurrent requests through the registry" in text
+        and "a pipeline's (face_expression)" in text
+    )
+    assert "| c=16 gRPC unary throughput | face_expression, batching on | 20.0 req/s = 0.80 × limit |" in text
+    served_1 = [o for o in report.overheads() if o.model == "face_expression"]
+    assert [(o.mode, round(o.difference_ms, 2)) for o in served_1] == [(HTTP, 0.0)]  # c=1 only
+    data = report.to_dict()
+    faces = data["faces"]
+    assert isinstance(faces, dict)
+    assert [(s["image"], s["per_face_ms_through_registry"]) for s in faces["classifier_stage"]] == [
+        ("astronaut.jpg", 4.0),
+        ("group-8-faces.jpg", 1.5),
+    ]
+    assert [(r["mode"], r["faces_per_s"]) for r in faces["faces_per_s"]] == [
+        (IN_PROCESS, 200.0),
+        (GRPC, 184.0),
+    ]
+    records = report.to_records()
+    assert records[5]["scenario"] == "image" and records[5]["endpoint"] == f"{UNARY}, group-8-faces.jpg only"
+    lost = replace(report, face_stages=[_stage("astronaut.jpg", 1, 40.0, 41.0, 1.0), report.face_stages[1]])
+    noisy = {c.target: c for c in check_targets(lost)}["classifier stage per face, 8 faces vs 1"]
+    assert not noisy.met and noisy.measured.startswith("not measurable")
+
+
+def test_the_plans_send_a_pipeline_s_group_image_alone_at_the_top_level(tmp_path: Path) -> None:
+    config = BenchConfig(
+        models=("face_expression",), output=tmp_path, endpoints=("json", "grpc", "livestream")
+    )
+    image = encode(Image.new("RGB", (48, 40), "teal"), "JPEG")
+    photo = BenchImage("a.jpg", image, 48, 40, "JPEG", "test")
+    group = BenchImage("group-8-faces.jpg", image, 48, 40, "JPEG", "test")
+    model = replace(
+        BenchModel.of("face_expression", "face_expression", [photo, group], None),
+        many_faces=group,
+        metrics_model="retinaface_mnet025",
+    )
+    groups = [ServedGroup("on", None, _End(), _End(), models=("face_expression",))]
+    with event_loop_runner() as runner, contextlib.ExitStack() as stack:
+        plans = build_plans(
+            config,
+            label="onnx",
+            groups=groups,
+            models=[model],
+            clients=Clients(config, runner, stack),
+            bar=ProgressBar(io.StringIO()),
+        )
+    rows = [(p.template.target, p.template.concurrency, p.template.image) for p in plans]
+    assert rows == [
+        ("POST /predict (JSON base64)", 1, ""),
+        (UNARY, 1, ""),
+        ("POST /predict (JSON base64)", 16, ""),
+        (UNARY, 16, ""),
+        ("POST /predict (JSON base64)", 16, "group-8-faces.jpg"),
+        (UNARY, 16, "group-8-faces.jpg"),
+        ("Inference/PredictLive (1 stream, 30 frames/s)", 1, ""),
+    ]
+    assert {p.metrics_model for p in plans} == {"retinaface_mnet025"}  # the detector's batches
+    assert plans[4].result().image == "group-8-faces.jpg"
+
+
+def test_a_pipeline_s_stages_are_linked_into_the_run_s_repository(tmp_path: Path) -> None:
+    source = tmp_path / "models"
+    write_fake_entry(source, "cls", classes=7)
+    write_fake_detector(source, "det")
+    pipeline = {
+        "name": "face_expression",
+        "task": "face_expression",
+        "stages": {"detector": "det", "classifier": "cls"},
+    }
+    (source / "face_expression").mkdir()
+    (source / "face_expression" / "config.json").write_text(json.dumps(pipeline))
+
+    def exporter(variant: Variant, repository: Path, log: Path) -> None:
+        write_fake_detector(repository, variant.name)
+
+    own = prepare_repository(
+        source, ["face_expression", "yolo11n_320"], tmp_path / "out", note=print, exporter=exporter
+    )
+    assert ModelRepository(own).names() == ["cls", "det", "face_expression", "yolo11n_320"]
+    assert all((own / name).is_symlink() for name in ("cls", "det", "face_expression"))
+    config = BenchConfig(models=("face_expression",), output=tmp_path)
+    facts = local_facts(
+        config,
+        {"face_expression": ModelRepository(own).get_pipeline("face_expression")},
+        config.model_settings("onnx"),
+        own,
+    )
+    assert str(facts["models"]).startswith(
+        "face_expression (face_expression: det -> cls, the servers' default)"
+    )
+    assert "c=1,4,16,32" in str(facts["pipeline_in_process"])
