@@ -26,7 +26,7 @@ endif
 help:
 	@echo "make run        export the embedded models once (classifier, detector, faces), serve them all: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
-	@echo "make bench      load benchmark: classifier + detector (640, 320), in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
+	@echo "make bench      load benchmark: classifier, detector (640, 320), face_expression; in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
 	@echo "make bench-processes  one process or two for HTTP + gRPC under load on both (BENCH_ARGS=...)"
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
 	@echo "make notebooks  JupyterLab on :8888 with the benchmark notebooks (they measure \`make run\`'s stack)"
