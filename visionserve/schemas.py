@@ -230,6 +230,11 @@ class ModelInfo(BaseModel):
     max_queue_delay_us: int = Field(description="How long a batch waits for more after its first.")
     max_queue_size: int = Field(description="Requests waiting before new ones get 503 / UNAVAILABLE.")
     runtime: str
+    compiled: bool | None = Field(
+        default=None,
+        description="PyTorch: true when the model runs compiled (torch.compile), false when eager "
+        "(VISION_TORCH_COMPILE=false, or no C++ compiler found); null for other runtimes.",
+    )
     device: str
     instances: int = Field(
         description="Runtime instances computing batches at the same time (0: a pipeline, see its stages)."

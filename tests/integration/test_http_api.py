@@ -105,6 +105,7 @@ def test_health_and_models(fake_client: TestClient) -> None:
             "max_queue_delay_us": 0,
             "max_queue_size": 128,
             "runtime": "fake",
+            "compiled": None,
             "device": "cpu",
             "instances": 1,
             "threads": 1,

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from visionserve import __version__
 from visionserve.errors import ConfigurationError
 from visionserve.http.auth import ApiKeyAuth, add_security_to_openapi
+from visionserve.http.docs import install_docs
 from visionserve.http.errors import install_error_handlers
 from visionserve.http.limits import BodySizeLimit
 from visionserve.http.observe import RequestMetrics
@@ -80,12 +81,21 @@ def create_app(
     summary = f"{len(registry)} model(s) on {registry.backend} ({registry.device}): " + ", ".join(
         f"{model.name} ({model.task.name})" for model in registry
     )
-    app = FastAPI(title="visionserve", version=__version__, summary=summary, lifespan=lifespan)
+    # /docs and /redoc come from install_docs: their files served from here, never from a CDN
+    app = FastAPI(
+        title="visionserve",
+        version=__version__,
+        summary=summary,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.registry = registry
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyAuth, key=api_key)  # NOTE: outside BodySizeLimit: 401 before 413
+    install_docs(app)  # NOTE: its files' middleware outside ApiKeyAuth: open, as /docs is
     app.add_middleware(RequestMetrics, metrics=registry.metrics)  # outermost: sees every answer
     install_error_handlers(app)
     app.include_router(create_predict_router(registry, settings))

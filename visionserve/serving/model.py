@@ -205,6 +205,7 @@ class ServedModel:
             "max_queue_delay_us": round(self.batcher.max_queue_delay_s * 1e6),
             "max_queue_size": self.batcher.max_queue_size,
             "runtime": self.runtime.backend,
+            "compiled": self.runtime.describe().get("compiled"),
             "device": self.runtime.device,
             "instances": self.runtime.instances,
             "threads": self.runtime.threads,
