@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 # set well above the app's limit so that real-world oversize uploads get the app's page, while a
 # gigabyte-sized one is still cut off without being spooled to disk.
 WAITRESS_BODY_FACTOR = 4
+# NOTE: slow and idle clients. waitress closes a connection with no request in progress after
+# `channel_timeout` s without a byte (its default 120 s; 30 s is the APIs' order of magnitude: their
+# header timeout is 10 s, body 60 s), and stops accepting beyond `connection_limit` open connections
+# (its default, stated), so they cannot take every file descriptor. It has no deadline for a whole
+# request: a client trickling a byte every few seconds holds its connection until it stops.
+WAITRESS_CHANNEL_TIMEOUT_S = 30
+WAITRESS_CONNECTION_LIMIT = 100
 
 
 def _banner(url: str, settings: UISettings) -> str:
@@ -82,6 +89,8 @@ def main() -> int:
             ident="visionserve-ui",
             max_request_body_size=settings.max_content_length * WAITRESS_BODY_FACTOR + 1024 * 1024,
             clear_untrusted_proxy_headers=True,
+            channel_timeout=WAITRESS_CHANNEL_TIMEOUT_S,
+            connection_limit=WAITRESS_CONNECTION_LIMIT,
         )
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)

@@ -69,6 +69,31 @@ class _MetricsServer6(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
+def connection_options(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for slow, idle and surplus clients (see GrpcSettings)."""
+
+    def ms(seconds: float) -> int:
+        return min(round(seconds * 1000), 2**31 - 1)  # NOTE: C ints
+
+    options = [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout_s)),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        # NOTE: the server's keep-alive pings go on through a long call that sends no data (a
+        # paused live stream); core's default stops them after 2 pings without data
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if settings.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", settings.max_connections))
+    if settings.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)))
+    if settings.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)))
+    return options
+
+
 class GrpcServer:
     """The registry's models served over gRPC: build with settings and a registry, `start()`,
     `stop()`.
@@ -114,6 +139,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *connection_options(settings),
             ],
         )
         self.servicer = InferenceServicer(

@@ -116,6 +116,13 @@ class Metrics:
             ["reason", "model"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "visionserve_connections_closed",
+            "HTTP connections the server closed on a slow or surplus client: header_timeout, "
+            "body_timeout (answered 408 when no answer had begun), connection_limit (answered 503).",
+            ["reason"],
+            registry=self.registry,
+        )
         # NOTE: the process figures, standard names (process_resident_memory_bytes,
         # process_open_fds, ...); prometheus-client registers them only on its default registry.
         ProcessCollector(registry=self.registry)

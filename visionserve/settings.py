@@ -92,6 +92,37 @@ class ServerSettings(BaseSettings):
     """How long an idle keep-alive connection stays open. Longer than the idle timeout of the
     load balancers usually in front (60 s), so that they, not the server, close idle connections."""
 
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """How long a client has to send a request's line and headers: from the connection's start
+    (after TLS) for its first request, from its first byte for later ones. Late: 408 and the
+    connection closed. Bounds what a client that connects and sends nothing, or trickles its
+    headers (slowloris), can hold."""
+
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long a client has to send a whole request body, from the end of its headers (a deadline
+    for the whole body, not between chunks: a byte a second would reset that forever; time the
+    server itself is not reading does not count). Late: 408 and the connection closed. At 60 s a
+    body of the largest default size (20 MiB) needs about 2.8 Mbit/s; raise it for large uploads
+    over slow links."""
+
+    max_connections: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Open HTTP connections, idle keep-alive ones included, beyond which requests are answered
+    503 (`Connection: close`); 0: no cap; unset: the process's open-file limit (`ulimit -n`, which
+    every connection uses one of) less 256 for the models, logs and the gRPC side. A cap turns a
+    flood of slow connections into refusals for everyone until the timeouts clear it (measured:
+    docs/reliability.md), so by default it bites only where descriptors would run out anyway."""
+
+    def resolved_max_connections(self) -> int:
+        """`max_connections`, or the default from the open-file limit (0: no cap)."""
+        if self.max_connections is not None:
+            return self.max_connections
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 0
+        return max(64, int(soft) - 256)
+
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     """On SIGTERM/Ctrl-C, how long in-flight requests may take to finish."""
 
@@ -230,6 +261,41 @@ class GrpcSettings(BaseSettings):
 
     metrics_port: int = Field(default=8002, ge=0, le=65535)
     """Port of the gRPC process's metrics endpoint; 0 picks a free one (announced at start)."""
+
+    max_connections: int = Field(default=1000, ge=0, le=1_000_000)
+    """Open connections (HTTP/2) the server accepts; more are closed at once (gRPC core's
+    `grpc.max_allowed_incoming_connections`). 0: no cap. Keep it under `ulimit -n`."""
+
+    max_concurrent_streams: int = Field(default=100, ge=1, le=1_000_000)
+    """Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, gRPC
+    core's `grpc.max_concurrent_streams`); a client's further calls wait on its side for one to end.
+    100 is HTTP/2's recommended minimum; core's own default is unlimited."""
+
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """How long a new connection has for its handshake (TLS, and the HTTP/2 preface and settings)
+    before it is closed (`grpc.server_handshake_timeout_ms`; core's default 120 s)."""
+
+    max_connection_idle_s: float = Field(default=300.0, ge=0, le=86400)
+    """A connection with no call for this long is sent GOAWAY and closed
+    (`grpc.max_connection_idle_ms`); clients reconnect when they next call. 0: never."""
+
+    max_connection_age_s: float = Field(default=0.0, ge=0, le=86400 * 7)
+    """A connection older than this is sent GOAWAY, so that clients reconnect and spread over
+    replicas that were added (`grpc.max_connection_age_ms`); its calls get
+    `max_connection_age_grace_s` to finish. 0 (the default): never, since a live video stream may
+    last hours; behind a connection-level load balancer, e.g. 300."""
+
+    max_connection_age_grace_s: float = Field(default=30.0, ge=0, le=86400)
+    """Time the calls of a connection past `max_connection_age_s` get before it is closed
+    (`grpc.max_connection_age_grace_ms`)."""
+
+    keepalive_time_s: float = Field(default=60.0, ge=1, le=86400)
+    """While calls are open, the server pings a connection silent for this long, to find clients
+    that vanished without closing it (`grpc.keepalive_time_ms`; core's default 2 h)."""
+
+    keepalive_timeout_s: float = Field(default=20.0, ge=1, le=3600)
+    """A ping unanswered for this long closes the connection and fails its calls
+    (`grpc.keepalive_timeout_ms`)."""
 
 
 MIN_API_KEY_CHARS = 16

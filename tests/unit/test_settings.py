@@ -9,7 +9,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from visionserve import settings as settings_module
-from visionserve.settings import MiB, ModelSettings, ServerSettings
+from visionserve.settings import GrpcSettings, MiB, ModelSettings, ServerSettings
 
 
 def test_server_defaults() -> None:
@@ -23,6 +23,17 @@ def test_server_defaults() -> None:
     assert settings.preprocess_workers is None
     assert settings.access_log is False
     assert settings.graceful_shutdown_s == 30.0
+    assert (settings.header_timeout_s, settings.body_timeout_s, settings.max_connections) == (
+        10.0,
+        60.0,
+        None,
+    )
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    expected = 0 if soft == resource.RLIM_INFINITY else max(64, soft - 256)
+    assert settings.resolved_max_connections() == expected
+    assert ServerSettings(max_connections=0).resolved_max_connections() == 0
 
 
 def test_model_defaults() -> None:
@@ -84,6 +95,9 @@ def test_unrelated_env_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
         ("preprocess_workers", 0, "preprocess_workers"),
         ("log_level", "verbose", "log_level"),
         ("graceful_shutdown_s", -1.0, "graceful_shutdown_s"),
+        ("header_timeout_s", 0, "header_timeout_s"),
+        ("body_timeout_s", -1.0, "body_timeout_s"),
+        ("max_connections", -1, "max_connections"),
     ],
 )
 def test_server_validation_names_the_field(field: str, value: object, fragment: str) -> None:
@@ -163,3 +177,32 @@ def test_resolved_threads_default_is_usable_cores() -> None:
     threads = ModelSettings().resolved_threads()
     assert isinstance(threads, int)
     assert threads >= 1
+
+
+def test_slow_client_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISION_HEADER_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("VISION_BODY_TIMEOUT_S", "120")
+    monkeypatch.setenv("VISION_MAX_CONNECTIONS", "0")
+    monkeypatch.setenv("VISION_GRPC_MAX_CONNECTION_IDLE_S", "0")
+    monkeypatch.setenv("VISION_GRPC_MAX_CONNECTION_AGE_S", "600")
+    monkeypatch.setenv("VISION_GRPC_MAX_CONCURRENT_STREAMS", "50")
+    server = ServerSettings()
+    assert (server.header_timeout_s, server.body_timeout_s, server.max_connections) == (2.5, 120.0, 0)
+    from grpc_server.server import connection_options
+
+    options = dict(connection_options(GrpcSettings()))
+    assert options["grpc.max_connection_age_ms"] == 600_000
+    assert options["grpc.max_connection_age_grace_ms"] == 30_000
+    assert options["grpc.max_concurrent_streams"] == 50
+    assert "grpc.max_connection_idle_ms" not in options  # 0: never
+    assert options["grpc.max_allowed_incoming_connections"] == 1000
+    assert options["grpc.keepalive_time_ms"] == 60_000
+
+
+def test_grpc_durations_fit_core_s_c_ints() -> None:
+    from grpc_server.server import connection_options
+
+    settings = GrpcSettings(max_connection_age_s=7 * 86400, max_connection_idle_s=86400)
+    assert all(value < 2**31 for _, value in connection_options(settings))
+    with pytest.raises(ValidationError, match="max_connection_age_s"):
+        GrpcSettings(max_connection_age_s=30 * 86400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -15,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
+from visionserve.http.timeouts import connection_limit, slow_client_protocol
 from visionserve.serving.lifecycle import ServiceState
 from visionserve.serving.registry import ModelRegistry, registry_from_settings
 from visionserve.settings import ModelSettings, SecuritySettings, ServerSettings, from_env
@@ -68,19 +70,37 @@ def banner(host: str, port: int, registry: ModelRegistry, *, tls: bool = False, 
 def uvicorn_config(
     app: ASGIApp, registry: ModelRegistry, settings: ServerSettings, security: SecuritySettings
 ) -> uvicorn.Config:
-    """uvicorn's configuration for the app: logging, keep-alive, graceful shutdown, TLS, and
-    `Connection: close` on every answer once shutdown has begun."""
+    """uvicorn's configuration for the app: logging, keep-alive, header and body read timeouts,
+    the cap on open connections, graceful shutdown, TLS, and `Connection: close` on every answer
+    once shutdown has begun."""
+    max_connections = settings.resolved_max_connections()
+    if settings.max_connections is not None:
+        _check_open_file_limit(max_connections)
     return uvicorn.Config(
         CloseWhileDraining(app, registry),
+        http=slow_client_protocol(settings.header_timeout_s, settings.body_timeout_s, registry.metrics),
+        limit_concurrency=connection_limit(max_connections),
         log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-        timeout_keep_alive=int(settings.keep_alive_s),
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # NOTE: a float works (call_later)
         lifespan="on",
         ssl_certfile=security.tls_cert_file,
         ssl_keyfile=security.tls_key_file,
     )
+
+
+def _check_open_file_limit(max_connections: int) -> None:
+    """Warn when VISION_MAX_CONNECTIONS cannot be reached: each connection takes a file descriptor."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and (max_connections == 0 or max_connections > soft - 64):
+        logger.warning(
+            "VISION_MAX_CONNECTIONS=%d but the open-file limit is %d (ulimit -n): connections past it "
+            "are refused by the operating system; raise the limit or lower the setting",
+            max_connections,
+            soft,
+        )
 
 
 def serve(backend: str) -> int:
