@@ -16,16 +16,18 @@ FACE_CONFIGS := $(MODEL_REPOSITORY)/$(FACE_DETECTOR)/config.json $(MODEL_REPOSIT
 FACES_CONFIG := $(MODEL_REPOSITORY)/$(FACES)/config.json
 MODELS := $(MODEL_CONFIG) $(DETECTOR_CONFIG) $(FACE_CONFIGS) $(FACES_CONFIG)
 CHROMIUM := /usr/bin/chromium
+HAPROXY := /usr/sbin/haproxy
 
 ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: run test lint format bench bench-processes soak notebooks export protos clean help up down
+.PHONY: test-docker run test lint format bench bench-processes soak notebooks export protos clean help up down
 
 help:
 	@echo "make run        export the embedded models once (classifier, detector, faces), serve them all: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
+	@echo "make test-lb    two HTTP API replicas behind HAProxy: rolling restart and SIGKILL under load (installs Debian's haproxy if missing)"
 	@echo "make bench      load benchmark: classifier, detector (640, 320), face_expression; in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
 	@echo "make bench-processes  one process or two for HTTP + gRPC under load on both (BENCH_ARGS=...)"
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
@@ -35,6 +37,7 @@ help:
 	@echo "make protos     regenerate the gRPC stubs in visionserve/v1/, visionserve/v2/ and visionserve/seeds/ from protos/"
 	@echo "make up         Docker Compose: export, HTTP :8000, gRPC :50051, UI :5000, JupyterLab :8888 (BACKEND=onnx|torch, GPU=1)"
 	@echo "make down       stop the Compose stack (the model volume is kept)"
+	@echo "make test-docker  opt-in: build the images, start the stack, check every service from the host, bring it down (BACKEND=onnx|torch; skips without a Docker engine)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,8 +85,23 @@ $(CHROMIUM):
 		echo "warning: no apt-get on this machine, so no $(CHROMIUM): the browser tests will be skipped" >&2; \
 	fi
 
-test: $(VENV)/.installed-dev $(MODELS) $(CHROMIUM)
+# The load-balancer tests put replicas behind Debian's HAProxy; installed the same way, only when
+# missing; without apt-get they skip, saying why.
+$(HAPROXY):
+	@if command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's haproxy for the load-balancer tests: apt-get install -y haproxy"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -q && $$sudo apt-get install -y -q haproxy; \
+	else \
+		echo "warning: no apt-get on this machine, so no $(HAPROXY): the load-balancer tests will be skipped" >&2; \
+	fi
+
+test: $(VENV)/.installed-dev $(MODELS) $(CHROMIUM) $(HAPROXY)
 	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Only the load-balancer tests (two replicas behind HAProxy: rolling restart, SIGKILL), printing figures.
+test-lb: $(VENV)/.installed-dev $(MODEL_CONFIG) $(HAPROXY)
+	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest -s tests/integration/test_load_balancer.py $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev $(MODELS)
 	$(BIN)/python -m bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)
@@ -147,6 +165,13 @@ up:
 down:
 	$(check_docker)
 	$(COMPOSE) down
+
+# Opt-in, not part of `make test`: the Compose stack built, run and checked for real (docs/docker.md).
+# Extra compose files: VISION_COMPOSE_FILES="a.yaml b.yaml" or VISION_COMPOSE_EXTRA (docker-sandbox
+# sets it); TEST_DOCKER_ARGS="--no-build --notebooks none". No engine: prints SKIPPED and exits 0
+# (VISION_TEST_DOCKER_REQUIRED=1: exit 2).
+test-docker: $(VENV)/.installed-dev
+	BACKEND=$(BACKEND) $(BIN)/python scripts/test_docker.py $(TEST_DOCKER_ARGS)
 
 clean:
 	rm -rf $(VENV) $(MODEL_REPOSITORY) .pytest_cache .mypy_cache .ruff_cache
