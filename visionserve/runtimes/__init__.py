@@ -80,8 +80,9 @@ def models_from_settings(settings: ModelSettings) -> tuple[list[ModelRuntime], l
             f"(models: {', '.join(names) or 'none'}); export it with `python -m export`, or set "
             "VISION_MODEL_NAME to one of them"
         )
-    pipelines = [repository.get_pipeline(name) for name in names if repository.is_pipeline(name)]
-    models = [name for name in names if not repository.is_pipeline(name)]
+    is_pipeline = {name: repository.is_pipeline(name) for name in names}
+    pipelines = [repository.get_pipeline(name) for name in names if is_pipeline[name]]
+    models = [name for name in names if not is_pipeline[name]]
     for pipeline in pipelines:
         for stage in (pipeline.config.stages.detector, pipeline.config.stages.classifier):
             if stage not in models:

@@ -28,10 +28,10 @@ from visionserve.repository import PipelineEntry
 from visionserve.serving.admission import Admission
 from visionserve.serving.lifecycle import Lifecycle, ServiceState
 from visionserve.serving.model import ServedModel, warmup_image
-from visionserve.serving.pipeline import InferenceResult
-from visionserve.tasks.boxes import Letterbox, letterbox
+from visionserve.serving.pipeline import InferenceResult, submit_each, with_item_name
+from visionserve.tasks.boxes import Letterbox
 from visionserve.tasks.classification import ClassificationTask
-from visionserve.tasks.detection import Box, Detection, DetectionParams, DetectionTask, in_photo_pixels
+from visionserve.tasks.detection import Box, Detection, DetectionParams, DetectionTask
 from visionserve.tasks.faces import EXPRESSIONS, Face, FaceExpressionTask, FaceParams, Faces
 
 logger = logging.getLogger(__name__)
@@ -267,15 +267,7 @@ class FaceExpressionModel:
     async def _classify(self, crops: list[np.ndarray], deadline: float | None) -> list[np.ndarray]:
         """Every crop its own item in the classifier's batcher; probabilities per crop. If one
         fails (queue full, deadline), the others are dropped uncomputed."""
-        tasks = [
-            asyncio.ensure_future(self.classifier.batcher.submit(crop, deadline=deadline)) for crop in crops
-        ]
-        try:
-            rows = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        rows = await submit_each(self.classifier.batcher, crops, deadline)
         kind = self.classifier.entry.config.output.kind
         return [softmax(row[np.newaxis])[0] if kind == "logits" else np.asarray(row) for row in rows]
 
@@ -283,16 +275,15 @@ class FaceExpressionModel:
 
     def _decode(self, image: bytes | str, field: str) -> _Decoded:
         data = decode_base64(image, field=field) if isinstance(image, str) else image
-        task = self._detector_task
         try:
-            photo, original = task.preprocessor.decode_sized(data)
+            return _Decoded(*self._detector_task.letterboxed(data))
         except VisionError as exc:
-            if field == "image" or field in exc.message:
+            if field == "image":
                 raise
-            raise VisionError(exc.code, f"{field}: {exc.message}", retry_after_s=exc.retry_after_s) from None
-        spec = task.entry.config.input
-        tensor, placement = letterbox(photo, spec.size, spec.pad_value)
-        return _Decoded(photo, tensor, placement, in_photo_pixels(placement, photo.size, original))
+            named = with_item_name(field, exc)
+            if named is exc:
+                raise
+            raise named from None
 
     def _crops(
         self, decoded: _Decoded, row: np.ndarray, params: FaceParams

@@ -172,9 +172,10 @@ class InferencePipeline:
         try:
             return self._prepare(image, field)
         except VisionError as exc:
-            if field in exc.message:
+            named = with_item_name(field, exc)
+            if named is exc:
                 raise
-            raise VisionError(exc.code, f"{field}: {exc.message}", retry_after_s=exc.retry_after_s) from None
+            raise named from None
 
     def _whole(
         self, prepare: Callable[[bytes | str, str], Prepared], image: bytes | str, field: str, params: object
@@ -215,17 +216,31 @@ class InferencePipeline:
         return outputs
 
     async def _submit_rows(self, rows: list[np.ndarray], deadline: float | None) -> list[np.ndarray]:
-        """Queue each row as its own item; the outputs in the same order. If one fails (queue full,
-        deadline), the others are cancelled: the batcher drops them uncomputed."""
-        tasks = [asyncio.ensure_future(self.batcher.submit(row, deadline=deadline)) for row in rows]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        return await submit_each(self.batcher, rows, deadline)
 
     def _count_dropped(self, deadline: float | None, count: int = 1) -> None:
         """Count `count` items whose caller was cancelled while they were decoded, before they
         reached the batcher's queue (which counts those cancelled there)."""
         self.metrics.rejected.labels(drop_reason(deadline, time.monotonic()), self.name).inc(count)
+
+
+async def submit_each(
+    batcher: DynamicBatcher, rows: Sequence[np.ndarray], deadline: float | None
+) -> list[np.ndarray]:
+    """Queue each row as its own item of `batcher`; the outputs in the same order. If one fails
+    (queue full, deadline), the others are cancelled: the batcher drops them uncomputed."""
+    tasks = [asyncio.ensure_future(batcher.submit(row, deadline=deadline)) for row in rows]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def with_item_name(field: str, exc: VisionError) -> VisionError:
+    """`exc` with the item's name (`image[2]`) in front of its message (`exc` itself when its
+    message names the item already)."""
+    if field in exc.message:
+        return exc
+    return VisionError(exc.code, f"{field}: {exc.message}", retry_after_s=exc.retry_after_s)

@@ -66,14 +66,7 @@ class Task(abc.ABC, Generic[ParamsT, OutputT]):
     def parameters(self, raw: Mapping[str, object]) -> ParamsT:
         """A request's parameters (None values: not given) -> checked parameters, or a 400 that
         names the parameter, the task and what is accepted."""
-        given = {key: value for key, value in raw.items() if value is not None}
-        for key in given:
-            if key not in self.parameter_names:
-                raise invalid(
-                    f"parameter `{key}` does not apply to model {self.entry.name!r}, a {self.name} "
-                    f"model; it takes: {', '.join(self.parameter_names)}"
-                )
-        return self.check_parameters(given)
+        return self.check_parameters(given_parameters(raw, self.name, self.entry.name))
 
     @abc.abstractmethod
     def check_parameters(self, given: Mapping[str, object]) -> ParamsT:
@@ -104,6 +97,20 @@ class Task(abc.ABC, Generic[ParamsT, OutputT]):
             "labels_count": len(self.entry.labels),
             "parameters": list(self.parameter_names),
         }
+
+
+def given_parameters(raw: Mapping[str, object], task: str, model: str) -> dict[str, object]:
+    """The parameters a request gives (None values: not given), all of them `task`'s, or a 400
+    that names the parameter, the model, its task and what the task takes."""
+    names = PARAMETERS_BY_TASK[task]
+    given = {key: value for key, value in raw.items() if value is not None}
+    for key in given:
+        if key not in names:
+            raise invalid(
+                f"parameter `{key}` does not apply to model {model!r}, a {task} model; it takes: "
+                f"{', '.join(names)}"
+            )
+    return given
 
 
 def number(given: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:

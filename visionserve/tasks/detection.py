@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from visionserve.repository import DetectionDefaults, ModelEntry
 from visionserve.tasks.base import Prepared, Task, integer, invalid, number
@@ -126,10 +127,16 @@ class DetectionTask(Task[DetectionParams, Detections]):
 
     def preprocess(self, data: bytes) -> Prepared:
         """Decode, letterbox: float32 (3, H, W) in [0, 1], and where the photo lies in it."""
+        _, tensor, _, photo = self.letterboxed(data)
+        return Prepared(tensor, photo)
+
+    def letterboxed(self, data: bytes) -> tuple[Image.Image, np.ndarray, Letterbox, Letterbox]:
+        """Decode and letterbox: the decoded image (a large JPEG at a reduced scale), the input
+        row, and where the image lies in it, against the decoded pixels and the photo's own."""
         image, original = self.preprocessor.decode_sized(data)
         spec = self.entry.config.input
         tensor, placement = letterbox(image, spec.size, spec.pad_value)
-        return Prepared(tensor, in_photo_pixels(placement, image.size, original))
+        return image, tensor, placement, in_photo_pixels(placement, image.size, original)
 
     def tensor_meta(self) -> object:
         """A client-preprocessed input: boxes stay in the input tensor's pixels."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from visionserve.repository import FACE_EXPRESSIONS, PipelineEntry
-from visionserve.tasks.base import PARAMETERS_BY_TASK, integer, invalid, number
+from visionserve.tasks.base import PARAMETERS_BY_TASK, given_parameters, integer, number
 from visionserve.tasks.detection import Box, Point
 
 EXPRESSIONS = FACE_EXPRESSIONS
@@ -67,13 +67,7 @@ class FaceExpressionTask:
 
     def parameters(self, raw: Mapping[str, object]) -> FaceParams:
         """A request's parameters (None: not given) -> checked, or a 400 naming what is wrong."""
-        given = {key: value for key, value in raw.items() if value is not None}
-        for key in given:
-            if key not in self.parameter_names:
-                raise invalid(
-                    f"parameter `{key}` does not apply to model {self.entry.name!r}, a {self.name} "
-                    f"model; it takes: {', '.join(self.parameter_names)}"
-                )
+        given = given_parameters(raw, self.name, self.entry.name)
         defaults = self.defaults
         # NOTE: the longest side an accepted image can have; a face larger than that cannot exist
         largest = float(self.max_image_pixels)
