@@ -41,14 +41,19 @@ _RESAMPLE = Image.Resampling.BILINEAR
 
 @dataclass(frozen=True)
 class _Decoded:
-    """A decoded photo on its way through the pipeline: the detector's input row, where the photo
-    lies in it (in decoded pixels, for the crops) and the decoded-to-photo pixel ratio."""
+    """A decoded photo on its way through the pipeline: the decoded image (for the crops), the
+    detector's input row, and where the image lies in it, in decoded and in photo pixels."""
 
     image: Image.Image
     tensor: np.ndarray
     placement: Letterbox
     photo: Letterbox
     """The same placement against the photo's own pixels (what the answer's boxes are in)."""
+
+    @property
+    def scale(self) -> float:
+        """Photo pixels per decoded pixel (1 unless a large JPEG was decoded at a reduced scale)."""
+        return self.photo.width / max(self.image.width, 1)
 
 
 class FaceExpressionModel:
@@ -299,8 +304,7 @@ class FaceExpressionModel:
         )
         found = self._detector_task.postprocess(row, decoded.placement, detector_params).detections
         # min_face_size is in the photo's pixels; the boxes here are in decoded pixels
-        ratio = decoded.photo.width / max(decoded.image.width, 1)
-        minimum = params.min_face_size / ratio
+        minimum = params.min_face_size / decoded.scale
         kept = [d for d in found if min(d.box.x2 - d.box.x1, d.box.y2 - d.box.y1) >= minimum]
         kept = kept[: params.max_faces]
         margin = self.entry.config.faces.margin
@@ -327,7 +331,7 @@ def crop_face(image: Image.Image, box: Box, margin: float, size: tuple[int, int]
 
 def _face(detection: Detection, decoded: _Decoded, probabilities: np.ndarray) -> Face:
     """A detection in decoded pixels and its expression -> a `Face` in the photo's pixels."""
-    scale = decoded.photo.width / max(decoded.image.width, 1)
+    scale = decoded.scale
     box = detection.box
     expression = {name: round(float(p), 6) for name, p in zip(EXPRESSIONS, probabilities, strict=True)}
     return Face(
