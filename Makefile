@@ -22,12 +22,14 @@ ifeq ($(filter $(BACKEND),onnx torch),)
 $(error BACKEND must be onnx or torch, got '$(BACKEND)')
 endif
 
-.PHONY: test-docker run test lint format bench bench-processes soak notebooks export protos clean help up down
+.PHONY: test-docker lb-restarts lb-throughput run test lint format bench bench-processes soak notebooks export protos clean help up down
 
 help:
 	@echo "make run        export the embedded models once (classifier, detector, faces), serve them all: HTTP :8000 + gRPC :50051 (one process), UI :5000 (BACKEND=onnx|torch)"
 	@echo "make test       run the whole test suite (installs Debian's chromium for the browser tests if missing)"
-	@echo "make test-lb    two HTTP API replicas behind HAProxy: rolling restart and SIGKILL under load (installs Debian's haproxy if missing)"
+	@echo "make test-lb    two API replicas (HTTP, gRPC) behind HAProxy: rolling restart, SIGKILL, slow clients under load (installs Debian's haproxy if missing)"
+	@echo "make lb-restarts  many rounds of rolling restarts and SIGKILLs behind HAProxy (LB_ARGS=\"--rounds 20\")"
+	@echo "make lb-throughput  1 vs 2 replicas vs 1 replica on 2 cores, through HAProxy"
 	@echo "make bench      load benchmark: classifier, detector (640, 320), face_expression; in-process limit vs served HTTP/gRPC and streams (BENCH_ARGS=\"--model yolo11n ...\")"
 	@echo "make bench-processes  one process or two for HTTP + gRPC under load on both (BENCH_ARGS=...)"
 	@echo "make soak       3 minutes of load on HTTP and gRPC; fails if memory, threads, fds or tasks grow (SOAK_ARGS=\"--duration 600\")"
@@ -102,6 +104,15 @@ test: $(VENV)/.installed-dev $(MODELS) $(CHROMIUM) $(HAPROXY)
 # Only the load-balancer tests (two replicas behind HAProxy: rolling restart, SIGKILL), printing figures.
 test-lb: $(VENV)/.installed-dev $(MODEL_CONFIG) $(HAPROXY)
 	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python -m pytest -s tests/integration/test_load_balancer.py $(PYTEST_ARGS)
+
+# Longer than the tests: rounds of rolling restarts (and SIGKILLs with retrying clients) under load,
+# HTTP and gRPC; exit 1 if a request is lost (docs/reliability.md). LB_ARGS="--rounds 20".
+lb-restarts: $(VENV)/.installed-dev $(MODEL_CONFIG) $(HAPROXY)
+	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/lb_bench.py restarts $(LB_ARGS)
+
+# Throughput through HAProxy: 1 replica on 1 core vs 2 replicas on 1 core each vs 1 replica on 2 cores.
+lb-throughput: $(VENV)/.installed-dev $(MODEL_CONFIG) $(HAPROXY)
+	VISION_TEST_MODEL_REPOSITORY=$(MODEL_REPOSITORY) $(BIN)/python scripts/lb_bench.py throughput $(LB_ARGS)
 
 bench: $(VENV)/.installed-dev $(MODELS)
 	$(BIN)/python -m bench --model-repository $(MODEL_REPOSITORY) $(BENCH_ARGS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -61,6 +62,34 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def with_health(app: Any, registry: ModelRegistry) -> Any:
+    """`app` (the metrics endpoint) plus `GET /health/live` and `GET /health/ready`, answered like
+    the HTTP API's (200 `ready`; 503 with the state and why), never behind the API key.
+
+    For whatever cannot speak gRPC health: a load balancer's HTTP check (HAProxy cannot send the
+    binary gRPC health request), a script. Readiness is the registry's, which is exactly what gRPC
+    health says: SERVING once every model is warm, NOT_SERVING from the moment shutdown begins.
+    """
+
+    def routed(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/health/live", "/health/ready"):
+            return app(environ, start_response)
+        if path == "/health/live":
+            status, body = "200 OK", {"status": "live"}
+        elif registry.ready:
+            status, body = "200 OK", {"status": "ready"}
+        else:
+            detail = registry.not_ready_detail()
+            status, body = "503 Service Unavailable", {"status": registry.state.value, "detail": detail}
+        data = json.dumps(body).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+        start_response(status, headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [data]
+
+    return routed
 
 
 class _MetricsServer6(ThreadingWSGIServer):
@@ -194,11 +223,12 @@ class GrpcServer:
 
     def _start_metrics(self) -> None:
         """GET /metrics over HTTP (HTTPS with TLS on; the API key when on), in a daemon thread
-        (Prometheus cannot scrape gRPC)."""
+        (Prometheus cannot scrape gRPC); /health/live and /health/ready beside it (no key)."""
         host, port = self.settings.host, self.settings.metrics_port
         app = make_wsgi_app(self.registry.metrics.registry)
         if self.api_key:
             app = require_key(app, self.api_key)
+        app = with_health(app, self.registry)
         try:
             server_class = _MetricsServer6 if ":" in host else ThreadingWSGIServer
             self._metrics_server = make_server(

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,9 +16,9 @@ class ServiceProcess:
     """`python -m module` with `env`; stdout (with stderr) is read until `banner` matches, and
     `address` is the banner's first group."""
 
-    def __init__(self, module: str, env: dict[str, str], banner: re.Pattern[str]):
+    def __init__(self, module: str, env: dict[str, str], banner: re.Pattern[str], prefix: Sequence[str] = ()):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [*prefix, sys.executable, "-m", module],
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=subprocess.PIPE,

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -61,7 +63,7 @@ from tests.integration.test_http_bad_input import (
 from visionserve.errors import GENERIC_INTERNAL_MESSAGE, ConfigurationError, ErrorCode
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
-from visionserve.settings import GrpcSettings, ServerSettings
+from visionserve.settings import GrpcSettings, SecuritySettings, ServerSettings
 from visionserve.v1 import inference_pb2 as pb
 from visionserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -97,12 +99,15 @@ async def serving(
     ready: bool = True,
     grpc_settings: dict[str, Any] | None = None,
     channel_options: Sequence[tuple[str, Any]] = (),
+    security: SecuritySettings | None = None,
     **server_settings: Any,
 ) -> AsyncIterator[Served]:
     """Start a GrpcServer on 127.0.0.1:0 (waiting for the model unless `ready=False`), open a channel;
     on exit close the channel and stop the server (stopping twice is allowed)."""
     settings = GrpcSettings(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **(grpc_settings or {})})
-    server = grpc_server_of(settings, ServerSettings(preprocess_workers=2, **server_settings), runtime)
+    server = grpc_server_of(
+        settings, ServerSettings(preprocess_workers=2, **server_settings), runtime, security=security
+    )
     port = await server.start()
     assert port > 0
     try:
@@ -625,6 +630,51 @@ def test_health_not_serving_from_the_moment_stop_begins(fake_entry: ModelEntry) 
                 watch.cancel()  # else the server waits its grace for this open stream
             assert_good(await in_flight)
             await stopping
+
+    run(scenario())
+
+
+def _http_health(served: Served, path: str) -> tuple[int, dict[str, str]]:
+    """GET `path` on the gRPC process's metrics port: (status, JSON body)."""
+    url = f"http://127.0.0.1:{served.server.metrics_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def test_http_readiness_beside_the_metrics_follows_grpc_health(fake_entry: ModelEntry) -> None:
+    """/health/ready on the metrics port (for HAProxy, which cannot send a gRPC health check) says
+    what gRPC health says: 503 while loading, 200 when SERVING, 503 `stopping` once stop begins;
+    no API key needed even when /metrics needs one."""
+
+    async def scenario() -> None:
+        runtime = GatedRuntime(fake_entry)
+        security = SecuritySettings(api_key="k" * 32, tls_cert_file=None, tls_key_file=None)
+        async with serving(runtime, ready=False, security=security) as served:
+            assert await asyncio.to_thread(_http_health, served, "/health/live") == (200, {"status": "live"})
+            status, body = await asyncio.to_thread(_http_health, served, "/health/ready")
+            assert status == 503 and "not ready" in body["detail"], body
+            runtime.gate.set()
+            assert served.server.loaded is not None
+            await served.server.loaded
+            assert await health_of(served) == SERVING
+            assert await asyncio.to_thread(_http_health, served, "/health/ready") == (
+                200,
+                {"status": "ready"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:  # the metrics keep their key
+                await asyncio.to_thread(
+                    urllib.request.urlopen, f"http://127.0.0.1:{served.server.metrics_port}/metrics", None, 5
+                )
+            assert refused.value.code == 401
+            refused.value.close()
+            await served.server.begin_shutdown()
+            assert await health_of(served) == NOT_SERVING
+            status, body = await asyncio.to_thread(_http_health, served, "/health/ready")
+            assert (status, body["status"]) == (503, "stopping"), body
 
     run(scenario())
 
