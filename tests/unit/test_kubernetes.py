@@ -26,6 +26,7 @@ from flask_ui.settings import UISettings
 from tests.fixtures import FakeRuntime, app_of
 from tests.unit.test_docker import (
     THIRD_PARTY_VARIABLES,
+    TMPFS,
     _secret_problems,
     dockerfile_stages,
     effective,
@@ -210,8 +211,8 @@ def test_kustomize_renders_valid_objects(
     components: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where kubectl is installed, its Kustomize renders the base (and with the TLS component),
-    and every rendered object validates; with TLS the gRPC probes are exec probes (the kubelet's
-    gRPC probe speaks plaintext only) and the settings accept the TLS variables."""
+    and every rendered object validates; with TLS the gRPC probes are HTTPS readiness on the
+    metrics port and an exec liveness probe (the kubelet's gRPC probe speaks plaintext only) and the settings accept the TLS variables."""
     kubectl()
     folder = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, folder)
@@ -228,8 +229,14 @@ def test_kustomize_renders_valid_objects(
         assert not validation_errors(doc, SCHEMA_VERSIONS[0]), validation_errors(doc, SCHEMA_VERSIONS[0])
     if components:
         grpc = find("Deployment", "grpc", objects)["spec"]["template"]["spec"]["containers"][0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert "grpc" not in grpc[probe] and "health_pb2" in " ".join(grpc[probe]["exec"]["command"])
+        for probe in ("startupProbe", "readinessProbe"):  # the metrics port's HTTPS readiness
+            assert "grpc" not in grpc[probe] and grpc[probe]["httpGet"] == {
+                "path": "/health/ready",
+                "port": "metrics",
+                "scheme": "HTTPS",
+            }
+        assert "grpc" not in grpc["livenessProbe"]  # the gRPC health check itself, over TLS
+        assert "health_pb2" in " ".join(grpc["livenessProbe"]["exec"]["command"])
         for name in ("api", "grpc"):
             container = find("Deployment", name, objects)["spec"]["template"]["spec"]["containers"][0]
             env = env_of(container)
@@ -557,6 +564,19 @@ def test_pods_run_restricted(workload: dict[str, Any]) -> None:
         if container in spec["containers"]:
             tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
             assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}}
+
+
+def test_writable_folders_match_the_compose_files() -> None:
+    """Each container writes, besides its volumes and Secrets, only to the emptyDir folders, the
+    same ones the compose file gives it as tmpfs (measured there with a read-only root)."""
+    service_of = {"fastapi-onnx": "api", "grpc-onnx": "grpc", "ui": "ui", "export": "export"}
+    for workload in workloads():
+        spec = pod_spec(workload)
+        scratch = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for container in spec["containers"]:
+            image = container["image"].split("/")[-1].split(":")[0]
+            mounts = sorted(m["mountPath"] for m in container["volumeMounts"] if m["name"] in scratch)
+            assert mounts == TMPFS[service_of[image]], (_workload_id(workload), container["name"])
 
 
 def test_autoscalers_and_disruption_budgets_cover_both_apis() -> None:
