@@ -212,7 +212,8 @@ def test_kustomize_renders_valid_objects(
 ) -> None:
     """Where kubectl is installed, its Kustomize renders the base (and with the TLS component),
     and every rendered object validates; with TLS the gRPC probes are HTTPS readiness on the
-    metrics port and an exec liveness probe (the kubelet's gRPC probe speaks plaintext only) and the settings accept the TLS variables."""
+    metrics port and an exec liveness probe (the kubelet's gRPC probe speaks plaintext only),
+    and the settings accept the TLS variables."""
     kubectl()
     folder = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, folder)

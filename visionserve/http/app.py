@@ -23,6 +23,7 @@ from visionserve.http.errors import install_error_handlers
 from visionserve.http.limits import BodySizeLimit
 from visionserve.http.observe import RequestMetrics
 from visionserve.http.predict import create_predict_router
+from visionserve.http.refusal import EarlyRefusal
 from visionserve.http.status import create_status_router
 from visionserve.serving.registry import ModelRegistry
 from visionserve.settings import ServerSettings
@@ -101,6 +102,9 @@ def create_app(
     app.include_router(create_predict_router(registry, settings))
     app.include_router(create_status_router(registry))
     app.include_router(create_v2_router(registry, settings))
+    # NOTE: answered by the server's HTTP protocol, before this app (`uvicorn_config`); what it
+    # refuses is what the routes above refuse before reading a body, with their answer
+    app.state.early_refusal = EarlyRefusal(registry, settings, api_key=api_key)
 
     if api_key is not None:
         describe = app.openapi

@@ -50,11 +50,19 @@ def error_body(request: Request, code: ErrorCode, message: str) -> dict[str, Any
     return {"error": {"code": code.value, "message": message}}
 
 
-def _error_json(error: VisionError, request: Request) -> JSONResponse:
+def vision_error_json(error: VisionError, *, v2: bool) -> JSONResponse:
+    """The answer to a `VisionError`: its status, `Retry-After` when it may be retried, the error
+    JSON in the project's shape or (`v2`) the Open Inference Protocol's. The route's handler and the
+    refusal decided before the framework (`visionserve.http.refusal`) both answer with it."""
     headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s else None
-    return JSONResponse(
-        error_body(request, error.code, error.message), status_code=error.status.http, headers=headers
+    body: dict[str, Any] = (
+        {"error": error.message} if v2 else {"error": {"code": error.code.value, "message": error.message}}
     )
+    return JSONResponse(body, status_code=error.status.http, headers=headers)
+
+
+def _error_json(error: VisionError, request: Request) -> JSONResponse:
+    return vision_error_json(error, v2=is_v2_path(request.url.path))
 
 
 def _validation_message(exc: RequestValidationError) -> str:

@@ -91,7 +91,13 @@ def create_predict_router(registry: ModelRegistry, settings: ServerSettings) -> 
 
         NOTE: a JSON body may name its model; when the query does not, only a one-model server
         knows which model's queue to check before reading it. Otherwise readiness and room are
-        checked once the body has named the model."""
+        checked once the body has named the model.
+
+        NOTE: the server's HTTP protocol answers these refusals itself, before this app, when the
+        headers suffice (`visionserve.http.refusal`: the same answer and counts); what a route
+        checks before admission (here: the X-Request-Timeout header, the model's name) is checked
+        there too: a check added before admission here and not there would be skipped for the
+        requests refused there (tests/integration/test_early_refusal.py compares the two)."""
         if query_model or len(registry) == 1:
             model = registry.get(query_model)
             name_model(request, model.name)  # a client gone mid-body is counted against it

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import ConfigurationError
 from visionserve.http.app import create_app
+from visionserve.http.refusal import EarlyRefusal
 from visionserve.http.timeouts import connection_limit, slow_client_protocol
 from visionserve.serving.lifecycle import ServiceState
 from visionserve.serving.registry import ModelRegistry, registry_from_settings
@@ -71,14 +72,20 @@ def uvicorn_config(
     app: ASGIApp, registry: ModelRegistry, settings: ServerSettings, security: SecuritySettings
 ) -> uvicorn.Config:
     """uvicorn's configuration for the app: logging, keep-alive, header and body read timeouts,
-    the cap on open connections, graceful shutdown, TLS, and `Connection: close` on every answer
-    once shutdown has begun."""
+    the cap on open connections, graceful shutdown, TLS, `Connection: close` on every answer
+    once shutdown has begun, and the refusals answered before the app (`create_app`'s
+    `EarlyRefusal`, unless VISION_EARLY_REFUSAL is off)."""
     max_connections = settings.resolved_max_connections()
     if settings.max_connections is not None:
         _check_open_file_limit(max_connections)
+    early: EarlyRefusal | None = None
+    if settings.early_refusal:
+        early = getattr(getattr(app, "state", None), "early_refusal", None)
     return uvicorn.Config(
         CloseWhileDraining(app, registry),
-        http=slow_client_protocol(settings.header_timeout_s, settings.body_timeout_s, registry.metrics),
+        http=slow_client_protocol(
+            settings.header_timeout_s, settings.body_timeout_s, registry.metrics, early_refusal=early
+        ),
         limit_concurrency=connection_limit(max_connections),
         log_config=None,
         log_level=settings.log_level,

@@ -20,6 +20,11 @@ headers are complete, and a body the app never reads (an early 401/413, a route 
 still fed to the protocol after the answer, each byte cancelling uvicorn's keep-alive timer; one
 timer here covers every case. The cap on open connections is uvicorn's `limit_concurrency` (see
 `connection_limit`), counted here too.
+
+The protocol also answers, without the app, the refusals an `EarlyRefusal` decides from the headers
+(`visionserve.http.refusal`: an overloaded model's 503, byte for byte the route's), written at once
+when the headers are in; the body that follows is read and discarded (uvicorn drops the body of a
+request already answered) and the connection stays open for the next request.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from visionserve.http.refusal import Refusal
 from visionserve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -74,11 +82,14 @@ class SlowClientProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     metrics: Metrics | None = None
+    early_refusal: Callable[[Any], Refusal | None] | None = None
+    """Decides, from a request's scope once its headers are in, a refusal to answer without the app."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
         self._phase: Phase = "headers"
+        self._at_headers = False
 
     # -- the timer
     def _arm(self, phase: Phase, delay_s: float) -> None:
@@ -115,9 +126,62 @@ class SlowClientProtocol(HttpToolsProtocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             self._count("connection_limit")  # uvicorn answers 503 in super()
-        super().on_headers_complete()
+        self._at_headers = True
+        try:
+            super().on_headers_complete()  # starts the request: `_start_asgi_task`
+        finally:
+            self._at_headers = False
         if not self.parser.should_upgrade():
             self._arm("body", self.body_timeout_s)  # cancelled at once when there is no body
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # NOTE: only a request started as its headers arrive (not a pipelined one, started when the
+        # previous answer ends), for the app (not uvicorn's connection-limit 503), while the client
+        # reads its answers (writing not paused: a client that does not read is left to the app,
+        # which waits for it)
+        early = self.early_refusal
+        if (
+            early is not None
+            and self._at_headers
+            and app is self.app
+            and not self.flow.write_paused
+            and not self.transport.is_closing()
+        ):
+            refusal = early(cycle.scope)
+            if refusal is not None:
+                self._answer_now(cycle, refusal)
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def _answer_now(self, cycle: RequestResponseCycle, refusal: Refusal) -> None:
+        """Write `refusal` as uvicorn's `send` would have written the app's answer, and end the
+        request: the body still to come is discarded (`on_body` drops it: the answer is complete)."""
+        scope = cycle.scope
+        if cycle.access_log:
+            cycle.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(scope),
+                scope["method"],
+                get_path_with_query_string(scope),
+                scope["http_version"],
+                refusal.status,
+            )
+        content = [STATUS_LINE[refusal.status]]
+        for name, value in self.server_state.default_headers:
+            content += [name, b": ", value, b"\r\n"]
+        for name, value in refusal.headers:
+            content += [name, b": ", value, b"\r\n"]
+        close = refusal.close or not cycle.keep_alive
+        if close:
+            content.append(b"connection: close\r\n")
+        content += [b"\r\n", refusal.body]
+        cycle.response_started = cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        self.transport.write(b"".join(content))
+        if close:
+            cycle.keep_alive = False
+            self.transport.close()
+        cycle.on_response()  # uvicorn's end of a request: keep-alive timer, reading resumed
 
     def on_message_complete(self) -> None:
         self._cancel()
@@ -167,11 +231,20 @@ class SlowClientProtocol(HttpToolsProtocol):
 
 
 def slow_client_protocol(
-    header_timeout_s: float, body_timeout_s: float, metrics: Metrics | None = None
+    header_timeout_s: float,
+    body_timeout_s: float,
+    metrics: Metrics | None = None,
+    early_refusal: Callable[[Any], Refusal | None] | None = None,
 ) -> type[SlowClientProtocol]:
-    """A `SlowClientProtocol` class with these timeouts, counting in `metrics`; for uvicorn's `http`."""
+    """A `SlowClientProtocol` class with these timeouts, counting in `metrics`, answering what
+    `early_refusal` refuses from the headers; for uvicorn's `http`."""
     return type(
         "SlowClientProtocol",
         (SlowClientProtocol,),
-        {"header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s, "metrics": metrics},
+        {
+            "header_timeout_s": header_timeout_s,
+            "body_timeout_s": body_timeout_s,
+            "metrics": metrics,
+            "early_refusal": staticmethod(early_refusal) if early_refusal is not None else None,
+        },
     )
