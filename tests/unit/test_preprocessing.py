@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw, ImageFile, ImageOps
 
 from tests.conftest import encode
 from tests.fixtures import crafted_png
@@ -293,6 +293,90 @@ def test_exif_orientation_with_draft_decode(preprocessor: ImagePreprocessor) -> 
     pixels = rgb_array(image)
     assert _is_red(pixels[2, width - 3])
     assert not _is_red(pixels[2, 2])
+
+
+# --- M/8 scaled JPEG decode (libjpeg-turbo through simplejpeg) ------------------------------------
+
+PHOTO_SPEC = InputSpec(size=(224, 224), resize=256)  # efficientnet_lite0's
+
+
+@pytest.fixture
+def photo_preprocessor() -> ImagePreprocessor:
+    return ImagePreprocessor(PHOTO_SPEC, max_image_pixels=40_000_000)
+
+
+def _gradient_photo(size: tuple[int, int] = (600, 400)) -> Image.Image:
+    """Smooth colours with a red marker top-left: JPEG-friendly, and easy to compare."""
+    x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, size[1], dtype=np.float32)[:, None, None]
+    pixels = np.concatenate(
+        [np.broadcast_to(x, (size[1], size[0], 1)), np.broadcast_to(y, (size[1], size[0], 1)), (x + y) / 2],
+        axis=2,
+    )
+    image = Image.fromarray(pixels.astype(np.uint8))
+    image.paste(RED, (0, 0, 100, 100))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [((600, 400), (450, 300)), ((640, 427), (400, 267)), ((1000, 700), (375, 263))],
+)
+def test_a_jpeg_larger_than_needed_decodes_at_the_smallest_eighth(
+    photo_preprocessor: ImagePreprocessor, size: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    """600x400 for a 256 px resize: 6/8 (Pillow's draft could only keep it whole); the shorter
+    side stays >= 256, so the resize after it only shrinks; the photo's own size is reported."""
+    data = encode(_gradient_photo(size), "JPEG", quality=90)
+    image, original = photo_preprocessor.decode_sized(data)
+    assert image.size == decoded and original == size
+    assert min(image.size) >= PHOTO_SPEC.resize
+    # the pixels are the photo's, reduced: compare with Pillow's full decode resized the same way
+    reference = Image.open(io.BytesIO(data)).convert("RGB").resize(decoded, Image.Resampling.BOX)
+    difference = np.abs(rgb_array(image) - rgb_array(reference))
+    assert difference.mean() < 2.0 and np.percentile(difference, 99) < 16, difference.mean()
+
+
+def test_the_scaled_decode_changes_the_model_input_little(photo_preprocessor: ImagePreprocessor) -> None:
+    data = encode(_gradient_photo(), "JPEG", quality=90)
+    scaled = photo_preprocessor(data)
+    full = photo_preprocessor.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert scaled.shape == full.shape == (3, 224, 224)
+    assert np.abs(scaled - full).mean() < 0.02  # of a [-1, 1] range
+
+
+@pytest.mark.parametrize(
+    ("orientation", "upright"), [(1, (450, 300)), (3, (450, 300)), (6, (300, 450)), (8, (300, 450))]
+)
+def test_the_scaled_decode_honours_exif_orientation(
+    photo_preprocessor: ImagePreprocessor, orientation: int, upright: tuple[int, int]
+) -> None:
+    data = _with_orientation(_gradient_photo(), orientation)
+    image, original = photo_preprocessor.decode_sized(data)
+    assert image.size == upright
+    assert original == ((600, 400) if upright[0] > upright[1] else (400, 600))
+    reference = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB").resize(upright)
+    difference = np.abs(rgb_array(image) - rgb_array(reference))
+    assert difference.mean() < 3.0, (orientation, difference.mean())  # the marker lands where it should
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.95])
+def test_a_truncated_jpeg_on_the_scaled_path_is_invalid_image(
+    photo_preprocessor: ImagePreprocessor, fraction: float
+) -> None:
+    data = encode(_gradient_photo(), "JPEG", quality=90)
+    with pytest.raises(VisionError) as info:
+        photo_preprocessor(data[: int(len(data) * fraction)])
+    assert info.value.code is ErrorCode.INVALID_IMAGE
+    assert "corrupt or truncated" in info.value.message
+
+
+def test_grey_and_power_of_two_jpegs_keep_pillows_decode(photo_preprocessor: ImagePreprocessor) -> None:
+    """Only colour JPEGs that Pillow's draft would decode larger than needed take the new path."""
+    grey = encode(_gradient_photo().convert("L"), "JPEG", quality=90)
+    assert photo_preprocessor.decode_sized(grey)[0].size == (600, 400)  # Pillow: no 6/8
+    half = encode(_gradient_photo((1024, 600)), "JPEG", quality=90)  # needs 436x256: 1/2 = 512x300
+    assert photo_preprocessor.decode_sized(half)[0].size == (512, 300)
 
 
 # --- invalid input ------------------------------------------------------------------------------
