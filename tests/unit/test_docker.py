@@ -72,6 +72,7 @@ THIRD_PARTY_VARIABLES = {
     "JUPYTER_TOKEN",
     "IPYTHONDIR",
     "MPLCONFIGDIR",
+    "ORT_DISABLE_TELEMETRY",
 }
 
 
@@ -334,6 +335,57 @@ def test_gpu_override_reserves_a_gpu_and_installs_cuda_builds() -> None:
             assert service["image"].endswith(":cuda")
     cuda_onnx = requirement_names(ROOT / "requirements" / "onnx-gpu.txt")
     assert "onnxruntime-gpu" in cuda_onnx and "onnxruntime" not in cuda_onnx
+
+
+# --- compose: read-only root, tmpfs, no capabilities ---------------------------------------------
+
+# What each service writes outside its volumes, measured with the stack up (`make test-docker`,
+# docs/docker.md "Hardening"): only /tmp. Without it the export fails ("No usable temporary
+# directory"), the API answers a 500 to an upload over 1 MB and the UI drops one over 512 KB.
+TMPFS = {"export": ["/tmp"], "api": ["/tmp"], "grpc": ["/tmp"], "ui": ["/tmp"], "jupyter": ["/tmp"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_every_service_runs_read_only_without_capabilities(variant: tuple[str, bool]) -> None:
+    """Every container, the one-shot export too, GPU override merged or not: a read-only root
+    filesystem with the tmpfs mounts it needs, no Linux capability, no privilege escalation."""
+    services = resolved(*variant)["services"]
+    assert set(services) == set(TMPFS)
+    for name, service in services.items():
+        assert service.get("read_only") is True, name
+        assert service.get("tmpfs") == TMPFS[name], name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert not service.get("cap_add") and not service.get("privileged"), name
+
+
+def test_every_written_path_is_on_a_tmpfs_or_a_volume() -> None:
+    """What JupyterLab, IPython and matplotlib write goes where the image's ENV says; each of those
+    folders lies on the service's tmpfs (or a volume), never on the read-only root."""
+    stages = dockerfile_stages()
+    services = resolved("onnx", gpu=False)["services"]
+    written = ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR")
+    for name, service in services.items():
+        env = container_env(service, stages)
+        mounts = list(service["tmpfs"]) + [str(v).split(":")[1] for v in service.get("volumes", [])]
+        for variable in written:
+            if variable in env:
+                path = env[variable]
+                assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), (name, path)
+    jupyter = container_env(services["jupyter"], stages)
+    assert all(variable in jupyter for variable in written)
+    # the notebooks' folder is the one read-write bind mount; the models are read-only everywhere
+    # but in the export
+    assert "../notebooks:/app/notebooks" in services["jupyter"]["volumes"]
+
+
+def test_onnx_runtime_telemetry_is_off_in_every_image() -> None:
+    """ONNX Runtime's Linux wheels upload telemetry and write a device id under ~/.cache (which
+    the read-only root refuses, with a warning at every start) unless ORT_DISABLE_TELEMETRY=1."""
+    stages = dockerfile_stages()
+    targets = {s["build"]["target"] for v in VARIANTS for s in resolved(*v)["services"].values()}
+    for target in targets:
+        assert effective(stages, target).env.get("ORT_DISABLE_TELEMETRY") == "1", target
 
 
 # --- Dockerfile: lint, users, health checks -----------------------------------------------------
@@ -629,10 +681,111 @@ def test_torch_cpu_and_cuda_requirements_pin_torch_txt() -> None:
         assert names["torch"] == requirement_names(ROOT / "requirements" / "torch.txt")["torch"]
 
 
-def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
-    entries = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    assert {".venv", "model_repository", ".git", "bench-results"} <= entries
-    assert "**/__pycache__" in entries
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as (excludes, pattern) in order: Docker's syntax (`*` within a path component,
+    `**` across them, `!` re-includes; a pattern matching a folder matches what it holds)."""
+    rules = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.removeprefix("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/?|\*|\?)", pattern):
+            if part.startswith("**"):
+                regex += "(.*/)?" if part.endswith("/") else ".*"
+            elif part == "*":
+                regex += "[^/]*"
+            elif part == "?":
+                regex += "[^/]"
+            else:
+                regex += re.escape(part)
+        rules.append((not negated, re.compile(rf"^{regex}(/.*)?$")))
+    return rules
+
+
+def in_build_context(path: str) -> bool:
+    """Whether `path` (relative to the repository root) reaches the builder: the last rule that
+    matches decides."""
+    sent = True
+    for excludes, pattern in dockerignore_rules():
+        if pattern.match(path):
+            sent = not excludes
+    return sent
+
+
+def test_the_build_context_holds_only_what_the_images_copy() -> None:
+    """.dockerignore is an allowlist: every COPY source is sent, the local state, caches and
+    whatever else sits in the checkout are not (`make test-docker` measures the real context)."""
+    stages = dockerfile_stages()
+    sources = {path.strip("/") for stage in stages.values() for path in stage.copies}
+    for source in sources:
+        assert in_build_context(source), source
+        for file in (ROOT / source).rglob("*.py") if (ROOT / source).is_dir() else []:
+            if "__pycache__" not in file.parts:
+                assert in_build_context(str(file.relative_to(ROOT))), file
+    # every requirements file an image installs, with its -r includes, in every variant
+    needed: set[str] = set()
+    for variant in VARIANTS:
+        for target, args in _build_args(variant).items():
+            for installed in installed_files(effective(stages, target), args):
+                needed.add(installed)
+                stack = [ROOT / installed]
+                while stack:
+                    for line in stack.pop().read_text().splitlines():
+                        if line.startswith("-r "):
+                            include = f"requirements/{line[3:].strip()}"
+                            needed.add(include)
+                            stack.append(ROOT / include)
+    assert needed and not [f for f in sorted(needed) if not in_build_context(f)]
+    left_out = [
+        ".venv/bin/python",
+        "model_repository/efficientnet_lite0/config.json",
+        "bench-results/bench.json",
+        ".git/HEAD",
+        ".hypothesis/examples/x",
+        "tests/unit/test_docker.py",
+        "docs/docker.md",
+        "notebooks/01_latency.ipynb",
+        "docker/.env",
+        ".env",
+        "README.md",
+        "visionserve/__pycache__/settings.cpython-311.pyc",
+        "bench/__pycache__/x.pyc",
+        "flask_ui/static/node_modules/x.js",
+        "visionserve/.pytest_cache/x",
+        "requirements/dev.txt",  # no image installs it: a change there must not rebuild them
+        "requirements/local.txt",
+    ]
+    assert not [path for path in left_out if in_build_context(path)]
+
+
+def test_docker_script_hygiene_helpers() -> None:
+    """scripts/test_docker.py (needs an engine to run): its in-image probe compiles, it reads the
+    Dockerfile's COPY sources as the unit tests do, and tells CUDA builds from the compose model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_docker_script", ROOT / "scripts" / "test_docker.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    compile(script.IMAGE_PROBE, "<probe>", "exec")
+    copied = {path.strip("/") for stage in dockerfile_stages().values() for path in stage.copies}
+    assert set(script.copy_sources()) == copied
+    for backend, gpu in VARIANTS:
+        images = script.built_images(resolved(backend, gpu))
+        cuda = {image for image, about in images.items() if about["cuda"]}
+        apis = {f"visionserve/fastapi-{backend}:cuda", f"visionserve/grpc-{backend}:cuda"}
+        assert cuda == (apis if gpu else set()), (backend, gpu, images)
+    assert "a | b" in script.table(["a", "b"], [["1", "2"]])
+
+
+def test_the_dockerignore_reading_is_not_vacuous() -> None:
+    assert in_build_context("visionserve/settings.py")
+    assert in_build_context("docker/register-wheel-libs.sh")
+    assert not in_build_context("docker/Dockerfile")  # sent apart from the context by the builder
+    assert not in_build_context("scripts/test_docker.py")
 
 
 # --- each image has what its entrypoint imports --------------------------------------------------
