@@ -5,6 +5,14 @@ when `max_batch_size` requests are waiting or `max_queue_delay_s` has passed sin
 request of the batch arrived (that deadline is fixed once, from `time.monotonic()`), runs the batch
 in one of the runtime's worker threads (one per runtime instance; while every instance is busy,
 requests keep queueing and the next batch takes them all) and splits the rows back to the callers.
+
+A runtime with an adaptive layout has two kinds of sessions (`cpu.Lane`): a wide one of every
+core and narrow ones of fewer threads. The batcher picks one per batch as it dispatches it, on
+the event loop, from what it knows for free: a lone computation (nothing else of this model
+computing, queued beyond this batch or being decoded, and the compute budget idle) takes the wide
+session; anything else takes a narrow one. A kind that is not free now is never waited for while
+the other is free; when neither is, the batch waits for a narrow session (the only kind that can
+free up while others compute) and, if it then finds itself alone, widens.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from visionserve.cpu import FIXED, NARROW, WIDE, Lane, call_on_lane
 from visionserve.errors import ErrorCode, VisionError
 from visionserve.metrics import Metrics
 from visionserve.serving.budget import ComputeBudget
@@ -41,6 +50,51 @@ def drop_reason(deadline: float | None, now: float) -> str:
     `deadline` if its deadline (time.monotonic()) had passed, else `cancelled` (its client went)."""
     expired = deadline is not None and now >= deadline - _DEADLINE_SLACK_S
     return "deadline" if expired else "cancelled"
+
+
+class _Sessions:
+    """The free sessions of one lane, and who waits for one (first come, first served). Event
+    loop only."""
+
+    def __init__(self, lane: Lane):
+        self.lane = lane
+        self.free = lane.sessions
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def available(self) -> bool:
+        """A session free now and nobody waiting for one."""
+        return self.free > 0 and not self._waiters
+
+    def take_now(self) -> None:
+        """Take a session (the caller checked `available`)."""
+        self.free -= 1
+
+    async def take(self) -> None:
+        """Wait for a free session, in turn, and take it."""
+        if self.available:
+            self.free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.put()  # granted just as it was cancelled: give it back
+            else:
+                self._waiters.remove(future)
+            raise
+
+    def put(self) -> None:
+        """Give a session back; the first waiter gets it."""
+        self.free += 1
+        while self._waiters and self.free > 0:
+            future = self._waiters.popleft()
+            if future.done():
+                continue
+            self.free -= 1
+            future.set_result(None)
 
 
 @dataclass(eq=False)  # NOTE: compared by identity (`deque.remove`); == on its arrays is ambiguous
@@ -66,6 +120,12 @@ class DynamicBatcher:
     `run_batch` fails only the callers of that batch. With a `budget`, each computation also takes
     `units` of the process's compute budget (shared with the other models' batchers) while it
     runs; what queues while it waits for them joins its batch.
+
+    `lanes` (default: one of `instances` sessions of `units` threads) are the runtime's kinds of
+    sessions; with a wide and a narrow one the batcher picks per batch (module docstring) and runs
+    `run_batch` under `cpu.on_lane(kind)`; a computation takes its lane's threads in units.
+    `incoming` says how many requests are on their way to the queue (being decoded), one of the
+    signs that a batch is not alone.
     """
 
     def __init__(
@@ -81,35 +141,49 @@ class DynamicBatcher:
         model: str = "",
         budget: ComputeBudget | None = None,
         units: int = 1,
+        lanes: Sequence[Lane] | None = None,
     ):
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_s < 0:
             raise ValueError(
                 "max_batch_size, max_queue_size and instances must be >= 1, max_queue_delay_s >= 0"
             )
+        lanes = tuple(lanes or (Lane(FIXED, instances, units),))
+        kinds = [lane.kind for lane in lanes]
+        if len(lanes) > 1 and sorted(kinds) != sorted([WIDE, NARROW]):
+            raise ValueError(f"lanes must be one (any kind) or a wide and a narrow one, got {kinds}")
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.instances = instances
+        self.lanes = lanes
+        self.instances = sum(lane.sessions for lane in lanes)
+        """Sessions of every lane (a fixed layout: `instances`)."""
         self.metrics = metrics
         self.model = model
         """The model's name, the `model` label of this batcher's metrics."""
         self.budget = budget
-        self.units = units
-        """Budget units one computation takes (its runtime instance's intra-op threads)."""
+        self.units = lanes[0].threads if len(lanes) == 1 else max(lane.threads for lane in lanes)
+        """Budget units the widest computation takes (its session's intra-op threads)."""
+        self.incoming: Callable[[], int] = lambda: 0
+        """Requests on their way to the queue now (the model's admission counts those decoded)."""
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        # NOTE: one slot per runtime instance, held while it computes (a batch, or a
+        # NOTE: the sessions of each lane, one held while it computes (a batch, or a
         # `run_exclusive` job), so that items stay in this queue, where a cancelled or expired one
         # can still be dropped, rather than waiting in the executor's queue, where it cannot.
-        self._slots = asyncio.Semaphore(instances)
+        self._sessions = {lane.kind: _Sessions(lane) for lane in lanes}
+        self._wide = self._sessions.get(WIDE) if len(lanes) > 1 else None
+        self._wait_for = self._sessions[NARROW] if len(lanes) > 1 else self._sessions[lanes[0].kind]
+        """The lane a batch waits for when none is free now (under load: the narrow one)."""
         self._busy = 0
         self._closed = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size ran (for tests and metrics)."""
+        self.lane_runs: collections.Counter[str] = collections.Counter()
+        """How many computations (batches and `run_exclusive` jobs) each lane ran."""
         if metrics is not None:  # NOTE: every series of this model from the start, at zero
             metrics.queue_depth.labels(model).set(0)
             for reason in REJECTION_REASONS:
@@ -129,36 +203,106 @@ class DynamicBatcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting, a runtime instance free, and its compute budget free now."""
-        if self._queue or self._busy >= self.instances:
-            return False
-        budget = self.budget
-        return budget is None or (not budget.waiting and budget.free >= budget.clamp(self.units))
+        """Nothing waiting, and a session free with its compute budget free now."""
+        return not self._queue and any(self._fits(sessions) for sessions in self._sessions.values())
+
+    @property
+    def adaptive(self) -> bool:
+        """A wide and a narrow lane, picked per batch."""
+        return self._wide is not None
 
     async def run_exclusive(self, function: Callable[..., T], *args: object) -> T:
-        """Run `function(*args)` on a free runtime instance's thread (the idle fast path: one
-        request decoded and computed in a single hand-off)."""
-        await self._slots.acquire()
-        try:
-            await self._take_budget()
-        except BaseException:
-            self._slots.release()
-            raise
+        """Run `function(*args)` on a free session's thread (the idle fast path: one request
+        decoded and computed in a single hand-off)."""
+        lane = await self._take_lane()
         self._busy += 1
-        job = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
-        job.add_done_callback(self._job_done)
+        job = asyncio.get_running_loop().run_in_executor(
+            self.executor, call_on_lane, lane.kind, function, *args
+        )
+        job.add_done_callback(lambda done: self._job_done(done, lane))
         # NOTE: shielded, so that a caller cancelled mid-computation (its client went away) does not
         # free the instance while its thread still computes: the next request would otherwise
         # wait in the executor's queue, outside the bound of max_queue_size, where no cancelled or
         # expired request can be dropped.
         return await asyncio.shield(job)
 
-    def _job_done(self, job: asyncio.Future[Any]) -> None:
-        """A `run_exclusive` job has ended (its caller may have gone): free its instance."""
+    def _job_done(self, job: asyncio.Future[Any], lane: Lane) -> None:
+        """A `run_exclusive` job has ended (its caller may have gone): free its session."""
         self._busy -= 1
-        self._give_back()
+        self._give_back(lane)
         if not job.cancelled():
             job.exception()  # NOTE: retrieved, else asyncio logs it as lost when its caller has gone
+
+    # --- which session: decided on the event loop, per computation ------------------------------
+
+    def _units(self, lane: Lane) -> int:
+        return lane.threads if self.budget is None else self.budget.clamp(lane.threads)
+
+    def _fits(self, sessions: _Sessions) -> bool:
+        """A session of this lane and its units are free now, and nobody waits for either."""
+        if not sessions.available:
+            return False
+        budget = self.budget
+        return budget is None or (not budget.waiting and budget.free >= budget.clamp(sessions.lane.threads))
+
+    def _alone(self, held: int = 0) -> bool:
+        """Nothing else to compute now or soon: no other computation of this model, nothing queued
+        beyond one batch, nothing being decoded for it, and the compute budget idle but for the
+        `held` units this dispatch holds (no other model computing or waiting)."""
+        if self._busy or len(self._queue) > self.max_batch_size or self.incoming():
+            return False
+        budget = self.budget
+        return budget is None or (not budget.waiting and budget.free + held >= budget.units)
+
+    def _take_free_lane(self) -> Lane | None:
+        """Take a session and its units now: of the kind this dispatch wants (wide when it is
+        alone, else narrow), else of the other kind if that one is free; None when neither is."""
+        if self._wide is None:
+            order = [self._wait_for]
+        elif self._alone():
+            order = [self._wide, self._wait_for]
+        else:
+            order = [self._wait_for, self._wide]
+        for sessions in order:
+            if self._fits(sessions):
+                sessions.take_now()
+                if self.budget is not None:
+                    taken = self.budget.try_acquire(sessions.lane.threads)
+                    assert taken, "checked by _fits"
+                return sessions.lane
+        return None
+
+    async def _take_lane(self) -> Lane:
+        """A session and its budget units for the next computation (`_take_free_lane`); when none
+        is free, wait in turn for the lane that frees up under load, then widen if alone."""
+        lane = self._take_free_lane()
+        if lane is not None:
+            self.lane_runs[lane.kind] += 1
+            return lane
+        sessions = self._wait_for
+        await sessions.take()
+        try:
+            if self.budget is not None:
+                await self.budget.acquire(sessions.lane.threads, self.model)
+        except BaseException:
+            sessions.put()
+            raise
+        lane = self._widen(sessions.lane)
+        self.lane_runs[lane.kind] += 1
+        return lane
+
+    def _widen(self, lane: Lane) -> Lane:
+        """`lane` (narrow, taken after a wait), or the wide one if this batch now finds itself
+        alone and the wide session and the rest of the budget are free."""
+        wide = self._wide
+        if wide is None or not wide.available or not self._alone(held=self._units(lane)):
+            return lane
+        extra = self._units(wide.lane) - self._units(lane)
+        if self.budget is not None and extra > 0 and not self.budget.try_acquire(extra):
+            return lane
+        wide.take_now()
+        self._sessions[lane.kind].put()
+        return wide.lane
 
     def start(self) -> None:
         """Start the background task (on the running loop)."""
@@ -286,31 +430,28 @@ class DynamicBatcher:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-            await self._slots.acquire()  # what queues while every instance is busy joins this batch
-            try:
-                await self._take_budget()  # and what queues while other models compute
-            except BaseException:
-                self._slots.release()
-                raise
+            # NOTE: what queues while every session is busy, or other models compute, joins this batch
+            lane = await self._take_lane()
             batch = self._take_live(time.monotonic())
             if not batch:
-                self._give_back()
+                self.lane_runs[lane.kind] -= 1
+                self._give_back(lane)
                 continue
             self._busy += 1
-            task = asyncio.get_running_loop().create_task(self._compute(batch), name="batch")
+            task = asyncio.get_running_loop().create_task(self._compute(batch, lane), name="batch")
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
     def _stack_and_run(self, tensors: list[np.ndarray]) -> np.ndarray:
         return self.run_batch(np.stack(tensors))
 
-    async def _compute(self, batch: list[_Pending]) -> None:
-        """Run one batch on a runtime instance, answer its callers, free the instance."""
+    async def _compute(self, batch: list[_Pending], lane: Lane) -> None:
+        """Run one batch on a session of `lane`, answer its callers, free the session."""
         try:
             # NOTE: stacked on the runtime's thread, not the event loop: a batch of 8 224x224
             # images is a 4.8 MB copy, which showed up in the event loop's profile at 16 clients.
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._stack_and_run, [b.tensor for b in batch]
+                self.executor, call_on_lane, lane.kind, self._stack_and_run, [b.tensor for b in batch]
             )
         except Exception as exc:
             for item in batch:
@@ -328,15 +469,10 @@ class DynamicBatcher:
                     item.future.set_result(row)
         finally:
             self._busy -= 1
-            self._give_back()
+            self._give_back(lane)
 
-    async def _take_budget(self) -> None:
-        """Take this model's units of the shared compute budget (after an instance slot)."""
+    def _give_back(self, lane: Lane) -> None:
+        """Free a session of `lane` and the budget units taken with it."""
         if self.budget is not None:
-            await self.budget.acquire(self.units, self.model)
-
-    def _give_back(self) -> None:
-        """Free an instance slot and the budget units taken with it."""
-        if self.budget is not None:
-            self.budget.release(self.units)
-        self._slots.release()
+            self.budget.release(lane.threads)
+        self._sessions[lane.kind].put()

@@ -240,6 +240,19 @@ class ModelInfo(BaseModel):
         description="Runtime instances computing batches at the same time (0: a pipeline, see its stages)."
     )
     threads: int = Field(description="Intra-op threads of each instance.")
+    layout: str | None = Field(
+        default=None,
+        description="How the runtime's sessions share the cores (sessions x intra-op threads): "
+        "`fixed: 1x2`, or `adaptive: 1x2 for a lone request, 2x1 under load` (a wide session when "
+        "nothing else computes, narrow ones side by side otherwise; then `instances` is the narrow "
+        "sessions, the most computing at once, and `threads` the wide session's); null: a pipeline.",
+    )
+    layout_reason: str | None = Field(
+        default=None, description="Why this layout (the default, VISION_LAYOUT, or the settings that fix it)."
+    )
+    sessions: list[dict[str, str | int]] | None = Field(
+        default=None, description="The runtime's sessions by kind (fixed, wide, narrow): count and threads."
+    )
     preprocess_workers: int = Field(
         description="Threads decoding and preprocessing images (shared by the models)."
     )

@@ -185,6 +185,17 @@ class ModelSettings(BaseSettings):
     """Runtime instances computing batches at the same time; overrides the model's `instances`
     (config.json; default 1). ONNX: one session each; PyTorch: one module called from each."""
 
+    layout: Literal["auto", "adaptive", "fixed"] = "auto"
+    """How the runtime's sessions share the cores. `auto` (the default): on ONNX Runtime on CPU,
+    where neither VISION_THREADS nor VISION_INSTANCES nor the model's config.json (`threads`, or
+    `instances` above 1) sets a layout, the adaptive one: a wide session of every core for a lone
+    request and narrow sessions side by side under load (2 cores: 1x2 and 2x1), switched per batch
+    by the compute budget; otherwise the fixed layout those settings give, as before. `fixed`:
+    always the fixed layout (default 1 instance x every core). `adaptive`: the adaptive layout on
+    ONNX Runtime on CPU even where `auto` would not; VISION_THREADS then sets the wide session's
+    threads and VISION_INSTANCES the number of narrow sessions. GET /models and the start-up log
+    say which layout runs and why."""
+
     torch_compile: bool = True
     """PyTorch runtime only: compile the model with `torch.compile` (inductor, frozen weights)
     during warm-up. About 2x faster on CPU here; warm-up takes tens of seconds longer."""

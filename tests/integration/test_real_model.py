@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import photo_bytes, wait_ready
 from tests.fixtures import app_of
-from visionserve.cpu import available_cpus
+from visionserve.cpu import NARROW, WIDE, available_cpus, on_lane, plan_adaptive
 from visionserve.photos import packaged_photos
 from visionserve.postprocessing import postprocess, softmax
 from visionserve.preprocessing import ImagePreprocessor
@@ -161,7 +161,7 @@ def test_two_instances_compute_at_once_with_the_same_answers(
     _loaded(runtime)
     try:
         if backend == "onnx":
-            assert isinstance(runtime, OnnxRuntime) and runtime._free.qsize() == 2  # a session each
+            assert isinstance(runtime, OnnxRuntime) and runtime.sessions() == 2  # a session each
         _, batch = _photo_batch(real_entry)
         expected = [onnx_runtime.predict_batch(batch[i : i + 1]) for i in range(3)]
         for k, scores in enumerate(_concurrent_answers(runtime, batch)):
@@ -235,3 +235,63 @@ def test_pickled_pt2_is_refused(real_entry: ModelEntry, tmp_path: Path) -> None:
             dst.writestr(item, data)
     with pytest.raises(ConfigurationError, match="pickled"):
         check_pickle_free(tampered)
+
+
+def test_an_adaptive_runtime_answers_as_a_fixed_one_on_every_kind_of_session(
+    onnx_runtime: ModelRuntime, real_entry: ModelEntry
+) -> None:
+    """Issue 15: a wide (2-thread) and narrow (1-thread) sessions, sharing one CPU arena, give the
+    fixed runtime's scores on the real photos, within 1e-5, called one by one and concurrently."""
+    runtime = OnnxRuntime(real_entry, threads=2, instances=2, lanes=plan_adaptive(cores=2).lanes)
+    _loaded(runtime)
+    try:
+        assert runtime.sessions(WIDE) == 1 and runtime.sessions(NARROW) == 2 and runtime.shared_arena
+        _, batch = _photo_batch(real_entry)
+        expected = onnx_runtime.predict_batch(batch)
+        for kind in (WIDE, NARROW):
+            with on_lane(kind):
+                np.testing.assert_allclose(runtime.predict_batch(batch), expected, atol=1e-5, rtol=0)
+                single = np.concatenate([runtime.predict_batch(batch[i : i + 1]) for i in range(len(batch))])
+                np.testing.assert_allclose(single, expected, atol=1e-5, rtol=0)
+
+        def on(kind: str, row: int) -> np.ndarray:
+            with on_lane(kind):
+                return runtime.predict_batch(batch[row : row + 1])
+
+        with ThreadPoolExecutor(3) as pool:
+            kinds = (WIDE, NARROW, NARROW)
+            jobs = [(row, pool.submit(on, kind, row)) for row in range(len(batch)) for kind in kinds]
+            for row, job in jobs:
+                np.testing.assert_allclose(job.result(), expected[row : row + 1], atol=1e-5, rtol=0)
+    finally:
+        runtime.close()
+
+
+def test_the_adaptive_default_serves_the_real_model_with_the_same_answers(real_entry: ModelEntry) -> None:
+    """The registry as served by default (adaptive: lone requests on the wide session, a crowd on
+    the narrow ones) answers every photo as the fixed 1 x 2 layout does."""
+    import asyncio
+
+    from visionserve.cpu import layout_summary
+    from visionserve.serving.registry import ModelRegistry
+
+    photos = [photo_bytes(name) for name in ("chelsea.png", "coffee.png", "astronaut.png")]
+
+    async def answers(runtime: ModelRuntime) -> tuple[list[object], dict[str, int]]:
+        registry = ModelRegistry([runtime], ServerSettings(preprocess_workers=2), cores=2)
+        await registry.start()
+        model = registry.default
+        lone = [await model.predict(photo, {"topk": 3}) for photo in photos]  # type: ignore[union-attr]
+        crowd = await asyncio.gather(*(model.predict(photos[i % 3], {"topk": 3}) for i in range(24)))  # type: ignore[union-attr]
+        runs = dict(model.batcher.lane_runs)  # type: ignore[union-attr]
+        await registry.stop()
+        return [r.output for r in lone + list(crowd)], runs
+
+    lanes = plan_adaptive(cores=2).lanes
+    adaptive, runs = asyncio.run(answers(OnnxRuntime(real_entry, threads=2, instances=2, lanes=lanes)))
+    fixed, _ = asyncio.run(answers(OnnxRuntime(real_entry, threads=2)))
+    assert layout_summary(lanes) == "adaptive: 1x2 for a lone request, 2x1 under load"
+    assert runs.get(WIDE, 0) >= 3 and runs.get(NARROW, 0) >= 1
+    for got, want in zip(adaptive, fixed, strict=True):
+        assert [p.index for p in got.predictions] == [p.index for p in want.predictions]  # type: ignore[attr-defined]
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5, rtol=0)  # type: ignore[attr-defined]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from visionserve.cpu import ThreadLayout, plan_threads
+from visionserve.cpu import ThreadLayout, plan_adaptive, plan_threads
 from visionserve.errors import ConfigurationError
 from visionserve.repository import ModelEntry, ModelRepository, PipelineEntry
 from visionserve.runtimes.base import ModelRuntime
@@ -20,18 +21,72 @@ __all__ = [
 ]
 
 
+def _fixed_by(model: ModelEntry, settings: ModelSettings) -> list[str]:
+    """The settings that ask for a fixed layout: VISION_THREADS, VISION_INSTANCES, or the model's
+    config.json `threads`, or `instances` above 1 (the exporter writes `instances: 1, threads:
+    null`, the defaults, which ask for nothing)."""
+    named = []
+    if settings.threads:
+        named.append(f"VISION_THREADS={settings.threads}")
+    if settings.instances:
+        named.append(f"VISION_INSTANCES={settings.instances}")
+    if model.config.threads:
+        named.append(f"threads {model.config.threads} in config.json")
+    if model.config.instances > 1:
+        named.append(f"instances {model.config.instances} in config.json")
+    return named
+
+
+def _not_adaptive(settings: ModelSettings) -> str | None:
+    """Why no adaptive layout can run with these settings, or None when one can."""
+    if settings.backend != "onnx":
+        return "PyTorch runs one module with process-wide threads; adaptive layouts are ONNX Runtime's"
+    if settings.device != "cpu":
+        return "on CUDA the GPU computes; adaptive layouts are for CPU sessions"
+    return None
+
+
 def thread_layout(model: ModelEntry, settings: ModelSettings) -> ThreadLayout:
-    """Instances and intra-op threads for `model`: the environment's settings, else the model's
-    config.json, else the defaults (`plan_threads`); too many threads for the cores is refused."""
-    instances = settings.instances or model.config.instances
-    threads = settings.threads or model.config.threads
+    """Sessions and intra-op threads for `model`, and why (`ThreadLayout.reason`).
+
+    `VISION_LAYOUT=auto` (the default): the adaptive layout (`plan_adaptive`) on ONNX Runtime on
+    CPU where no setting asks for a fixed one; else the fixed layout of the environment's
+    settings, else the model's config.json, else the defaults (`plan_threads`), as it always was.
+    `fixed`: always that fixed layout. `adaptive`: the adaptive layout on ONNX Runtime on CPU, its
+    wide session of VISION_THREADS (default: the cores), VISION_INSTANCES narrow sessions
+    (default: `narrow_sessions`). Too many threads for the cores is refused.
+    """
+    fixed_by = _fixed_by(model, settings)
+    cannot = _not_adaptive(settings)
     try:
-        return plan_threads(instances=instances, threads=threads, device=settings.device)
+        if settings.layout == "adaptive" and cannot is None:
+            return plan_adaptive(
+                threads=settings.threads or model.config.threads,
+                instances=settings.instances,
+                reason="VISION_LAYOUT=adaptive",
+            )
+        if settings.layout == "auto" and cannot is None and not fixed_by:
+            return plan_adaptive(
+                reason="the default on ONNX Runtime on CPU (no VISION_THREADS, VISION_INSTANCES or "
+                "config.json threads/instances set; VISION_LAYOUT=fixed for one session of every core)"
+            )
+        instances = settings.instances or model.config.instances
+        threads = settings.threads or model.config.threads
+        layout = plan_threads(instances=instances, threads=threads, device=settings.device)
     except ValueError as exc:
         raise ConfigurationError(
             f"{exc}; lower VISION_THREADS or VISION_INSTANCES (or `threads` / `instances` in "
             f"{model.root / 'config.json'})"
         ) from None
+    if settings.layout == "fixed":
+        reason = "VISION_LAYOUT=fixed"
+    elif fixed_by:
+        reason = "set by " + ", ".join(fixed_by)
+    elif settings.layout == "adaptive":
+        reason = f"VISION_LAYOUT=adaptive does not apply: {cannot}"
+    else:
+        reason = str(cannot)
+    return replace(layout, reason=reason)
 
 
 def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
@@ -41,6 +96,8 @@ def create_runtime(model: ModelEntry, settings: ModelSettings) -> ModelRuntime:
         "device": settings.device,
         "threads": layout.threads,
         "instances": layout.instances,
+        "lanes": layout.lanes,
+        "layout_reason": layout.reason,
     }
     if settings.backend == "onnx":
         from visionserve.runtimes.onnx import OnnxRuntime

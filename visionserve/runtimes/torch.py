@@ -9,12 +9,13 @@ import os
 import shutil
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from visionserve.cpu import Lane
 from visionserve.errors import ConfigurationError
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
@@ -112,8 +113,22 @@ class TorchRuntime(ModelRuntime):
         threads: int = 1,
         instances: int = 1,
         compile: bool = False,
+        lanes: Sequence[Lane] | None = None,
+        layout_reason: str = "",
     ):
-        super().__init__(model, device=device, threads=threads, instances=instances)
+        super().__init__(
+            model,
+            device=device,
+            threads=threads,
+            instances=instances,
+            lanes=lanes,
+            layout_reason=layout_reason,
+        )
+        if len(self.lanes) > 1:
+            raise ConfigurationError(
+                "the PyTorch runtime runs one module with process-wide threads: its layout is "
+                "fixed (VISION_LAYOUT=adaptive is for ONNX Runtime on CPU)"
+            )
         self.compile = compile
         self._module: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._torch_device = torch.device("cpu")

@@ -7,6 +7,10 @@ slower, both late. Every batch (and every idle-path request) takes units from on
 `threads` intra-op threads. Waiters are served first come, first served, whatever their model, so
 a busy model cannot starve another; a model that sends nothing takes nothing, so an idle model
 costs no CPU. The same idea as Triton's rate limiter, with cores as the one resource.
+
+A model with an adaptive layout reads the budget to pick a session per batch: its wide session
+(all the units) when the budget is idle, a narrow one (its threads' units) when other work
+computes or waits (`DynamicBatcher`); the budget is never oversubscribed either way.
 """
 
 from __future__ import annotations
@@ -44,12 +48,25 @@ class ComputeBudget:
         the settings on a larger machine, takes all of it)."""
         return max(1, min(units, self.units))
 
+    @property
+    def idle(self) -> bool:
+        """Nothing computing and nobody waiting: every unit free."""
+        return self._free == self.units and not self._waiters
+
+    def try_acquire(self, units: int) -> bool:
+        """Take `units` now if they are free and nobody is waiting (the order `acquire` keeps);
+        else take nothing and say so."""
+        units = self.clamp(units)
+        if self._waiters or self._free < units:
+            return False
+        self._free -= units
+        return True
+
     async def acquire(self, units: int, model: str = "") -> None:
         """Wait until `units` are free and nobody queued earlier is waiting, then take them."""
-        units = self.clamp(units)
-        if not self._waiters and self._free >= units:
-            self._free -= units
+        if self.try_acquire(units):
             return
+        units = self.clamp(units)
         started = time.perf_counter()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (units, future)

@@ -67,8 +67,11 @@ class ServedModel:
                 f"--max-batch-size {batch}"
             )
         delay_us = config.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
+        lanes = runtime.lanes
+        # NOTE: a thread per session of every lane: the batcher's sessions, not the executor,
+        # bound what computes at once, so that nothing ever waits in the executor's queue
         self.runtime_threads = ThreadPoolExecutor(
-            runtime.instances, thread_name_prefix=f"runtime-{self.name}"
+            sum(lane.sessions for lane in lanes), thread_name_prefix=f"runtime-{self.name}"
         )
         self.batcher = DynamicBatcher(
             self._run,
@@ -81,8 +84,10 @@ class ServedModel:
             model=self.name,
             budget=budget,
             units=runtime.threads,
+            lanes=lanes,
         )
         self.admission = Admission(self.lifecycle, self.batcher)
+        self.batcher.incoming = lambda: self.admission.preparing
         self.pipeline = InferencePipeline(
             runtime,
             task,
@@ -128,15 +133,30 @@ class ServedModel:
         if not self.lifecycle.loaded():  # shutdown began while loading
             return
         logger.info(
-            "model %s (%s) ready on %s/%s in %.1f s: %d instance(s) x %d intra-op thread(s)",
+            "model %s (%s) ready on %s/%s in %.1f s: %s",
             self.name,
             self.task.name,
             self.runtime.backend,
             self.runtime.device,
             time.perf_counter() - started,
-            self.runtime.instances,
-            self.runtime.threads,
+            self.layout_line(),
         )
+
+    def layout_line(self) -> str:
+        """What runs and why, in words, for the start-up log."""
+        runtime = self.runtime
+        if self.batcher.adaptive:
+            what = (
+                f"layout {runtime.layout} (sessions x intra-op threads; a batch takes the wide "
+                "session when nothing else computes, waits or is being decoded, else a narrow one)"
+            )
+        else:
+            what = (
+                f"layout {runtime.layout}: {runtime.instances} instance(s) x {runtime.threads} "
+                "intra-op thread(s)"
+            )
+        reason = runtime.layout_reason
+        return f"{what}; {reason}" if reason else what
 
     async def stop(self) -> None:
         """Stop taking requests, let queued work finish, release the runtime."""
@@ -209,6 +229,12 @@ class ServedModel:
             "device": self.runtime.device,
             "instances": self.runtime.instances,
             "threads": self.runtime.threads,
+            "layout": self.runtime.layout,
+            "layout_reason": self.runtime.layout_reason or None,
+            "sessions": [
+                {"kind": lane.kind, "count": lane.sessions, "threads": lane.threads}
+                for lane in self.runtime.lanes
+            ],
             "ready": self.ready,
             "state": self.state.value,
         }
