@@ -92,10 +92,14 @@ def inherited_env() -> dict[str, str]:
 
 
 def model_env(settings: ModelSettings, models: Sequence[str] = ()) -> dict[str, str]:
-    """`VISION_*` variables that make a served process use exactly `settings` (threads resolved,
-    so the server and the in-process measurement agree even where the defaults would not) and
-    serve `models` (empty: every model of the repository), `settings.model_name` the default.
-    `VISION_BACKEND` picks the gRPC server's runtime; the HTTP deployables fix their own."""
+    """`VISION_*` variables that make a served process use exactly `settings` and serve `models`
+    (empty: every model of the repository), `settings.model_name` the default. `VISION_BACKEND`
+    picks the gRPC server's runtime; the HTTP deployables fix their own.
+
+    NOTE: `VISION_THREADS` only when `settings` set it (`--threads`, or the environment): unset,
+    the served process picks its default thread layout (adaptive on ONNX Runtime's CPU), as the
+    in-process measurement does from the same settings (`create_runtime`). Passing the resolved
+    count instead fixed the layout, so `make bench` never measured the default."""
     return {
         **({"VISION_MODELS": ",".join(models)} if models else {}),
         **({"VISION_INSTANCES": str(settings.instances)} if settings.instances else {}),
@@ -103,7 +107,7 @@ def model_env(settings: ModelSettings, models: Sequence[str] = ()) -> dict[str, 
         "VISION_MODEL_REPOSITORY": str(Path(settings.model_repository).resolve()),
         "VISION_MODEL_NAME": settings.model_name,
         "VISION_DEVICE": settings.device,
-        "VISION_THREADS": str(settings.resolved_threads()),
+        **({"VISION_THREADS": str(settings.threads)} if settings.threads else {}),
         "VISION_TORCH_COMPILE": str(settings.torch_compile).lower(),
         "VISION_ONNX_ALLOW_SPINNING": str(settings.onnx_allow_spinning).lower(),
     }

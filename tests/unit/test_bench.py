@@ -316,6 +316,16 @@ def test_served_process_gets_the_in_process_settings(tmp_path: Path) -> None:
     assert env["VISION_MODEL_REPOSITORY"] == str(tmp_path.resolve())
 
 
+def test_served_process_keeps_its_default_layout_when_no_threads_are_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --threads: no VISION_THREADS for the server, which then runs its default layout (as the
+    in-process measurement does from the same settings), instead of a fixed one."""
+    monkeypatch.delenv("VISION_THREADS", raising=False)
+    env = model_env(ModelSettings(backend="onnx", model_repository=tmp_path))
+    assert "VISION_THREADS" not in env and "VISION_INSTANCES" not in env
+
+
 def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
     server = ServerProcess(
         "onnx", env={"VISION_MODEL_REPOSITORY": str(tmp_path / "empty")}, log_path=tmp_path / "server.log"
