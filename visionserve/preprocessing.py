@@ -100,7 +100,10 @@ class ImagePreprocessor:
             scale = self._draft_scale(width, height)
             needed = (int(width * scale), int(height * scale))
             if image.mode == "RGB" and _draft_reduction(width, height, needed) == 1:
-                return self._decode_jpeg(data, image), self._upright_size(image, original)
+                decoded = _decode_jpeg(data, image.format)
+                method = _UPRIGHT.get(_orientation(image))
+                upright = decoded if method is None else decoded.transpose(method)
+                return upright, original if upright.size == decoded.size else (height, width)
             image.draft(image.mode, needed)
         try:
             image.load()  # first frame only for animated formats
@@ -108,41 +111,10 @@ class ImagePreprocessor:
             # NOTE: in place: without, exif_transpose copies every pixel of an upright photo
             ImageOps.exif_transpose(image, in_place=True)
         except Exception as exc:
-            raise VisionError(
-                ErrorCode.INVALID_IMAGE,
-                f"the {image.format} image is corrupt or truncated and cannot be decoded",
-            ) from exc
+            raise _corrupt(image.format) from exc
         if image.size != size:  # rotated a quarter turn by its EXIF orientation
             original = (height, width)
         return _to_rgb(image), original
-
-    def _decode_jpeg(self, data: bytes, header: Image.Image) -> Image.Image:
-        """A colour JPEG that Pillow's draft would decode whole, decoded by libjpeg-turbo through
-        simplejpeg instead, then turned upright by its EXIF orientation (read from Pillow's parse
-        of the header).
-
-        NOTE: the same library and settings as Pillow's decoder (accurate DCT, smooth chroma
-        upsampling): the pixels are identical (tested), sooner (a 600x400 photo: 0.86 ms against
-        ~1.0). Its M/8 scaled decode (6/8 for a 600x400 photo and a 256 px resize) was tried: a
-        slower decode (libjpeg-turbo's SIMD paths are the 1/1, 1/2, 1/4, 1/8 scales) but a smaller
-        resize after it, ~0.1 ms sooner in all, yet different pixels and probabilities moved by up
-        to 0.04 from every offline pipeline's: not worth it (docs/benchmarks.md).
-        """
-        try:
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        except ValueError as exc:  # simplejpeg's error for corrupt or truncated data (strict)
-            raise VisionError(
-                ErrorCode.INVALID_IMAGE,
-                f"the {header.format} image is corrupt or truncated and cannot be decoded",
-            ) from exc
-        image = Image.fromarray(pixels)
-        method = _UPRIGHT.get(_orientation(header))
-        return image if method is None else image.transpose(method)
-
-    @staticmethod
-    def _upright_size(header: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
-        """The photo's size once upright: swapped for a quarter turn (orientations 5-8)."""
-        return (size[1], size[0]) if _orientation(header) in (5, 6, 7, 8) else size
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) RGB pixels -> float32 (3, H, W), normalised as the input spec says."""
@@ -194,6 +166,29 @@ class ImagePreprocessor:
             f"the image{declared} the limit is {self.max_image_pixels:,} pixels "
             "(setting VISION_MAX_IMAGE_PIXELS)",
         )
+
+
+def _decode_jpeg(data: bytes, image_format: str | None) -> Image.Image:
+    """A colour JPEG that Pillow's draft would decode whole, decoded by libjpeg-turbo through
+    simplejpeg instead (the caller turns it upright by its EXIF orientation).
+
+    NOTE: the same library and settings as Pillow's decoder (accurate DCT, smooth chroma
+    upsampling): the pixels are identical (tested), sooner (a 600x400 photo: 0.86 ms against
+    ~1.0). Its M/8 scaled decode (6/8 for a 600x400 photo and a 256 px resize) was tried: a
+    slower decode (libjpeg-turbo's SIMD paths are the 1/1, 1/2, 1/4, 1/8 scales) but a smaller
+    resize after it, ~0.1 ms sooner in all, yet different pixels and probabilities moved by up
+    to 0.04 from every offline pipeline's: not worth it (docs/benchmarks.md).
+    """
+    try:
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    except ValueError as exc:  # simplejpeg's error for corrupt or truncated data (strict)
+        raise _corrupt(image_format) from exc
+
+
+def _corrupt(image_format: str | None) -> VisionError:
+    return VisionError(
+        ErrorCode.INVALID_IMAGE, f"the {image_format} image is corrupt or truncated and cannot be decoded"
+    )
 
 
 def _draft_reduction(width: int, height: int, needed: tuple[int, int]) -> int:
