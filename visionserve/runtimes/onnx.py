@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from visionserve.cpu import Lane, current_lane
+from visionserve.cpu import current_lane
 from visionserve.errors import ConfigurationError
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
@@ -57,25 +57,9 @@ class OnnxRuntime(ModelRuntime):
 
     backend = "onnx"
 
-    def __init__(
-        self,
-        model: ModelEntry,
-        *,
-        device: str = "cpu",
-        threads: int = 1,
-        instances: int = 1,
-        allow_spinning: bool = False,
-        lanes: Sequence[Lane] | None = None,
-        layout_reason: str = "",
-    ):
-        super().__init__(
-            model,
-            device=device,
-            threads=threads,
-            instances=instances,
-            lanes=lanes,
-            layout_reason=layout_reason,
-        )
+    def __init__(self, model: ModelEntry, *, allow_spinning: bool = False, **layout: Any):
+        """`layout`: `ModelRuntime`'s device, threads, instances, lanes and layout_reason."""
+        super().__init__(model, **layout)
         self.allow_spinning = allow_spinning
         self._session: ort.InferenceSession | None = None
         # NOTE: sessions not in use, per lane; a caller takes one and puts it back. Concurrent runs

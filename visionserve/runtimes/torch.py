@@ -9,13 +9,13 @@ import os
 import shutil
 import threading
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from visionserve.cpu import Lane
 from visionserve.errors import ConfigurationError
 from visionserve.repository import ModelEntry
 from visionserve.runtimes.base import ModelRuntime
@@ -105,25 +105,9 @@ class TorchRuntime(ModelRuntime):
 
     backend = "torch"
 
-    def __init__(
-        self,
-        model: ModelEntry,
-        *,
-        device: str = "cpu",
-        threads: int = 1,
-        instances: int = 1,
-        compile: bool = False,
-        lanes: Sequence[Lane] | None = None,
-        layout_reason: str = "",
-    ):
-        super().__init__(
-            model,
-            device=device,
-            threads=threads,
-            instances=instances,
-            lanes=lanes,
-            layout_reason=layout_reason,
-        )
+    def __init__(self, model: ModelEntry, *, compile: bool = False, **layout: Any):
+        """`layout`: `ModelRuntime`'s device, threads, instances, lanes and layout_reason."""
+        super().__init__(model, **layout)
         if len(self.lanes) > 1:
             raise ConfigurationError(
                 "the PyTorch runtime runs one module with process-wide threads: its layout is "
