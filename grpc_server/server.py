@@ -77,13 +77,8 @@ def with_health(app: Any, registry: ModelRegistry) -> Any:
         path = environ.get("PATH_INFO", "")
         if path not in ("/health/live", "/health/ready"):
             return app(environ, start_response)
-        if path == "/health/live":
-            status, body = "200 OK", {"status": "live"}
-        elif registry.ready:
-            status, body = "200 OK", {"status": "ready"}
-        else:
-            detail = registry.not_ready_detail()
-            status, body = "503 Service Unavailable", {"status": registry.state.value, "detail": detail}
+        body = {"status": "live"} if path == "/health/live" else registry.readiness()
+        status = "200 OK" if body["status"] in ("live", "ready") else "503 Service Unavailable"
         data = json.dumps(body).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
         start_response(status, headers)

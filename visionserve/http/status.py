@@ -41,11 +41,8 @@ def create_status_router(registry: ModelRegistry) -> APIRouter:
     )
     async def ready() -> JSONResponse:
         """200 once every model is loaded and warmed up; 503 before that and during shutdown."""
-        if registry.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse(
-            {"status": registry.state.value, "detail": registry.not_ready_detail()}, status_code=503
-        )
+        body = registry.readiness()
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @router.get("/models", response_model=ModelsResponse, tags=["models"])
     async def models() -> ModelsResponse:

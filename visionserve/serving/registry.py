@@ -157,6 +157,13 @@ class ModelRegistry:
         for model in self:
             model.check_ready()
 
+    def readiness(self) -> dict[str, str]:
+        """The body of every `/health/ready` (the HTTP API's, the gRPC process's metrics port's):
+        `{"status": "ready"}`, else the state and why not (answered with 503)."""
+        if self.ready:
+            return {"status": "ready"}
+        return {"status": self.state.value, "detail": self.not_ready_detail()}
+
     def not_ready_detail(self) -> str:
         """Why the server is not ready, for /health/ready (load errors stay in the server log)."""
         if self.state is ServiceState.FAILED:
