@@ -243,7 +243,7 @@ class DynamicBatcher:
         if not sessions.available:
             return False
         budget = self.budget
-        return budget is None or (not budget.waiting and budget.free >= budget.clamp(sessions.lane.threads))
+        return budget is None or (not budget.waiting and budget.free >= self._units(sessions.lane))
 
     def _alone(self, held: int = 0) -> bool:
         """Nothing else to compute now or soon: no other computation of this model, nothing queued
