@@ -174,8 +174,9 @@ def narrow_sessions(cores: int) -> tuple[int, int]:
 
     Every core is used when the narrow sessions all compute (throughput under load), then as many
     sessions as possible, at most `MAX_NARROW_SESSIONS`: 2 cores -> 2x1, 3 -> 3x1, 4 -> 4x1,
-    6 -> 3x2, 8 -> 4x2, 16 -> 4x4. Why at most 4: each session holds its own copy of the weights
-    (about 25 MB for EfficientNet-Lite0, measured); each batch takes 1/N of the queue, so more
+    6 -> 3x2, 8 -> 4x2, 16 -> 4x4. Why at most 4: each session beyond the first costs memory even
+    with the weights shared (`runtimes.onnx.SharedWeights`: 0.5-5.8 MB per bundled model, measured;
+    a lane of 1-thread sessions is one session); each batch takes 1/N of the queue, so more
     sessions form smaller batches; and a 1-thread session's batch is slow on a large machine,
     where 4 threads per session still scale well for these CNNs (measured on 2 cores only: 1
     thread 7.3 ms, 2 threads 4.1 ms for a batch-1 image)."""
