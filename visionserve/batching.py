@@ -179,6 +179,11 @@ class DynamicBatcher:
         self._wait_for = self._sessions[NARROW] if len(lanes) > 1 else self._sessions[lanes[0].kind]
         """The lane a batch waits for when none is free now (under load: the narrow one)."""
         self._busy = 0
+        self._compute_s = 0.0
+        """How long the latest computation of this model took (s)."""
+        self._narrow_until = 0.0
+        """Until then (time.monotonic()), no batch is alone: one was dispatched while another
+        computed (`_contended`)."""
         self._closed = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size ran (for tests and metrics)."""
@@ -207,6 +212,12 @@ class DynamicBatcher:
         return not self._queue and any(self._fits(sessions) for sessions in self._sessions.values())
 
     @property
+    def contended(self) -> bool:
+        """A computation was dispatched beside another of this model lately (`_contended`): no
+        batch counts as alone until it has been quiet for twice a computation."""
+        return time.monotonic() < self._narrow_until
+
+    @property
     def adaptive(self) -> bool:
         """A wide and a narrow lane, picked per batch."""
         return self._wide is not None
@@ -216,18 +227,20 @@ class DynamicBatcher:
         decoded and computed in a single hand-off)."""
         lane = await self._take_lane()
         self._busy += 1
+        started = time.monotonic()
         job = asyncio.get_running_loop().run_in_executor(
             self.executor, call_on_lane, lane.kind, function, *args
         )
-        job.add_done_callback(lambda done: self._job_done(done, lane))
+        job.add_done_callback(lambda done: self._job_done(done, lane, started))
         # NOTE: shielded, so that a caller cancelled mid-computation (its client went away) does not
         # free the instance while its thread still computes: the next request would otherwise
         # wait in the executor's queue, outside the bound of max_queue_size, where no cancelled or
         # expired request can be dropped.
         return await asyncio.shield(job)
 
-    def _job_done(self, job: asyncio.Future[Any], lane: Lane) -> None:
+    def _job_done(self, job: asyncio.Future[Any], lane: Lane, started: float) -> None:
         """A `run_exclusive` job has ended (its caller may have gone): free its session."""
+        self._compute_s = time.monotonic() - started
         self._busy -= 1
         self._give_back(lane)
         if not job.cancelled():
@@ -251,6 +264,8 @@ class DynamicBatcher:
         `held` units this dispatch holds (no other model computing or waiting)."""
         if self._busy or len(self._queue) > self.max_batch_size or self.incoming():
             return False
+        if self.contended:
+            return False
         budget = self.budget
         return budget is None or (not budget.waiting and budget.free + held >= budget.units)
 
@@ -272,9 +287,22 @@ class DynamicBatcher:
                 return sessions.lane
         return None
 
+    def _contended(self) -> None:
+        """A computation is being dispatched while another of this model computes: requests come
+        faster than one at a time, so for twice the latest computation's duration no batch counts
+        as alone. Without this a steady stream whose requests arrive while the previous one
+        computes (a live video's frames, two in flight) found each frame alone once the previous
+        had ended, widened, and kept the cores for one frame at a time: yolo11n PredictLive at a
+        30 frames/s camera computed 20.4-22.7 frames/s, as the fixed 1x2 layout (docs/benchmarks.md,
+        "Live video and the adaptive layout")."""
+        if self._wide is not None:
+            self._narrow_until = time.monotonic() + 2 * self._compute_s
+
     async def _take_lane(self) -> Lane:
         """A session and its budget units for the next computation (`_take_free_lane`); when none
         is free, wait in turn for the lane that frees up under load, then widen if alone."""
+        if self._busy:
+            self._contended()
         lane = self._take_free_lane()
         if lane is not None:
             self.lane_runs[lane.kind] += 1
@@ -447,6 +475,7 @@ class DynamicBatcher:
 
     async def _compute(self, batch: list[_Pending], lane: Lane) -> None:
         """Run one batch on a session of `lane`, answer its callers, free the session."""
+        started = time.monotonic()
         try:
             # NOTE: stacked on the runtime's thread, not the event loop: a batch of 8 224x224
             # images is a 4.8 MB copy, which showed up in the event loop's profile at 16 clients.
@@ -468,6 +497,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(row)
         finally:
+            self._compute_s = time.monotonic() - started
             self._busy -= 1
             self._give_back(lane)
 

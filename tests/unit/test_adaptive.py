@@ -245,6 +245,33 @@ def test_a_batch_that_waited_widens_when_it_finds_itself_alone() -> None:
     assert recorder.meter.peak == 2
 
 
+def test_a_steady_stream_stays_narrow_and_a_pause_makes_the_next_request_wide_again() -> None:
+    """Two in flight, each arriving while the other computes (a live video): once one has been
+    dispatched beside another, the next ones do not widen when they find themselves alone for a
+    moment, until the model has been quiet for twice a computation."""
+    recorder = Recorder(UNITS)
+    recorder.delay_s = 0.02
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        first = asyncio.ensure_future(batcher.submit(_item(0)))
+        await _until(lambda: recorder.running.get(WIDE) == 1, "the first on the wide session")
+        for value in range(1, 7):  # each frame arrives while the previous one computes
+            frame = asyncio.ensure_future(batcher.submit(_item(value)))
+            await _until(lambda n=value: len(recorder.runs) > n, "the frame started")  # type: ignore[misc]
+            await first
+            first = frame
+        await first
+        assert batcher.contended
+        await _until(lambda: not batcher.contended, "quiet for twice a computation")
+        await batcher.submit(_item(9))
+
+    asyncio.run(_run(_adaptive(recorder, ComputeBudget(2), max_batch_size=1), scenario))
+    kinds = recorder.kinds()
+    assert kinds[0] == WIDE and kinds[-1] == WIDE, kinds
+    assert kinds[2:-1] == [NARROW] * 5, kinds  # the second waited for the first; from then on narrow
+    assert recorder.meter.peak <= 2
+
+
 def test_a_fixed_layout_is_unchanged() -> None:
     recorder = Recorder({FIXED: 1})
 
@@ -391,6 +418,7 @@ def test_a_failing_batch_gives_its_session_and_units_back() -> None:
         calls = (batcher.submit(_item(i)) for i in range(6))
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         await _until(lambda: batcher.idle and budget.free == 2, "everything given back")
+        await _until(lambda: not batcher.contended, "quiet for twice a computation")
         assert float((await batcher.submit(_item(7)))[0]) == 14.0
         return outcomes
 
