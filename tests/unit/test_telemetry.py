@@ -12,8 +12,8 @@ from tests.conftest import ROOT
 
 def _run(home: Path, code: str, **env: str) -> None:
     clean = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
-    # ONNX Runtime writes under $XDG_CACHE_HOME when it is set (the CI runner sets it), else under $HOME/.cache:
-    # both point into the test's directory so what it writes is seen wherever the suite runs
+    # ONNX Runtime writes under $XDG_CACHE_HOME when it is set (the CI runner sets it), else under
+    # $HOME/.cache: both point into the test's directory, so what it writes is seen wherever it runs
     done = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
