@@ -112,11 +112,11 @@ class ServerSettings(BaseSettings):
     instant retries stays cheap). Off: the route answers it, as before."""
 
     gc_freeze: bool = True
-    """Once every model has loaded and warmed up, collect the heap and freeze it (`gc.freeze()`):
-    the objects made at start (modules, frameworks, models: ~80 k here) leave the cyclic garbage
-    collector's view, so a full collection under load, which stops every Python thread, takes
-    ~0.5 ms instead of 40-80 ms (measured: docs/benchmarks.md, "Garbage collection"). Unfrozen
-    when the models stop. Off: Python's default."""
+    """Once every model has loaded and warmed up, collect the young garbage and freeze the heap
+    (`gc.freeze()`): the objects made at start (modules, frameworks, models: ~80 k here) leave the
+    cyclic garbage collector's view, so a full collection under load, which stops every Python
+    thread, takes ~0.5 ms instead of 40-80 ms (measured: docs/benchmarks.md, "Garbage
+    collection"). Unfrozen when the models stop. Off: Python's default."""
 
     max_connections: int | None = Field(default=None, ge=0, le=1_000_000)
     """Open HTTP connections, idle keep-alive ones included, beyond which requests are answered
