@@ -9,7 +9,8 @@ requests keep queueing and the next batch takes them all) and splits the rows ba
 A runtime with an adaptive layout has two kinds of sessions (`cpu.Lane`): a wide one of every
 core and narrow ones of fewer threads. The batcher picks one per batch as it dispatches it, on
 the event loop, from what it knows for free: a lone computation (nothing else of this model
-computing, queued beyond this batch or being decoded, and the compute budget idle) takes the wide
+computing, queued beyond this batch or being decoded, and the compute budget idle, and no
+computation of it dispatched beside another within twice a computation's time) takes the wide
 session; anything else takes a narrow one. A kind that is not free now is never waited for while
 the other is free; when neither is, the batch waits for a narrow session (the only kind that can
 free up while others compute) and, if it then finds itself alone, widens.

@@ -120,6 +120,20 @@ async def _run(batcher: DynamicBatcher, scenario: Callable[[DynamicBatcher], Awa
         batcher.executor.shutdown()  # type: ignore[attr-defined]
 
 
+async def _one_computing_one_waiting(
+    batcher: DynamicBatcher, recorder: Recorder
+) -> tuple[asyncio.Future[np.ndarray], asyncio.Future[np.ndarray]]:
+    """Submit two items: the first computes on the wide session (held by `recorder`), the second
+    waits for the cores."""
+    budget = batcher.budget
+    assert budget is not None
+    first = asyncio.ensure_future(batcher.submit(_item(0)))
+    await _until(lambda: recorder.running.get(WIDE) == 1, "the first on the wide session")
+    second = asyncio.ensure_future(batcher.submit(_item(1)))
+    await _until(lambda: budget.waiting == 1, "the second waits for the cores")
+    return first, second
+
+
 # --- the decision --------------------------------------------------------------------------------
 
 
@@ -231,12 +245,7 @@ def test_a_batch_that_waited_widens_when_it_finds_itself_alone() -> None:
     recorder = Recorder(UNITS, hold=True)
 
     async def scenario(batcher: DynamicBatcher) -> None:
-        budget = batcher.budget
-        assert budget is not None
-        first = asyncio.ensure_future(batcher.submit(_item(0)))
-        await _until(lambda: recorder.running.get(WIDE) == 1, "the first on the wide session")
-        second = asyncio.ensure_future(batcher.submit(_item(1)))  # waits for the cores
-        await _until(lambda: budget.waiting == 1, "the second waits")
+        first, second = await _one_computing_one_waiting(batcher, recorder)
         recorder.release.set()
         await asyncio.gather(first, second)
 
@@ -381,10 +390,7 @@ def test_a_cancelled_waiter_and_a_cancelled_caller_give_everything_back() -> Non
     async def scenario(batcher: DynamicBatcher) -> None:
         budget = batcher.budget
         assert budget is not None
-        first = asyncio.ensure_future(batcher.submit(_item(0)))
-        await _until(lambda: recorder.running.get(WIDE) == 1, "computing")
-        waiting = asyncio.ensure_future(batcher.submit(_item(1)))
-        await _until(lambda: budget.waiting == 1, "the second waits for the cores")
+        first, waiting = await _one_computing_one_waiting(batcher, recorder)
         waiting.cancel()  # its client went away while it waited
         await asyncio.gather(waiting, return_exceptions=True)
         recorder.release.set()
