@@ -7,11 +7,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+# ONNX Runtime 1.31 turns its telemetry off by itself when the environment names a CI service (the
+# names below are read from its library; CI=true, TF_BUILD and JENKINS_URL were each measured to stop
+# it). The project's CI runner is one such environment: the control wrote nothing there. They are
+# removed so that the control is a control wherever the suite runs.
+CI_MARKERS = {
+    "CI",
+    "TF_BUILD",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "CIRCLECI",
+    "TRAVIS",
+    "JENKINS_URL",
+    "CODEBUILD_BUILD_ID",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "APPVEYOR",
+    "BITBUCKET_BUILD_NUMBER",
+}
 
 
 def _run(home: Path, code: str, **env: str) -> None:
-    clean = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    dropped = CI_MARKERS | {"ORT_DISABLE_TELEMETRY"}
+    clean = {k: v for k, v in os.environ.items() if k not in dropped}
     # ONNX Runtime writes under $XDG_CACHE_HOME when it is set (the CI runner sets it), else under
     # $HOME/.cache: both point into the test's directory, so what it writes is seen wherever it runs
     done = subprocess.run(
@@ -45,8 +67,27 @@ def test_importing_visionserve_first_keeps_onnx_runtime_from_writing_telemetry(t
     off, default = tmp_path / "off", tmp_path / "default"
     off.mkdir()
     default.mkdir()
+    # the control first: without visionserve (and with the user's explicit 0) ONNX Runtime writes them
+    _run(default, SESSION, ORT_DISABLE_TELEMETRY="0")
+    if not _telemetry_files(default):
+        # some environments turn ORT's telemetry off by other means than the CI markers removed
+        # above; the setting itself is still checked by the next test
+        pytest.skip("ONNX Runtime wrote no telemetry here even at its default: nothing to switch off")
     _run(off, "import visionserve\n" + SESSION)
     assert _telemetry_files(off) == []
-    # the control: without visionserve (and with the user's explicit 0) ONNX Runtime writes them
-    _run(default, SESSION, ORT_DISABLE_TELEMETRY="0")
-    assert _telemetry_files(default), "ONNX Runtime wrote nothing: the test proves nothing here"
+
+
+def test_importing_visionserve_sets_the_switch_and_keeps_the_users_own_value(tmp_path: Path) -> None:
+    show = "import os, visionserve, onnxruntime\nprint(os.environ['ORT_DISABLE_TELEMETRY'])\n"
+    for given, expected in ((None, "1"), ("0", "0"), ("1", "1")):
+        env = {} if given is None else {"ORT_DISABLE_TELEMETRY": given}
+        done = subprocess.run(
+            [sys.executable, "-c", show],
+            check=True,
+            cwd=ROOT,
+            env={**{k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.stdout.strip() == expected, (given, done.stdout, done.stderr)
