@@ -19,10 +19,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -421,6 +424,25 @@ def test_the_other_endpoints_field_is_an_error(fake_client: TestClient) -> None:
 def test_file_schema_errors(fake_client: TestClient, kwargs: dict[str, object]) -> None:
     response = fake_client.post("/predict/file", **kwargs)  # type: ignore[arg-type]
     assert_rejected(fake_client, response, 422, "invalid_argument", "file")
+
+
+def test_a_large_upload_without_a_writable_temp_dir_is_a_clear_500(
+    fake_client: TestClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Starlette keeps a file part over 1 MB in a temporary file: without a writable temporary
+    directory every large upload fails. The answer says why and what to fix; the rest works."""
+    noise = Image.frombytes("RGB", (800, 700), os.urandom(800 * 700 * 3))
+    large = encode(noise)
+    assert len(large) > 1_100_000
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    response = post_image(fake_client, "/predict/file", large)
+    message = assert_error(response, 500, "internal", "buffer this upload on disk", "TMPDIR")
+    assert "No such file or directory" in message
+    # what needs no temporary file still works meanwhile: a small upload, the JSON endpoint
+    assert_serving(fake_client, "/predict/file")
+    assert post_image(fake_client, "/predict", large).status_code == 200
+    monkeypatch.undo()
+    assert post_image(fake_client, "/predict/file", large).status_code == 200
 
 
 # --- model, path, method ------------------------------------------------------------------------

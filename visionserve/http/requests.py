@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import os
 from collections.abc import Coroutine
 from importlib import resources
 from typing import Any, TypeVar
@@ -16,6 +18,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from visionserve.deadlines import deadline_after, positive_seconds
+from visionserve.errors import ErrorCode, VisionError
+
+logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 ResultT = TypeVar("ResultT")
@@ -74,10 +79,22 @@ def parse_json(model: type[ModelT], body: bytes) -> ModelT:
 async def read_upload(request: Request) -> bytes:
     """The bytes of the form's `file` upload; errors are the same 422 as FastAPI's for an
     `UploadFile` parameter, a malformed multipart body Starlette's 400."""
-    async with request.form() as form:
-        upload = form.get(FILE_FIELD)
-        if isinstance(upload, UploadFile):
-            return await upload.read()
+    try:
+        async with request.form() as form:
+            upload = form.get(FILE_FIELD)
+            if isinstance(upload, UploadFile):
+                return await upload.read()
+    except OSError as exc:
+        # Starlette keeps a file part over 1 MB in a temporary file: with no writable temporary
+        # directory (a read-only root without a /tmp tmpfs), a full disk or a bad TMPDIR that
+        # fails here, for every large upload. The server's fault, said so (500), and logged.
+        logger.error("could not buffer an upload on disk: %s (TMPDIR=%s)", exc, os.environ.get("TMPDIR"))
+        raise VisionError(
+            ErrorCode.INTERNAL,
+            f"the server could not buffer this upload on disk ({exc.strerror or exc}): uploads over "
+            "1 MB need a writable temporary directory (TMPDIR, /tmp); smaller uploads and the JSON "
+            "endpoints do not. The server log has the details.",
+        ) from None
     if upload is None:
         error = {"type": "missing", "loc": ("body", FILE_FIELD), "msg": "Field required", "input": None}
     else:
