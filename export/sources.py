@@ -11,12 +11,8 @@ from pathlib import Path
 
 import torch
 
+from export.errors import ExportError
 from visionserve.repository import DetectionDefaults, InputSpec
-
-
-class ExportError(Exception):
-    """The export cannot go on; the message says why and what to do."""
-
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.sources import ExportError
+from export.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

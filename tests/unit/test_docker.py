@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -523,6 +524,45 @@ def test_the_export_service_exports_every_embedded_model_once(tmp_path: Path) ->
         (tmp_path / name / "config.json").write_text("{}")
     assert export_main(["--all", "--repository", str(tmp_path)]) == 0  # nothing to do
     assert export_main(["--all", "--repository", str(tmp_path), "--input-size", "320"]) == 2
+
+
+def test_the_weights_layer_depends_on_the_weights_module_alone(tmp_path: Path) -> None:
+    """The export stage fetches the weights once it has copied export/weights.py and what that
+    imports, before the rest of the code: a change elsewhere keeps the layer (no download again)."""
+    in_export, copied_before = False, []
+    for keyword, rest in _instructions(DOCKERFILE.read_text()):
+        if keyword == "FROM":
+            in_export = rest.endswith(" AS export")
+        elif in_export and keyword == "COPY":
+            copied_before.extend(shlex.split(rest)[:-1])
+        elif in_export and keyword == "RUN" and "export.weights" in rest:
+            break
+    else:
+        pytest.fail("the export stage runs no `python -m export.weights`")
+    assert sorted(copied_before) == ["export/__init__.py", "export/errors.py", "export/weights.py"]
+    # those files alone are enough: a fresh process imports the module from a copy of them, and
+    # neither torch nor visionserve comes along (both would make the layer depend on more)
+    for name in copied_before:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    code = (
+        "import sys, export.weights\n"
+        "print(export.weights.__file__)\n"
+        "print(sorted({'torch', 'visionserve'} & set(sys.modules)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    where, heavy = done.stdout.splitlines()
+    assert Path(where).is_relative_to(tmp_path) and heavy == "[]", done.stdout
 
 
 # --- environment: every variable is a real, valid setting ----------------------------------------
