@@ -140,7 +140,7 @@ notebooks: $(VENV)/.installed-notebooks $(MODELS)
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy visionserve grpc_server flask_ui bench
+	$(BIN)/mypy visionserve grpc_server flask_ui bench export
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff format .

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from export.sources import ExportError
+from export.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+from export.errors import ExportError
 from export.faces import FACE_PIPELINE, export_face_pipeline
 from export.pipeline import DEFAULT_OPSET, ExportOptions, export_model
-from export.sources import EMBEDDED, ExportError, ModelSource, embedded, factory, torchvision_arch
+from export.sources import EMBEDDED, ModelSource, embedded, factory, torchvision_arch
 from visionserve.photos import packaged_photos, photos_in
 from visionserve.repository import DetectionDefaults, InputSpec
 

@@ -11,7 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from export.sources import ExportError, ModelSource
+from export.errors import ExportError
+from export.sources import ModelSource
 from visionserve import __version__
 from visionserve.errors import ConfigurationError
 from visionserve.repository import (

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.sources import ExportError
+from export.errors import ExportError
 from visionserve.postprocessing import softmax
 from visionserve.repository import ModelEntry, ModelRepository
 from visionserve.tasks import Prepared, create_task

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from export.errors import ExportError
 from export.parity import check_parity
 from export.parity import describe as describe_parity
-from export.sources import ExportError, ModelSource
+from export.sources import ModelSource
 from visionserve import __version__
 from visionserve.repository import CONFIG_FILE, ModelConfig, file_sha256
 

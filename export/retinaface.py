@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.sources import ExportError
+from export.errors import ExportError
 from export.weights import WEIGHTS, fetch
 
 logger = logging.getLogger(__name__)

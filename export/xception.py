@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from export.sources import ExportError
+from export.errors import ExportError
 from export.weights import WEIGHTS, fetch
 
 FILE_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from export.checkpoint import load_ultralytics_checkpoint
-from export.sources import ExportError
+from export.errors import ExportError
 from export.weights import WEIGHTS, fetch
 
 logger = logging.getLogger(__name__)

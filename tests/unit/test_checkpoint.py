@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from export.checkpoint import load_ultralytics_checkpoint
-from export.sources import ExportError
+from export.errors import ExportError
 
 
 def _fake_module(monkeypatch: pytest.MonkeyPatch, qualified: str, *classes: type) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from export import weights as weights_module
-from export.sources import ExportError
+from export.errors import ExportError
 from export.weights import WEIGHTS, PackagedWeights, fetch, main, resolve_cache_dir
 
 PAYLOAD = b"\x00weights\x01" * 100
