@@ -28,7 +28,10 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from flask_ui.settings import UISettings
+from tests.fixtures import write_fake_entry
+from visionserve import cpu
 from visionserve.cpu import plan_threads
+from visionserve.runtimes import thread_layout
 from visionserve.settings import GrpcSettings, ModelSettings, SecuritySettings, ServerSettings, from_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -634,6 +637,37 @@ def test_every_variable_is_known_and_accepted(
             if model.device == "cpu":
                 assert model.threads == cores and server.preprocess_workers == cores, name
     assert not problems
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_the_apis_run_the_layout_the_project_runs_by_default(
+    variant: tuple[str, bool], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ONNX Runtime on CPU: the adaptive layout, its wide session the container's cores (as `make
+    run` does, docs/docker.md "Thread layout"); PyTorch and CUDA: the fixed layout, saying why."""
+    backend, gpu = variant
+    stages = dockerfile_stages()
+    entry = write_fake_entry(tmp_path / "repo")
+    for name in ("api", "grpc"):
+        service = resolved(*variant)["services"][name]
+        cores = math.ceil(float(service["cpus"]))
+        monkeypatch.setattr(cpu, "available_cpus", lambda cores=cores: cores)
+        for key in [k for k in os.environ if k.startswith("VISION_")]:
+            monkeypatch.delenv(key)
+        for key, value in container_env(service, stages).items():
+            monkeypatch.setenv(key, value)
+        # the HTTP image's entrypoint names its runtime (`serve("torch")`), the gRPC one reads it
+        overrides = {"backend": service["build"]["target"].rsplit("-", 1)[1]} if name == "api" else {}
+        layout = thread_layout(entry, from_env(ModelSettings, **overrides))
+        if backend == "onnx" and not gpu:
+            assert layout.adaptive and layout.threads == cores, (name, layout)
+            assert layout.reason == "VISION_LAYOUT=adaptive", (name, layout)
+        else:
+            assert not layout.adaptive, (name, layout)
+            assert layout.reason, (name, layout)
+        # the host can still ask for the fixed layout
+        fixed = dict(interpolate(load(COMPOSE), {"BACKEND": backend, "VISION_LAYOUT": "fixed"}))
+        assert container_env(fixed["services"][name], stages)["VISION_LAYOUT"] == "fixed"
 
 
 def test_binding_and_addresses_inside_containers(monkeypatch: pytest.MonkeyPatch) -> None:

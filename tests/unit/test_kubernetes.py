@@ -33,7 +33,7 @@ from tests.unit.test_docker import (
     resolved,
     unknown_variables,
 )
-from visionserve.cpu import plan_threads
+from visionserve.cpu import plan_adaptive, plan_threads
 from visionserve.http.auth import OPEN_PATHS
 from visionserve.metrics import Metrics
 from visionserve.repository import ModelEntry
@@ -542,6 +542,10 @@ def test_resources_match_the_thread_layout(workload: dict[str, Any]) -> None:
         cores=int(limit),
     )
     assert layout.runtime_threads == layout.preprocess_workers == int(limit)
+    # and the adaptive layout, as the project runs by default: its wide session is the limit
+    assert env["VISION_LAYOUT"] == "adaptive"
+    adaptive = plan_adaptive(threads=int(env["VISION_THREADS"]), cores=int(limit))
+    assert adaptive.adaptive and adaptive.threads == int(limit)
 
 
 @pytest.mark.parametrize("workload", workloads(), ids=_workload_id)
