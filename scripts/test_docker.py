@@ -193,7 +193,7 @@ def timed(fn: Callable[[], T], repeat: int = 5) -> tuple[T, float]:
     return result, statistics.median(times)
 
 
-def check_http(photos: dict[str, bytes], figures: dict[str, float]) -> list[str]:
+def check_http(photos: dict[str, bytes], figures: dict[str, float], expect_adaptive: bool) -> list[str]:
     import requests
 
     base = f"http://127.0.0.1:{PORTS['api']}"
@@ -202,6 +202,13 @@ def check_http(photos: dict[str, bytes], figures: dict[str, float]) -> list[str]
     log(f"HTTP GET /models: {names}")
     if not names:
         raise StackError("GET /models lists no model")
+    for model in models:
+        if "layout" not in model:  # a pipeline computes on its stages' sessions
+            continue
+        log(f"HTTP {model['name']}: layout {model['layout']} ({model.get('layout_reason')})")
+        # the compose file asks for the adaptive layout, which ONNX Runtime on CPU runs
+        if expect_adaptive and not str(model["layout"]).startswith("adaptive"):
+            raise StackError(f"{model['name']} runs {model['layout']!r}, not the adaptive layout")
     for model in models:
         name, task = model["name"], model["task"]
         # the cat for the ImageNet and COCO models; the astronaut for the face models
@@ -815,7 +822,13 @@ def main() -> int:
         log(f"all healthy {time.monotonic() - t:.1f} s after `up` ({healthy:.1f} s of waiting)")
         time.sleep(5)
         memory = idle_memory()
-        check_http(photos, figures)
+        # compose's default layout, unless the host asks for the fixed one, PyTorch or the GPU file
+        expect_adaptive = (
+            backend == "onnx"
+            and os.environ.get("VISION_LAYOUT", "adaptive") == "adaptive"
+            and not any("gpu" in Path(f).name for f in files)
+        )
+        check_http(photos, figures, expect_adaptive)
         check_grpc(photos["chelsea.png"], figures)
         check_ui(photos["chelsea.png"], figures)
         check_jupyter(token, figures)
