@@ -203,7 +203,7 @@ def check_http(photos: dict[str, bytes], figures: dict[str, float], expect_adapt
     if not names:
         raise StackError("GET /models lists no model")
     for model in models:
-        if "layout" not in model:  # a pipeline computes on its stages' sessions
+        if model.get("layout") is None:  # a pipeline computes on its stages' sessions
             continue
         log(f"HTTP {model['name']}: layout {model['layout']} ({model.get('layout_reason')})")
         # the compose file asks for the adaptive layout, which ONNX Runtime on CPU runs
