@@ -156,6 +156,23 @@ def _layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, o
         ({}, {"backend": "torch"}, ("fixed: 1x2", "PyTorch")),
         ({}, {"device": "cuda"}, ("fixed: 1x1", "CUDA")),
         ({}, {"layout": "adaptive", "backend": "torch"}, ("fixed: 1x2", "does not apply: PyTorch")),
+        # as the containers set it (VISION_THREADS at the CPU limit): the reason the layout is fixed
+        # comes first, then what sized it
+        (
+            {},
+            {"layout": "adaptive", "backend": "torch", "threads": 2},
+            ("fixed: 1x2", "VISION_LAYOUT=adaptive does not apply: PyTorch"),
+        ),
+        (
+            {},
+            {"layout": "adaptive", "backend": "torch", "threads": 2},
+            ("fixed: 1x2", "; sized by VISION_THREADS=2"),
+        ),
+        (
+            {},
+            {"layout": "adaptive", "device": "cuda", "threads": 1},
+            ("fixed: 1x1", "does not apply: on CUDA"),
+        ),
     ],
 )
 def test_which_layout_the_settings_give(

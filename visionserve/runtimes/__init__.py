@@ -80,10 +80,13 @@ def thread_layout(model: ModelEntry, settings: ModelSettings) -> ThreadLayout:
         ) from None
     if settings.layout == "fixed":
         reason = "VISION_LAYOUT=fixed"
+    elif settings.layout == "adaptive":
+        # asked for but impossible (PyTorch, CUDA): say that first, then what sized the fixed one
+        reason = f"VISION_LAYOUT=adaptive does not apply: {cannot}"
+        if fixed_by:
+            reason += "; sized by " + ", ".join(fixed_by)
     elif fixed_by:
         reason = "set by " + ", ".join(fixed_by)
-    elif settings.layout == "adaptive":
-        reason = f"VISION_LAYOUT=adaptive does not apply: {cannot}"
     else:
         reason = str(cannot)
     return replace(layout, reason=reason)
