@@ -604,6 +604,14 @@ def unknown_variables(name: str, env: dict[str, str]) -> list[str]:
     return problems
 
 
+def enter(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """This process's VISION_* environment becomes the container's `env`."""
+    for key in [k for k in os.environ if k.startswith("VISION_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 def test_every_variable_is_known_and_accepted(
     variant: tuple[str, bool], monkeypatch: pytest.MonkeyPatch
@@ -613,10 +621,7 @@ def test_every_variable_is_known_and_accepted(
     for name, service in resolved(*variant)["services"].items():
         env = container_env(service, stages)
         problems += unknown_variables(name, env)
-        for key in [k for k in os.environ if k.startswith("VISION_")]:
-            monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+        enter(monkeypatch, env)
         # Every settings class builds from the container's environment (ConfigurationError names
         # the variable otherwise).
         server = from_env(ServerSettings)
@@ -648,14 +653,12 @@ def test_the_apis_run_the_layout_the_project_runs_by_default(
     backend, gpu = variant
     stages = dockerfile_stages()
     entry = write_fake_entry(tmp_path / "repo")
+    services = resolved(*variant)["services"]
     for name in ("api", "grpc"):
-        service = resolved(*variant)["services"][name]
+        service = services[name]
         cores = math.ceil(float(service["cpus"]))
         monkeypatch.setattr(cpu, "available_cpus", lambda cores=cores: cores)
-        for key in [k for k in os.environ if k.startswith("VISION_")]:
-            monkeypatch.delenv(key)
-        for key, value in container_env(service, stages).items():
-            monkeypatch.setenv(key, value)
+        enter(monkeypatch, container_env(service, stages))
         # the HTTP image's entrypoint names its runtime (`serve("torch")`), the gRPC one reads it
         overrides = {"backend": service["build"]["target"].rsplit("-", 1)[1]} if name == "api" else {}
         layout = thread_layout(entry, from_env(ModelSettings, **overrides))

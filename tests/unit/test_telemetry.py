@@ -31,21 +31,28 @@ CI_MARKERS = {
 }
 
 
-def _run(home: Path, code: str, **env: str) -> None:
+def _python(code: str, env: dict[str, str]) -> str:
+    """`code` in a fresh interpreter with this environment, less the CI markers and the user's
+    ORT_DISABLE_TELEMETRY, plus `env`; its standard output."""
     dropped = CI_MARKERS | {"ORT_DISABLE_TELEMETRY"}
     clean = {k: v for k, v in os.environ.items() if k not in dropped}
-    # ONNX Runtime writes under $XDG_CACHE_HOME when it is set (the CI runner sets it), else under
-    # $HOME/.cache: both point into the test's directory, so what it writes is seen wherever it runs
     done = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
         cwd=ROOT,
-        env={**clean, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **env},
+        env={**clean, **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _run(home: Path, code: str, **env: str) -> None:
+    # ONNX Runtime writes under $XDG_CACHE_HOME when it is set (the CI runner sets it), else under
+    # $HOME/.cache: both point into the test's directory, so what it writes is seen wherever it runs
+    _python(code, {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **env})
 
 
 SESSION = (
@@ -77,17 +84,8 @@ def test_importing_visionserve_first_keeps_onnx_runtime_from_writing_telemetry(t
     assert _telemetry_files(off) == []
 
 
-def test_importing_visionserve_sets_the_switch_and_keeps_the_users_own_value(tmp_path: Path) -> None:
+def test_importing_visionserve_sets_the_switch_and_keeps_the_users_own_value() -> None:
     show = "import os, visionserve, onnxruntime\nprint(os.environ['ORT_DISABLE_TELEMETRY'])\n"
     for given, expected in ((None, "1"), ("0", "0"), ("1", "1")):
         env = {} if given is None else {"ORT_DISABLE_TELEMETRY": given}
-        done = subprocess.run(
-            [sys.executable, "-c", show],
-            check=True,
-            cwd=ROOT,
-            env={**{k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}, **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.stdout.strip() == expected, (given, done.stdout, done.stderr)
+        assert _python(show, env).strip() == expected, given
